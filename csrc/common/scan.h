@@ -1,0 +1,50 @@
+// Geometry and element maths of the linear recurrence scan (SPEC §1), shared by the
+// CPU and CUDA kernels:
+//
+//   h_t = a_t * h_{t-1} + b_t,  h_{-1} = h0             (reverse: t runs T-1 .. 0)
+//
+// A scan is walked in "scan order": position p = 0..T-1 visits time t(p), which is
+// p forwards and T-1-p in reverse. The gradient is the same recurrence walked the
+// other way:
+//
+//   g_{t(p)} = dL/dh_{t(p)} + conj(a_{t(p+1)}) * g_{t(p+1)}
+//   db_t = g_t,   da_{t(p)} = g_{t(p)} * conj(h_{t(p-1)}),   dh0 = conj(a_{t(0)}) * g_{t(0)}
+#pragma once
+
+#include <cstdint>
+
+#include "complex.h"
+#include "macros.h"
+
+namespace seqfuse {
+
+// b, h, grad_h and grad_b are contiguous [B, T, C]. `a` is addressed through its
+// strides after broadcasting to [B, T, C]: a zero stride is a broadcast dimension, so
+// a per-channel `a` ([C]) is read from C numbers and never materialised.
+struct ScanGeometry {
+  int64_t B, T, C;
+  int64_t a_sB, a_sT, a_sC;
+  bool reverse;
+
+  SEQFUSE_HD int64_t time_at(int64_t p) const { return reverse ? T - 1 - p : p; }
+  SEQFUSE_HD int64_t a_offset(int64_t b, int64_t t, int64_t c) const {
+    return b * a_sB + t * a_sT + c * a_sC;
+  }
+  SEQFUSE_HD int64_t offset(int64_t b, int64_t t, int64_t c) const {
+    return (b * T + t) * C + c;
+  }
+};
+
+// The affine map x -> A x + B that a stretch of the recurrence applies to its
+// carry-in. `then` composes: first *this, then `next`.
+template <typename acc_t>
+struct Affine {
+  acc_t A, B;
+  SEQFUSE_HD static Affine identity() { return {acc_t(1), acc_t(0)}; }
+  SEQFUSE_HD Affine then(const Affine& next) const {
+    return {next.A * A, next.A * B + next.B};
+  }
+  SEQFUSE_HD acc_t apply(acc_t x) const { return A * x + B; }
+};
+
+}  // namespace seqfuse

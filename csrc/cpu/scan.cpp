@@ -1,0 +1,142 @@
+// CPU linear recurrence scan. Work items are (batch, block of channels): each walks
+// time in scan order with the block's states in a scratch array, so the inner loop is a
+// contiguous, vectorisable sweep over channels and memory is streamed once.
+#include "scan.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dtype.h"
+
+namespace seqfuse::cpu {
+namespace {
+
+// Calls fn(batch, c0, nc, state) for every block of channels, in parallel; `state`
+// holds nc accumulators for the caller. Blocks span whole rows where there are enough
+// batches to keep every thread busy: then consecutive time steps are adjacent in
+// memory and each item reads and writes a few purely sequential streams.
+template <typename acc_t, typename Fn>
+void for_each_channel_block(const ScanGeometry& g, const Fn& fn) {
+  const int64_t splits = std::max<int64_t>(1, (at::get_num_threads() + g.B - 1) / std::max<int64_t>(g.B, 1));
+  const int64_t block = std::max<int64_t>(16, ((g.C + splits - 1) / splits + 15) / 16 * 16);
+  const int64_t blocks = (g.C + block - 1) / block;
+  at::parallel_for(0, g.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> state(2 * block);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c0 = (item % blocks) * block;
+      fn(item / blocks, c0, std::min(block, g.C - c0), state.data());
+    }
+  });
+}
+
+// a's channel stride is 1 (A_VEC) or 0 (one coefficient for every channel).
+template <typename scalar_t, typename acc_t, bool A_VEC>
+void forward_kernel(const ScanGeometry& g, const scalar_t* __restrict a,
+                    const scalar_t* __restrict b, const acc_t* __restrict h0,
+                    scalar_t* __restrict h) {
+  for_each_channel_block<acc_t>(g, [&](int64_t bi, int64_t c0, int64_t nc, acc_t* state) {
+    for (int64_t c = 0; c < nc; ++c) state[c] = h0 ? h0[bi * g.C + c0 + c] : acc_t(0);
+    for (int64_t p = 0; p < g.T; ++p) {
+      const int64_t t = g.time_at(p);
+      const scalar_t* ap = a + g.a_offset(bi, t, c0);
+      const scalar_t* bp = b + g.offset(bi, t, c0);
+      scalar_t* hp = h + g.offset(bi, t, c0);
+      for (int64_t c = 0; c < nc; ++c) {
+        state[c] = acc_t(ap[A_VEC ? c : 0]) * state[c] + acc_t(bp[c]);
+        hp[c] = scalar_t(state[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t, bool A_VEC>
+void backward_kernel(const ScanGeometry& g, const scalar_t* __restrict a,
+                     const scalar_t* __restrict grad_h, const scalar_t* __restrict h,
+                     const acc_t* __restrict h0, scalar_t* __restrict grad_b,
+                     acc_t* __restrict grad_a, acc_t* __restrict grad_h0) {
+  const bool sum_over_time = g.a_sT == 0;
+  for_each_channel_block<acc_t>(g, [&](int64_t bi, int64_t c0, int64_t nc, acc_t* state) {
+    acc_t* carry = state;        // g_{t(p+1)}, the gradient flowing backwards
+    acc_t* da_sum = state + nc;  // only when a is time-invariant
+    std::fill_n(carry, nc, acc_t(0));
+    std::fill_n(da_sum, nc, acc_t(0));
+    for (int64_t p = g.T - 1; p >= 0; --p) {
+      const int64_t t = g.time_at(p);
+      const scalar_t* a_next = p + 1 < g.T ? a + g.a_offset(bi, g.time_at(p + 1), c0) : nullptr;
+      const scalar_t* h_prev = p > 0 ? h + g.offset(bi, g.time_at(p - 1), c0) : nullptr;
+      const scalar_t* gh = grad_h + g.offset(bi, t, c0);
+      scalar_t* gb = grad_b + g.offset(bi, t, c0);
+      for (int64_t c = 0; c < nc; ++c) {
+        const acc_t coef = a_next ? conj_of(acc_t(a_next[A_VEC ? c : 0])) : acc_t(0);
+        carry[c] = acc_t(gh[c]) + coef * carry[c];
+        gb[c] = scalar_t(carry[c]);
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        const acc_t prev = h_prev ? acc_t(h_prev[c]) : (h0 ? h0[bi * g.C + c0 + c] : acc_t(0));
+        const acc_t da = carry[c] * conj_of(prev);
+        if (sum_over_time) {
+          da_sum[c] += da;
+        } else {
+          grad_a[g.offset(bi, t, c0 + c)] = da;
+        }
+      }
+    }
+    const scalar_t* a_first = a + g.a_offset(bi, g.time_at(0), c0);
+    for (int64_t c = 0; c < nc; ++c) {
+      grad_h0[bi * g.C + c0 + c] = conj_of(acc_t(a_first[A_VEC ? c : 0])) * carry[c];
+      if (sum_over_time) grad_a[bi * g.C + c0 + c] = da_sum[c];
+    }
+  });
+}
+
+template <typename acc_t>
+const acc_t* optional_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const acc_t*>(t.data_ptr()) : nullptr;
+}
+
+#define SEQFUSE_DISPATCH_SCAN_TYPES(dtype, name, ...)                                    \
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, \
+                                              __VA_ARGS__)
+
+}  // namespace
+
+void linear_scan_forward(const ScanGeometry& g, const at::Tensor& a, const at::Tensor& b,
+                         const at::Tensor& h0, at::Tensor& h) {
+  SEQFUSE_DISPATCH_SCAN_TYPES(b.scalar_type(), "linear_scan_forward_cpu", [&] {
+    using T = Types<scalar_t>;
+    using storage_t = typename T::storage;
+    using acc_t = typename T::acc;
+    auto run = [&](auto a_vec) {
+      forward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
+          g, reinterpret_cast<const storage_t*>(a.data_ptr()),
+          reinterpret_cast<const storage_t*>(b.data_ptr()), optional_ptr<acc_t>(h0),
+          reinterpret_cast<storage_t*>(h.data_ptr()));
+    };
+    g.a_sC == 1 ? run(std::true_type{}) : run(std::false_type{});
+  });
+}
+
+void linear_scan_backward(const ScanGeometry& g, const at::Tensor& a, const at::Tensor& grad_h,
+                          const at::Tensor& h, const at::Tensor& h0, at::Tensor& grad_b,
+                          at::Tensor& grad_a, at::Tensor& grad_h0) {
+  SEQFUSE_DISPATCH_SCAN_TYPES(grad_h.scalar_type(), "linear_scan_backward_cpu", [&] {
+    using T = Types<scalar_t>;
+    using storage_t = typename T::storage;
+    using acc_t = typename T::acc;
+    auto run = [&](auto a_vec) {
+      backward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
+          g, reinterpret_cast<const storage_t*>(a.data_ptr()),
+          reinterpret_cast<const storage_t*>(grad_h.data_ptr()),
+          reinterpret_cast<const storage_t*>(h.data_ptr()), optional_ptr<acc_t>(h0),
+          reinterpret_cast<storage_t*>(grad_b.data_ptr()),
+          reinterpret_cast<acc_t*>(grad_a.data_ptr()),
+          reinterpret_cast<acc_t*>(grad_h0.data_ptr()));
+    };
+    g.a_sC == 1 ? run(std::true_type{}) : run(std::false_type{});
+  });
+}
+
+}  // namespace seqfuse::cpu

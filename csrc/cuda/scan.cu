@@ -1,0 +1,268 @@
+// CUDA linear recurrence scan: one pass over memory with decoupled look-back.
+//
+//   h_t = a_t * h_{t-1} + b_t                      (maths: csrc/common/scan.h)
+//
+// A block owns a tile of 32 channels of one batch row (lane = channel, so every warp
+// access is coalesced) and a chunk of kChunk time steps (warp w holds kSteps of them
+// in registers). Blocks take tiles in chunk-major order from an atomic counter, so a
+// block only ever waits on chunks that have already started. Each block
+//   1. composes its steps into one affine map per channel (thread, then warp level),
+//   2. publishes that aggregate, looks back over earlier chunks of its channels until
+//      it meets a published inclusive prefix, and publishes its own inclusive prefix,
+//   3. replays its registers from the resulting carry-in and writes the outputs.
+// a and b are read once and h written once, whatever the ratio of B*C to T.
+//
+// The backward pass is the same kernel walking the other way over
+//   g_p = dL/dh_p + conj(a_{p+1}) * g_{p+1}
+// with an epilogue writing db = g, da = g * conj(h_{p-1}) and dh0.
+#include <cuda/atomic>
+
+#include "dtype.cuh"
+#include "scan.h"
+
+namespace seqfuse::cuda {
+namespace {
+
+constexpr int kLanes = 32;
+constexpr int kWarps = 8;
+constexpr int kSteps = 8;
+constexpr int kChunk = kWarps * kSteps;
+
+SEQFUSE_HD int64_t chunks_for(int64_t T) { return (T + kChunk - 1) / kChunk; }
+
+enum : int { kFlagEmpty = 0, kFlagAggregate = 1, kFlagInclusive = 2 };
+
+// Scratch for the look-back, one slot per tile (chunk-major, as tiles are numbered).
+// counter and flags must be zero at launch.
+template <typename acc_t>
+struct Lookback {
+  unsigned* counter;
+  int* flags;    // [tiles]
+  acc_t* agg_a;  // [tiles * 32] each
+  acc_t* agg_b;
+  acc_t* inclusive;
+
+  __device__ void publish(int64_t tile, int lane, const Affine<acc_t>& agg) {
+    agg_a[tile * kLanes + lane] = agg.A;
+    agg_b[tile * kLanes + lane] = agg.B;
+    release(tile, lane, kFlagAggregate);
+  }
+  __device__ void publish(int64_t tile, int lane, acc_t prefix) {
+    inclusive[tile * kLanes + lane] = prefix;
+    release(tile, lane, kFlagInclusive);
+  }
+  __device__ void release(int64_t tile, int lane, int flag) {
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) {
+      ::cuda::atomic_ref<int, ::cuda::thread_scope_device>(flags[tile]).store(
+          flag, ::cuda::memory_order_release);
+    }
+  }
+  __device__ int wait(int64_t tile) const {
+    ::cuda::atomic_ref<int, ::cuda::thread_scope_device> flag(flags[tile]);
+    int f;
+    while ((f = flag.load(::cuda::memory_order_acquire)) == kFlagEmpty) __nanosleep(32);
+    return f;
+  }
+
+  // The carry-in of chunk `chunk` for this lane's channel; publishes this chunk's
+  // inclusive prefix. Called by one full warp.
+  __device__ acc_t carry_in(int64_t chunk, int64_t n_series, int64_t series, int lane,
+                            const Affine<acc_t>& agg, acc_t first_carry) {
+    const int64_t tile = chunk * n_series + series;
+    if (chunk == 0) {
+      publish(tile, lane, agg.apply(first_carry));
+      return first_carry;
+    }
+    publish(tile, lane, agg);
+    Affine<acc_t> between = Affine<acc_t>::identity();  // chunks j+1 .. chunk-1
+    acc_t carry;
+    for (int64_t j = chunk - 1;; --j) {
+      const int64_t prev = j * n_series + series;
+      if (wait(prev) == kFlagInclusive) {
+        carry = between.apply(inclusive[prev * kLanes + lane]);
+        break;
+      }
+      between = Affine<acc_t>{agg_a[prev * kLanes + lane], agg_b[prev * kLanes + lane]}.then(
+          between);
+    }
+    publish(tile, lane, agg.apply(carry));
+    return carry;
+  }
+};
+
+struct Layout {
+  size_t counter, flags, values, total;
+};
+
+template <typename acc_t>
+Layout workspace_layout(const ScanGeometry& g) {
+  auto align = [](size_t n) { return (n + 255) / 256 * 256; };
+  const size_t tiles = size_t(g.B) * ((g.C + kLanes - 1) / kLanes) * scan_chunks(g.T);
+  Layout l;
+  l.counter = 0;
+  l.flags = align(sizeof(unsigned));
+  l.values = l.flags + align(tiles * sizeof(int));
+  l.total = l.values + 3 * align(tiles * kLanes * sizeof(acc_t));
+  return l;
+}
+
+template <typename acc_t>
+Lookback<acc_t> lookback_in(void* workspace, const ScanGeometry& g) {
+  const Layout l = workspace_layout<acc_t>(g);
+  char* base = static_cast<char*>(workspace);
+  const size_t stride = (l.total - l.values) / 3;
+  return {reinterpret_cast<unsigned*>(base + l.counter), reinterpret_cast<int*>(base + l.flags),
+          reinterpret_cast<acc_t*>(base + l.values),
+          reinterpret_cast<acc_t*>(base + l.values + stride),
+          reinterpret_cast<acc_t*>(base + l.values + 2 * stride)};
+}
+
+template <typename scalar_t, bool BACKWARD>
+__global__ void __launch_bounds__(kWarps * kLanes)
+    scan_kernel(ScanArgs args, Lookback<acc_of<scalar_t>> lookback) {
+  using acc_t = acc_of<scalar_t>;
+  const ScanGeometry& g = args.geom;
+  const auto* a = static_cast<const scalar_t*>(args.a);
+  const auto* b = static_cast<const scalar_t*>(args.b);
+  const auto* h0 = static_cast<const acc_t*>(args.h0);
+
+  __shared__ unsigned s_tile;
+  __shared__ Affine<acc_t> s_agg[kWarps][kLanes];
+  __shared__ acc_t s_carry[kWarps][kLanes];
+
+  const int lane = threadIdx.x % kLanes;
+  const int warp = threadIdx.x / kLanes;
+  if (threadIdx.x == 0) s_tile = atomicAdd(lookback.counter, 1u);
+  __syncthreads();
+
+  const int64_t c_tiles = (g.C + kLanes - 1) / kLanes;
+  const int64_t n_series = g.B * c_tiles;
+  const int64_t chunk = s_tile / n_series;
+  const int64_t series = s_tile % n_series;
+  const int64_t bi = series / c_tiles;
+  const int64_t c = (series % c_tiles) * kLanes + lane;
+  const bool active = c < g.C;
+  const int64_t q0 = chunk * kChunk + warp * kSteps;
+
+  // Scan position q visits forward position p = q (forward) or T-1-q (backward).
+  auto position = [&](int64_t q) { return BACKWARD ? g.T - 1 - q : q; };
+  auto a_at = [&](int64_t p) { return to_acc(a[g.a_offset(bi, g.time_at(p), c)]); };
+
+  // 1. Load this thread's steps and compose them.
+  acc_t coef[kSteps], val[kSteps];
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) {
+    const int64_t q = q0 + k;
+    coef[k] = acc_t(1);
+    val[k] = acc_t(0);
+    if (!active || q >= g.T) continue;
+    const int64_t p = position(q);
+    val[k] = to_acc(b[g.offset(bi, g.time_at(p), c)]);
+    if (!BACKWARD) {
+      coef[k] = a_at(p);
+    } else {
+      coef[k] = p + 1 < g.T ? conj_of(a_at(p + 1)) : acc_t(0);
+    }
+  }
+  Affine<acc_t> agg = Affine<acc_t>::identity();
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) agg = agg.then({coef[k], val[k]});
+  s_agg[warp][lane] = agg;
+  __syncthreads();
+
+  // 2. Warp 0 composes the warps, looks back and hands each warp its carry-in.
+  if (warp == 0) {
+    Affine<acc_t> chunk_agg = Affine<acc_t>::identity();
+    for (int w = 0; w < kWarps; ++w) chunk_agg = chunk_agg.then(s_agg[w][lane]);
+    const acc_t first = !BACKWARD && h0 && active ? h0[bi * g.C + c] : acc_t(0);
+    acc_t carry = lookback.carry_in(chunk, n_series, series, lane, chunk_agg, first);
+    for (int w = 0; w < kWarps; ++w) {
+      s_carry[w][lane] = carry;
+      carry = s_agg[w][lane].apply(carry);
+    }
+  }
+  __syncthreads();
+
+  // 3. Replay from the carry-in and write.
+  acc_t x = s_carry[warp][lane];
+  acc_t da_sum = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) {
+    const int64_t q = q0 + k;
+    if (!active || q >= g.T) continue;
+    x = coef[k] * x + val[k];
+    const int64_t p = position(q);
+    const int64_t i = g.offset(bi, g.time_at(p), c);
+    static_cast<scalar_t*>(args.out)[i] = from_acc<scalar_t>(x);
+    if constexpr (BACKWARD) {
+      const auto* h = static_cast<const scalar_t*>(args.h);
+      const acc_t h_prev = p > 0 ? to_acc(h[g.offset(bi, g.time_at(p - 1), c)])
+                                 : (h0 ? h0[bi * g.C + c] : acc_t(0));
+      const acc_t da = x * conj_of(h_prev);
+      if (g.a_sT == 0) {
+        da_sum += da;
+      } else {
+        static_cast<acc_t*>(args.grad_a)[i] = da;
+      }
+      if (p == 0) static_cast<acc_t*>(args.grad_h0)[bi * g.C + c] = conj_of(a_at(0)) * x;
+    }
+  }
+
+  // A time-invariant `a` gets one partial sum of da per chunk instead of [B, T, C].
+  if constexpr (BACKWARD) {
+    if (g.a_sT == 0) {
+      __syncthreads();  // s_carry is free again
+      s_carry[warp][lane] = da_sum;
+      __syncthreads();
+      if (warp == 0 && active) {
+        acc_t sum = acc_t(0);
+        for (int w = 0; w < kWarps; ++w) sum += s_carry[w][lane];
+        static_cast<acc_t*>(args.grad_a)[(bi * chunks_for(g.T) + chunk) * g.C + c] = sum;
+      }
+    }
+  }
+}
+
+template <bool BACKWARD>
+cudaError_t launch(const ScanArgs& args, DType dtype, cudaStream_t stream) {
+  const ScanGeometry& g = args.geom;
+  const int64_t tiles = g.B * ((g.C + kLanes - 1) / kLanes) * scan_chunks(g.T);
+  if (tiles == 0) return cudaSuccess;
+  if (tiles >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_float_and_complex_types(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_of<scalar_t>;
+    const Layout layout = workspace_layout<acc_t>(g);
+    err = cudaMemsetAsync(args.workspace, 0, layout.values, stream);
+    if (err != cudaSuccess) return;
+    scan_kernel<scalar_t, BACKWARD><<<unsigned(tiles), kWarps * kLanes, 0, stream>>>(
+        args, lookback_in<acc_t>(args.workspace, g));
+    err = cudaGetLastError();
+  });
+  return err;
+}
+
+}  // namespace
+
+int64_t scan_chunks(int64_t T) { return chunks_for(T); }
+
+size_t scan_workspace_bytes(const ScanGeometry& geom, DType dtype) {
+  size_t bytes = 0;
+  dispatch_float_and_complex_types(dtype, [&](auto tag) {
+    bytes = workspace_layout<acc_of<decltype(tag)>>(geom).total;
+  });
+  return bytes;
+}
+
+cudaError_t linear_scan_forward(const ScanArgs& args, DType dtype, cudaStream_t stream) {
+  return launch<false>(args, dtype, stream);
+}
+
+cudaError_t linear_scan_backward(const ScanArgs& args, DType dtype, cudaStream_t stream) {
+  return launch<true>(args, dtype, stream);
+}
+
+}  // namespace seqfuse::cuda
