@@ -1,0 +1,46 @@
+"""python -m seqfuse.bench FAMILY [--device cpu|cuda] [--quick] [--json PATH]
+
+Times each fused op against the seqfuse reference and any installed anchors, on the
+same inputs in one run, and prints a table with the machine limits measured in that
+run. FAMILY is one of the registered families, or `all`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+from seqfuse.bench.common import device_name, write_json
+
+# family name -> module with run(device: str, quick: bool) -> (limits, rows, table str)
+FAMILIES = {
+    "scan": "seqfuse.bench.scan",
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m seqfuse.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("family", choices=[*FAMILIES, "all"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
+                        "(with `all`, PATH is a prefix: PATH-<family>.json)")
+    args = parser.parse_args(argv)
+
+    families = list(FAMILIES) if args.family == "all" else [args.family]
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}")
+    for family in families:
+        module = importlib.import_module(FAMILIES[family])
+        limits, rows, table = module.run(args.device, args.quick)
+        print(f"\n== {family} ==")
+        print(", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in limits.items()))
+        print(table)
+        if args.json:
+            path = f"{args.json}-{family}.json" if args.family == "all" else args.json
+            write_json(path, family, args.device, limits, rows)
+
+
+if __name__ == "__main__":
+    main()

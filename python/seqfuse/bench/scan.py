@@ -1,0 +1,97 @@
+"""Benchmark of linear_scan: seqfuse vs the sequential loop reference, the log-space
+closed form (valid here: a in (0.5, 1), b > 0), torch.addcmul as the floor with the
+same memory traffic (two tensors read, one written) and, on CUDA, accelerated-scan
+when it is installed (timed in its native [B, C, T] layout)."""
+
+from __future__ import annotations
+
+import torch
+
+import seqfuse
+from seqfuse import reference
+from seqfuse.bench.common import format_table, memory_bandwidth, time_fn
+
+COLUMNS = ["shape", "a", "dtype", "pass", "seqfuse_ms", "loop_ms", "logspace_ms",
+           "accel_scan_ms", "addcmul_ms", "x_loop", "x_accel", "vs_addcmul", "GB/s",
+           "%bw"]
+
+
+def _accelerated_scan():
+    try:
+        from accelerated_scan.warp import scan
+    except ImportError:
+        return None
+    return scan
+
+
+def _cases(device: str, quick: bool):
+    if quick:
+        return [((2, 257, 64), "full", torch.float32), ((2, 257, 64), "[C]", torch.float32)]
+    if device == "cpu":
+        return [((8, 4096, 512), "full", torch.float32), ((8, 4096, 512), "[C]", torch.float32),
+                ((8, 4096, 512), "full", torch.float64), ((1, 100_000, 64), "full", torch.float32),
+                ((8, 2048, 256), "[C]", torch.complex64)]
+    cases = []
+    for T in (4096, 16384, 65536):
+        cases += [((8, T, 1536), "full", torch.float32), ((8, T, 1536), "full", torch.bfloat16),
+                  ((8, T, 1536), "[C]", torch.float32)]
+    return cases + [((8, 4096, 1536), "[C]", torch.complex64)]
+
+
+def _inputs(shape, a_kind, dtype, device):
+    B, T, C = shape
+    real = torch.float32 if dtype.is_complex else dtype
+    a = torch.empty((B, T, C) if a_kind == "full" else (C,), device=device).uniform_(0.5, 1)
+    b = torch.rand(shape, device=device) + 0.1
+    if dtype.is_complex:
+        a, b = torch.polar(a, torch.rand_like(a)), torch.complex(b, torch.rand_like(b))
+    return a.to(dtype if dtype.is_complex else real), b.to(dtype if dtype.is_complex else real)
+
+
+def _fwd_bwd(fn, *inputs):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    def run():
+        out = fn(*leaves)
+        (out.real if out.is_complex() else out).sum().backward()
+    return run
+
+
+def run(device: str, quick: bool):
+    bandwidth = memory_bandwidth(device)
+    accel = _accelerated_scan() if device.startswith("cuda") else None
+    rows = []
+    for shape, a_kind, dtype in _cases(device, quick):
+        a, b = _inputs(shape, a_kind, dtype, device)
+        B, T, C = shape
+        loop_ok = T * (1 if device == "cpu" else 4) <= 20_000 or quick
+        for pass_name in ("fwd", "fwd+bwd"):
+            row = {"shape": "x".join(map(str, shape)), "a": a_kind, "dtype": str(dtype)[6:],
+                   "pass": pass_name}
+            if pass_name == "fwd":
+                step = lambda fn: (lambda: fn(a, b))
+            else:
+                step = lambda fn: _fwd_bwd(fn, a, b)
+            row["seqfuse_ms"] = 1e3 * time_fn(step(seqfuse.linear_scan), device)
+            if loop_ok:
+                row["loop_ms"] = 1e3 * time_fn(step(reference.linear_scan), device, min_time=0.1)
+                row["x_loop"] = row["loop_ms"] / row["seqfuse_ms"]
+            if not dtype.is_complex:
+                row["logspace_ms"] = 1e3 * time_fn(step(reference.linear_scan_logspace), device)
+            if accel is not None and dtype in (torch.float32, torch.bfloat16) and T & (T - 1) == 0:
+                gates = a.expand(shape).transpose(1, 2).contiguous()
+                tokens = b.transpose(1, 2).contiguous()
+                accel_step = ((lambda: accel(gates, tokens)) if pass_name == "fwd"
+                              else _fwd_bwd(accel, gates, tokens))
+                row["accel_scan_ms"] = 1e3 * time_fn(accel_step, device)
+                row["x_accel"] = row["accel_scan_ms"] / row["seqfuse_ms"]
+            if pass_name == "fwd":
+                full_a = a.expand(shape).contiguous() if a_kind == "full" else None
+                if full_a is not None and not dtype.is_complex:
+                    row["addcmul_ms"] = 1e3 * time_fn(lambda: torch.addcmul(b, full_a, b), device)
+                    row["vs_addcmul"] = row["seqfuse_ms"] / row["addcmul_ms"]
+                moved = (2 + (a_kind == "full")) * b.numel() * b.element_size()
+                row["GB/s"] = moved / row["seqfuse_ms"] / 1e6
+                row["%bw"] = 100 * moved / (row["seqfuse_ms"] / 1e3) / bandwidth
+            rows.append(row)
+    limits = {"memory_bandwidth_GB/s": bandwidth / 1e9, "threads": torch.get_num_threads()}
+    return limits, rows, format_table(rows, COLUMNS)
