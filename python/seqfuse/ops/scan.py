@@ -36,7 +36,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("seqfuse::linear_scan")
-def _linear_scan_fake(a, b, h0, reverse):
+def _linear_scan_fake(a, b, h0=None, reverse=False):
     torch._check(b.dim() == 3, lambda: f"linear_scan: b must be [B, T, C], got {tuple(b.shape)}")
     return b.new_empty(b.shape)
 

@@ -1,0 +1,95 @@
+"""seqfuse.nn.LRU: the published parameterisation, against the step-by-step reference."""
+
+import math
+
+import pytest
+import torch
+
+import seqfuse
+from seqfuse import reference
+from conftest import DEVICES, assert_close
+
+
+def params(m):
+    return [m.nu_log, m.theta_log, m.gamma_log, m.B_re, m.B_im, m.C_re, m.C_im, m.D]
+
+
+def test_initialisation_follows_the_paper():
+    m = seqfuse.nn.LRU(d_model=16, d_state=4096, r_min=0.4, r_max=0.9, max_phase=3.14)
+    lam = m.eigenvalues().detach()
+    assert lam.shape == (4096,) and lam.dtype == torch.complex64
+    modulus = lam.abs()
+    assert modulus.min() >= 0.4 - 1e-6 and modulus.max() <= 0.9 + 1e-6
+    # |lambda|^2 is uniform on [r_min^2, r_max^2]: its mean is the midpoint.
+    assert abs((modulus**2).mean().item() - (0.4**2 + 0.9**2) / 2) < 0.02
+    phase = torch.exp(m.theta_log.detach())
+    assert phase.min() >= 0 and phase.max() <= 3.14 + 1e-5
+    assert_close(torch.exp(m.gamma_log.detach()), torch.sqrt(1 - modulus**2), rtol=1e-5, atol=1e-6)
+    assert m.B_re.shape == (4096, 16) and m.C_re.shape == (16, 4096) and m.D.shape == (16,)
+    assert abs(m.B_re.std().item() - 1 / math.sqrt(32)) < 0.01
+    assert abs(m.C_im.std().item() - 1 / math.sqrt(4096)) < 0.001
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_gradients_match_reference(device):
+    m = seqfuse.nn.LRU(d_model=5, d_state=7, r_min=0.5, max_phase=6.28).double().to(device)
+    u = torch.randn(3, 41, 5, dtype=torch.float64, device=device, requires_grad=True)
+    h0 = torch.randn(3, 7, dtype=torch.complex128, device=device, requires_grad=True)
+    y, hT = m(u, h0)
+    y_ref, hT_ref = reference.lru(u, *params(m), h0=h0)
+    assert_close(y, y_ref)
+    assert_close(hT, hT_ref)
+    grad = torch.randn_like(y)
+    leaves = [u, h0, *params(m)]
+    got = torch.autograd.grad((y * grad).sum() + hT.abs().sum(), leaves)
+    want = torch.autograd.grad((y_ref * grad).sum() + hT_ref.abs().sum(), leaves)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_and_step_equal_one_forward(device):
+    m = seqfuse.nn.LRU(d_model=6, d_state=10).to(device)
+    u = torch.randn(2, 50, 6, device=device)
+    y, hT = m(u)
+    y1, h = m(u[:, :17])
+    y2, h = m(u[:, 17:], h)
+    assert_close(torch.cat([y1, y2], dim=1), y)
+    assert_close(h, hT)
+    h, steps = None, []
+    for t in range(u.shape[1]):
+        y_t, h = m.step(u[:, t], h)
+        steps.append(y_t)
+    assert_close(torch.stack(steps, dim=1), y)
+    assert_close(h, hT)
+
+
+def test_torch_compile_fullgraph():
+    m = seqfuse.nn.LRU(d_model=8, d_state=16)
+    u = torch.randn(2, 33, 8, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    y, hT = compiled(u)
+    y_eager, hT_eager = m(u)
+    assert_close(y, y_eager)
+    assert_close(hT, hT_eager)
+    g, = torch.autograd.grad(y.sum(), u)
+    g_eager, = torch.autograd.grad(y_eager.sum(), u)
+    assert_close(g, g_eager)
+
+
+def test_half_input_keeps_its_dtype():
+    m = seqfuse.nn.LRU(d_model=4, d_state=8)
+    u = torch.randn(2, 9, 4)
+    y, _ = m(u.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_close(y, m(u)[0], torch.bfloat16)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="r_min"):
+        seqfuse.nn.LRU(4, 8, r_min=0.9, r_max=0.5)
+    m = seqfuse.nn.LRU(4, 8)
+    with pytest.raises(ValueError, match=r"u must be \[B, T, 4\]"):
+        m(torch.randn(2, 9, 5))
+    with pytest.raises(ValueError, match="h0 must be"):
+        m(torch.randn(2, 9, 4), torch.zeros(2, 9, dtype=torch.complex64))

@@ -1,0 +1,246 @@
+"""linear_scan: h_t = a_t * h_{t-1} + b_t (SPEC §1), against the sequential reference."""
+
+import pytest
+import torch
+
+import seqfuse
+from seqfuse import reference
+from conftest import DEVICES, assert_close
+
+# How `a` is given, as a function of (B, T, C): full, and each broadcast form.
+A_SHAPES = {
+    "full": lambda B, T, C: (B, T, C),
+    "per-channel [C]": lambda B, T, C: (C,),
+    "[1,1,C]": lambda B, T, C: (1, 1, C),
+    "per-batch [B,1,C]": lambda B, T, C: (B, 1, C),
+    "per-time [1,T,1]": lambda B, T, C: (1, T, 1),
+    "scalar [1]": lambda B, T, C: (1,),
+}
+
+
+def make(shape, a_shape, dtype, device, h0=True):
+    """a inside the unit disc (stable), b and h0 standard normal, all leaves."""
+    a = torch.rand(a_shape, dtype=torch.float64) * 0.5 + 0.45
+    if dtype.is_complex:
+        a = torch.polar(a, torch.rand_like(a) * 6.28)
+    a = a.to(dtype=dtype, device=device).requires_grad_()
+    b = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    h = torch.randn(shape[0], shape[2], dtype=dtype, device=device, requires_grad=True) if h0 else None
+    return a, b, h
+
+
+def scan_and_grads(fn, a, b, h0, reverse, grad):
+    h = fn(a, b, h0, reverse=reverse)
+    leaves = [x for x in (a, b, h0) if x is not None]
+    return (h, *torch.autograd.grad(h, leaves, grad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("a_kind", list(A_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 97, 130])
+def test_matches_reference_fwd_bwd(device, dtype, a_kind, reverse, T):
+    if device == "cuda" and dtype == torch.complex128:
+        dtype = torch.complex64
+    B, C = 3, 37
+    a, b, h0 = make((B, T, C), A_SHAPES[a_kind](B, T, C), dtype, device)
+    grad = torch.randn(B, T, C, dtype=dtype, device=device)
+    got = scan_and_grads(seqfuse.linear_scan, a, b, h0, reverse, grad)
+    want = scan_and_grads(reference.linear_scan, a, b, h0, reverse, grad)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_h0_gradients_match(device):
+    a, b, _ = make((2, 65, 5), (2, 65, 5), torch.float64, device, h0=False)
+    grad = torch.randn(2, 65, 5, dtype=torch.float64, device=device)
+    got = scan_and_grads(seqfuse.linear_scan, a, b, None, False, grad)
+    want = scan_and_grads(reference.linear_scan, a, b, None, False, grad)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("a_kind", ["full", "per-channel [C]", "per-time [1,T,1]"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_cpu(dtype, a_kind, reverse):
+    B, T, C = 2, 7, 3
+    a, b, h0 = make((B, T, C), A_SHAPES[a_kind](B, T, C), dtype, "cpu")
+    assert torch.autograd.gradcheck(
+        lambda a, b, h0: seqfuse.linear_scan(a, b, h0, reverse=reverse), (a, b, h0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_opcheck(dtype, with_h0):
+    a, b, h0 = make((2, 9, 4), (4,), dtype, "cpu", h0=with_h0)
+    torch.library.opcheck(torch.ops.seqfuse.linear_scan.default, (a, b, h0, False))
+    torch.library.opcheck(torch.ops.seqfuse.linear_scan.default, (a.detach(), b.detach(), None, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_streaming_equals_one_scan(device, reverse):
+    """Scanning in chunks, passing the final state on as h0, is one scan; so are the
+    gradients that flow back through the carried states."""
+    a, b, h0 = make((2, 300, 6), (2, 300, 6), torch.float64, device)
+    whole = seqfuse.linear_scan(a, b, h0, reverse=reverse)
+    bounds = [0, 1, 64, 65, 200, 300]
+    pieces = list(zip(bounds[:-1], bounds[1:]))
+    state, parts = h0, {}
+    for lo, hi in reversed(pieces) if reverse else pieces:
+        h = seqfuse.linear_scan(a[:, lo:hi], b[:, lo:hi], state, reverse=reverse)
+        parts[lo] = h
+        state = h[:, 0] if reverse else h[:, -1]
+    chunked = torch.cat([parts[lo] for lo, _ in pieces], dim=1)
+    assert_close(chunked, whole)
+    grad = torch.randn_like(whole)
+    for gw, gc in zip(torch.autograd.grad(whole, (a, b, h0), grad),
+                      torch.autograd.grad(chunked, (a, b, h0), grad)):
+        assert_close(gc, gw)
+
+
+def test_long_sequence_100k():
+    """T = 100k in float64: with a = 1 the scan is a running sum."""
+    b = torch.randn(2, 100_000, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    h = seqfuse.linear_scan(a, b)
+    assert_close(h, torch.cumsum(b, dim=1))
+    grad = torch.randn_like(h)
+    ga, gb = torch.autograd.grad(h, (a, b), grad)
+    assert_close(gb, torch.flip(torch.cumsum(torch.flip(grad, [1]), 1), [1]))
+    h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+    assert_close(ga, (gb * h_prev).sum((0, 1)), rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_sequence_matches_reference(device):
+    a, b, h0 = make((1, 20_011, 4), (1, 20_011, 4), torch.float64, device)
+    assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a, b, h0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_channels(device):
+    """B * C beyond 65535 (one grid dimension's limit)."""
+    a, b, h0 = make((2, 5, 40_000), (40_000,), torch.float64, device)
+    assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a, b, h0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_within_tolerance(device, dtype):
+    """Accumulation is float32, so only the inputs' and outputs' rounding shows."""
+    a, b, h0 = make((3, 257, 33), (3, 257, 33), torch.float64, device)
+    a_lp, b_lp = a.detach().to(dtype).requires_grad_(), b.detach().to(dtype).requires_grad_()
+    h0_32 = h0.detach().float().requires_grad_()
+    h = seqfuse.linear_scan(a_lp, b_lp, h0_32)
+    assert h.dtype == dtype
+    want = reference.linear_scan(a_lp.double(), b_lp.double(), h0_32.double())
+    assert_close(h, want, dtype)
+    grad = torch.randn_like(h)
+    ga, gb, gh0 = torch.autograd.grad(h, (a_lp, b_lp, h0_32), grad)
+    assert (ga.dtype, gb.dtype, gh0.dtype) == (dtype, dtype, torch.float32)
+    wa, wb, wh0 = torch.autograd.grad(want, (a_lp, b_lp, h0_32), grad.double())
+    scale = dict(atol=TOL_LP[dtype] * wa.abs().max().item(), rtol=TOL_LP[dtype])
+    assert_close(ga, wa, dtype, **scale)
+    assert_close(gb, wb, dtype)
+    assert_close(gh0, wh0, dtype)
+
+
+TOL_LP = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_overflow_matches_reference(device):
+    """A running sum past float16's range overflows to inf exactly where the reference does."""
+    b = torch.full((1, 100, 2), 1000.0, dtype=torch.float16, device=device)
+    a = torch.ones(2, dtype=torch.float16, device=device)
+    h = seqfuse.linear_scan(a, b)
+    want = reference.linear_scan(a, b)
+    assert torch.isinf(h).any() and torch.isfinite(h[:, :60]).all()
+    torch.testing.assert_close(h, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_channel(device):
+    a, b, _ = make((2, 50, 4), (2, 50, 4), torch.float64, device, h0=False)
+    b = b.detach().clone()
+    b[1, 10, 2] = float("nan")
+    h = seqfuse.linear_scan(a.detach(), b)
+    assert torch.isnan(h[1, 10:, 2]).all()
+    mask = torch.ones_like(h, dtype=torch.bool)
+    mask[1, 10:, 2] = False
+    assert torch.isfinite(h[mask]).all()
+    assert_close(h[mask], reference.linear_scan(a.detach(), b)[mask])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    base = torch.randn(3, 6, 40, dtype=torch.float64, device=device)
+    b = base.transpose(1, 2)[:, ::2]  # [3, 20, 6], strided both ways
+    a = (torch.rand(3, 6, 40, dtype=torch.float64, device=device) * 0.9).transpose(1, 2)[:, ::2]
+    a_c = torch.rand(12, dtype=torch.float64, device=device)[::2]  # stride-2 [C]
+    h0 = torch.randn(6, 3, dtype=torch.float64, device=device).t()
+    assert not (b.is_contiguous() or a.is_contiguous() or a_c.is_contiguous() or h0.is_contiguous())
+    assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a, b, h0))
+    assert_close(seqfuse.linear_scan(a_c, b, h0), reference.linear_scan(a_c, b, h0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 0, 3), (2, 5, 0)])
+def test_empty(device, shape):
+    a, b, h0 = make(shape, shape, torch.float64, device)
+    h = seqfuse.linear_scan(a, b, h0)
+    assert h.shape == shape
+    ga, gb, gh0 = torch.autograd.grad(h.sum(), (a, b, h0), allow_unused=True)
+    assert gb.shape == shape and ga.shape == shape
+    assert torch.equal(gh0, torch.zeros_like(h0)) if shape[1] == 0 else gh0.shape == h0.shape
+
+
+BAD_INPUTS = [
+    ("b must be", lambda: (torch.rand(4), torch.rand(4, 5), None)),
+    ("a must broadcast", lambda: (torch.rand(3), torch.rand(2, 4, 5), None)),
+    ("a must broadcast", lambda: (torch.rand(1, 2, 4, 5), torch.rand(2, 4, 5), None)),
+    ("a has dtype", lambda: (torch.rand(5, dtype=torch.float64), torch.rand(2, 4, 5), None)),
+    ("h0 must be", lambda: (torch.rand(5), torch.rand(2, 4, 5), torch.rand(2, 4))),
+    ("h0 must be", lambda: (torch.rand(5), torch.rand(2, 4, 5), torch.rand(5))),
+    ("h0 has dtype", lambda: (torch.rand(5), torch.rand(2, 4, 5),
+                              torch.rand(2, 5, dtype=torch.complex64))),
+    ("b must be a floating point", lambda: (torch.ones(5, dtype=torch.int64),
+                                            torch.ones(2, 4, 5, dtype=torch.int64), None)),
+]
+
+
+@pytest.mark.parametrize("match,inputs", BAD_INPUTS)
+def test_bad_inputs_raise_clear_errors(match, inputs):
+    a, b, h0 = inputs()
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        seqfuse.linear_scan(a, b, h0)
+
+
+@pytest.mark.cuda
+def test_device_mismatch_names_the_argument():
+    with pytest.raises(RuntimeError, match="a is on"):
+        seqfuse.linear_scan(torch.rand(5), torch.rand(2, 4, 5, device="cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_uses_current_stream_and_matches_cpu():
+    a, b, h0 = make((4, 1000, 70), (70,), torch.float32, "cpu")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        h = seqfuse.linear_scan(a.cuda(), b.cuda(), h0.cuda())
+    stream.synchronize()
+    assert_close(h, seqfuse.linear_scan(a, b, h0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [4096, 65536 + 17])
+def test_cuda_many_chunks_float32(T):
+    """Long T: thousands of chunks chained by the look-back."""
+    a, b, h0 = make((2, T, 96), (2, T, 96), torch.float32, "cuda")
+    assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a.double(), b.double(), h0.double()),
+                 torch.float32, rtol=1e-4, atol=1e-4)
