@@ -5,7 +5,8 @@
 // heap whose root is the weakest of them. Ranked by (value, lower index), and scanned
 // in index order, an entry enters only when its key beats the root's; chunks of 16
 // entries all below the root's value are skipped by a vectorised comparison, so after
-// the first few thousand entries the pass runs at memory speed.
+// the first few thousand entries the pass runs at memory speed. Dense [R, V] outputs
+// and gradients are advised onto huge pages before their first write (huge_pages.h).
 #include "sparse_softmax.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 
 #include "../common/row_softmax.h"
 #include "dtype.h"
+#include "huge_pages.h"
 
 namespace seqfuse::cpu {
 namespace {
@@ -394,12 +396,14 @@ void entropy_backward_kernel(const scalar_t* grad, const scalar_t* p,
 }  // namespace
 
 void sparse_softmax_forward(const at::Tensor& x, int64_t k, at::Tensor& out) {
+  advise_huge_pages(out);
   SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "sparse_softmax_cpu", [&] {
     sparse_softmax_kernel(ptr<scalar_t>(x), x.size(0), x.size(1), k, mut_ptr<scalar_t>(out));
   });
 }
 
 void sparse_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, at::Tensor& grad_x) {
+  advise_huge_pages(grad_x);
   SEQFUSE_DISPATCH_ROW_TYPES(probs.scalar_type(), "sparse_softmax_backward_cpu", [&] {
     softmax_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(probs), probs.size(0),
                             probs.size(1), mut_ptr<scalar_t>(grad_x));
@@ -415,6 +419,7 @@ void topk_softmax_forward(const at::Tensor& x, at::Tensor& probs, at::Tensor& in
 
 void topk_softmax_backward(const at::Tensor& grad, const at::Tensor& probs,
                            const at::Tensor& indices, at::Tensor& grad_x) {
+  advise_huge_pages(grad_x);
   SEQFUSE_DISPATCH_ROW_TYPES(probs.scalar_type(), "topk_softmax_backward_cpu", [&] {
     topk_softmax_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(probs), ptr<int64_t>(indices),
                                  probs.size(0), probs.size(1), grad_x.size(1),
@@ -437,6 +442,7 @@ void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logit
                             const at::Tensor& target, const at::Tensor& lse,
                             const at::Tensor& indices, int64_t ignore_index,
                             at::Tensor& grad_logits) {
+  advise_huge_pages(grad_logits);
   SEQFUSE_DISPATCH_ROW_TYPES(logits.scalar_type(), "sparse_softmax_cross_entropy_backward_cpu",
                              [&] {
     using acc_t = typename Types<scalar_t>::acc;
@@ -448,6 +454,7 @@ void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logit
 }
 
 void taylor_softmax_forward(const at::Tensor& x, int64_t order, at::Tensor& out) {
+  advise_huge_pages(out);
   SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "taylor_softmax_cpu", [&] {
     taylor_kernel(ptr<scalar_t>(x), x.size(0), x.size(1), int(order), mut_ptr<scalar_t>(out));
   });
@@ -455,6 +462,7 @@ void taylor_softmax_forward(const at::Tensor& x, int64_t order, at::Tensor& out)
 
 void taylor_softmax_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
                              int64_t order, at::Tensor& grad_x) {
+  advise_huge_pages(grad_x);
   SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "taylor_softmax_backward_cpu", [&] {
     taylor_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(x), ptr<scalar_t>(out), x.size(0),
                            x.size(1), int(order), mut_ptr<scalar_t>(grad_x));
@@ -463,6 +471,7 @@ void taylor_softmax_backward(const at::Tensor& grad, const at::Tensor& x, const 
 
 void entropy_normalize_forward(const at::Tensor& p, const at::Tensor& target, int64_t iters,
                                at::Tensor& out) {
+  advise_huge_pages(out);
   SEQFUSE_DISPATCH_ROW_TYPES(p.scalar_type(), "entropy_normalize_cpu", [&] {
     using acc_t = typename Types<scalar_t>::acc;
     entropy_kernel(ptr<scalar_t>(p), ptr<acc_t>(target), p.size(0), p.size(1), iters,
@@ -473,6 +482,7 @@ void entropy_normalize_forward(const at::Tensor& p, const at::Tensor& target, in
 void entropy_normalize_backward(const at::Tensor& grad, const at::Tensor& p,
                                 const at::Tensor& target, int64_t iters, at::Tensor& grad_p,
                                 at::Tensor& grad_target) {
+  advise_huge_pages(grad_p);
   SEQFUSE_DISPATCH_ROW_TYPES(p.scalar_type(), "entropy_normalize_backward_cpu", [&] {
     using acc_t = typename Types<scalar_t>::acc;
     entropy_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(p), ptr<acc_t>(target), p.size(0),
