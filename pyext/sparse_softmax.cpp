@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -79,12 +80,37 @@ at::Tensor check_cross_entropy(const char* op, const at::Tensor& logits, const a
                     shape_str(logits), ", got shape ", shape_str(target));
   const int64_t V = logits.size(1);
   if (target.numel() > 0) {
-    const at::Tensor bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(V)));
+    const at::Tensor bad =
+        target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(V)));
     TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": target must hold class indices in [0, ", V,
                       ") or ignore_index (", ignore_index, "); got ",
                       target.masked_select(bad)[0].item<int64_t>());
   }
   return target.contiguous();
+}
+
+// indices: int64 [rows, cols] with entries in [0, V), as a forward produced them (one
+// reduction, a synchronisation on CUDA): the backward kernels write through them.
+void check_indices(const char* op, const at::Tensor& indices, int64_t rows, int64_t cols,
+                   int64_t V) {
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong && indices.dim() == 2 &&
+                        indices.size(0) == rows && indices.size(1) == cols,
+                    op, ": indices must be int64 [", rows, ", ", cols, "], got ",
+                    indices.scalar_type(), " ", shape_str(indices));
+  if (indices.numel() > 0) {
+    TORCH_CHECK_VALUE(indices.min().item<int64_t>() >= 0 && indices.max().item<int64_t>() < V,
+                      op, ": indices must lie in [0, ", V, ")");
+  }
+}
+
+// A per-row tensor [N] (grad_loss, lse) in the accumulation dtype, contiguous.
+at::Tensor per_row(const char* op, const char* name, const at::Tensor& t, int64_t N,
+                   const at::Tensor& logits) {
+  check_same_device(op, name, t, "logits", logits);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == N && at::isFloatingType(t.scalar_type()), op,
+                    ": ", name, " must be a floating point [N] = [", N, "], got ",
+                    t.scalar_type(), " ", shape_str(t));
+  return t.to(acc_dtype(logits.scalar_type())).contiguous();
 }
 
 at::Tensor entropy_targets(const char* op, const at::Tensor& target, const Rows& rows,
@@ -135,18 +161,20 @@ at::Tensor topk_softmax_backward_impl(const RowKernels& kernels, const at::Tenso
   const char* op = "topk_softmax_backward";
   const Rows rows = as_rows(op, "probs", probs);
   const at::Tensor g = like_rows(op, "grad", grad, rows, probs);
-  TORCH_CHECK_VALUE(indices.sizes() == probs.sizes() && indices.scalar_type() == at::kLong, op,
-                    ": indices must be int64 of probs' shape ", shape_str(probs));
   TORCH_CHECK_VALUE(V >= rows.V, op, ": V (", V, ") must be at least k (", rows.V, ")");
+  check_same_device(op, "indices", indices, "probs", probs);
+  TORCH_CHECK_VALUE(indices.sizes() == probs.sizes(), op, ": indices must have probs' shape ",
+                    shape_str(probs), ", got ", shape_str(indices));
+  const at::Tensor idx = indices.contiguous().view({rows.R, rows.V});
+  check_indices(op, idx, rows.R, rows.V, V);
   at::Tensor grad_x = at::empty({rows.R, V}, probs.options());
-  if (grad_x.numel() > 0) {
-    kernels.topk_softmax_backward(g, rows.x, indices.contiguous().view({rows.R, rows.V}), grad_x);
-  }
+  if (grad_x.numel() > 0) kernels.topk_softmax_backward(g, rows.x, idx, grad_x);
   return grad_x.view(with_last(rows.batch, V));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_softmax_cross_entropy_impl(
-    const RowKernels& kernels, const at::Tensor& logits, const at::Tensor& target, int64_t k, int64_t ignore_index) {
+    const RowKernels& kernels, const at::Tensor& logits, const at::Tensor& target, int64_t k,
+    int64_t ignore_index) {
   const char* op = "sparse_softmax_cross_entropy";
   check_k(op, k);
   const at::Tensor t = check_cross_entropy(op, logits, target, ignore_index);
@@ -172,12 +200,17 @@ at::Tensor sparse_softmax_cross_entropy_backward_impl(
   const char* op = "sparse_softmax_cross_entropy_backward";
   const at::Tensor t = check_cross_entropy(op, logits, target, ignore_index);
   const at::Tensor s = logits.contiguous();
-  const auto acc = acc_dtype(s.scalar_type());
+  const int64_t N = s.size(0), V = s.size(1);
+  const at::Tensor gl = per_row(op, "grad_loss", grad_loss, N, s);
+  const at::Tensor l = per_row(op, "lse", lse, N, s);
+  check_same_device(op, "indices", indices, "logits", logits);
+  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) < std::max<int64_t>(V, 1), op,
+                    ": indices must be [N, k] with k < V (or [N, 0] for k >= V), got ",
+                    shape_str(indices));
+  const at::Tensor idx = indices.contiguous();
+  check_indices(op, idx, N, indices.size(1), V);
   at::Tensor grad = at::empty_like(s);
-  if (grad.numel() > 0) {
-    kernels.cross_entropy_backward(grad_loss.to(acc).contiguous(), s, t, lse.to(acc).contiguous(),
-                                indices.contiguous(), ignore_index, grad);
-  }
+  if (grad.numel() > 0) kernels.cross_entropy_backward(gl, s, t, l, idx, ignore_index, grad);
   return grad;
 }
 

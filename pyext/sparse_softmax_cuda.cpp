@@ -69,9 +69,10 @@ void topk_softmax_forward(const at::Tensor& x, at::Tensor& probs, at::Tensor& in
 void topk_softmax_backward(const at::Tensor& grad, const at::Tensor& probs,
                            const at::Tensor& indices, at::Tensor& grad_x) {
   const c10::cuda::CUDAGuard guard(probs.device());
-  C10_CUDA_CHECK(cuda::topk_softmax_backward(grad.data_ptr(), probs.data_ptr(), ro<int64_t>(indices),
-                                             shape_of(grad_x), probs.size(1), grad_x.data_ptr(),
-                                             row_dtype(probs), current_stream()));
+  C10_CUDA_CHECK(cuda::topk_softmax_backward(grad.data_ptr(), probs.data_ptr(),
+                                             ro<int64_t>(indices), shape_of(grad_x),
+                                             probs.size(1), grad_x.data_ptr(), row_dtype(probs),
+                                             current_stream()));
 }
 
 void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, int64_t k,

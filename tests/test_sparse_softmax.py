@@ -140,7 +140,8 @@ def test_large_half_logits(device, dtype):
     probs, idx = seqfuse.topk_softmax(x.to(device), 16)
     assert torch.equal(idx.cpu(), reference.topk_softmax(x.double(), 16)[1])
     target = torch.randint(0, 3000, (4,))
-    loss = seqfuse.sparse_softmax_cross_entropy(x.to(device), target.to(device), 16, reduction="none")
+    loss = seqfuse.sparse_softmax_cross_entropy(x.to(device), target.to(device), 16,
+                                                reduction="none")
     loss_ref = reference.sparse_softmax_cross_entropy(x.double(), target, 16, reduction="none")
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-2, atol=1.0)
@@ -154,7 +155,8 @@ def test_single_entry_rows(device):
     probs, idx = seqfuse.topk_softmax(x, 3)
     assert probs.shape == (6, 1) and torch.equal(idx, torch.zeros_like(idx))
     assert torch.equal(seqfuse.taylor_softmax(x), torch.ones_like(x))
-    loss = seqfuse.sparse_softmax_cross_entropy(x, torch.zeros(6, dtype=torch.long, device=device), 1)
+    target = torch.zeros(6, dtype=torch.long, device=device)
+    loss = seqfuse.sparse_softmax_cross_entropy(x, target, 1)
     assert loss.item() == 0.0
 
 
@@ -406,6 +408,22 @@ def test_bad_inputs():
         seqfuse.taylor_softmax(torch.tensor(1.0))
     with pytest.raises(ValueError, match="grad must have the input's shape"):
         torch.ops.seqfuse.sparse_softmax_backward(torch.ones(4, 9), x)
+    # The backward ops write through the indices they are given: they are checked too.
+    probs, idx = seqfuse.topk_softmax(x, 3)
+    with pytest.raises(ValueError, match="indices must lie in \\[0, 10\\)"):
+        torch.ops.seqfuse.topk_softmax_backward(torch.ones_like(probs), probs, idx + 10, 10)
+    with pytest.raises(ValueError, match="V \\(2\\) must be at least k"):
+        torch.ops.seqfuse.topk_softmax_backward(torch.ones_like(probs), probs, idx, 2)
+    ce_backward = torch.ops.seqfuse.sparse_softmax_cross_entropy_backward
+    with pytest.raises(ValueError, match="grad_loss must be a floating point \\[N\\]"):
+        ce_backward(torch.ones(3), x, target, torch.ones(4), idx, -100)
+    with pytest.raises(ValueError, match="lse must be a floating point \\[N\\]"):
+        ce_backward(torch.ones(4), x, target, torch.ones(5), idx, -100)
+    with pytest.raises(ValueError, match="indices must lie in"):
+        ce_backward(torch.ones(4), x, target, torch.ones(4), -idx - 1, -100)
+    with pytest.raises(ValueError, match="indices must be \\[N, k\\] with k < V"):
+        ce_backward(torch.ones(4), x, target, torch.ones(4), torch.zeros(4, 10, dtype=torch.long),
+                    -100)
 
 
 def test_empty_inputs():

@@ -82,6 +82,7 @@ class TopK {
         }
       }
       for (const int64_t end = std::min(i + kChunk, V); i < end; ++i) {
+        if (acc_t(row[i]) < floor) continue;
         const key_t key = order_key(acc_t(row[i]));
         if (key <= heap_.front().key) continue;  // a tie loses: its index is higher
         std::pop_heap(heap_.begin(), heap_.end(), root_is_weakest);
@@ -252,9 +253,8 @@ void taylor_kernel(const scalar_t* x, int64_t R, int64_t V, int order, scalar_t*
       const scalar_t* row = x + r * V;
       acc_t S = 0;
       for (int64_t i = 0; i < V; ++i) S += Taylor<acc_t>::at(acc_t(row[i]), order).f;
-      const acc_t inv = acc_t(1) / S;
       for (int64_t i = 0; i < V; ++i) {
-        out[r * V + i] = scalar_t(Taylor<acc_t>::at(acc_t(row[i]), order).f * inv);
+        out[r * V + i] = scalar_t(Taylor<acc_t>::at(acc_t(row[i]), order).f / S);
       }
     }
   });

@@ -226,7 +226,9 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopKArgs args) {
     cut = select_top<kThreads>(row, V, kk, sh, max_key);
   } else {
     Key local_max = 0;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) local_max = max(local_max, key_of(to_acc(row[i])));
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      local_max = max(local_max, key_of(to_acc(row[i])));
+    }
     local_max = __reduce_max_sync(0xffffffffu, local_max);
     if (threadIdx.x == 0) sh.max_key = 0;
     __syncthreads();
@@ -409,9 +411,9 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     local += Taylor<float>::at(to_acc(x[o + i]), order).f;
   }
-  const float inv = 1.f / block_reduce<kRowThreads>(local, Sum{}, red);
+  const float S = block_reduce<kRowThreads>(local, Sum{}, red);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    out[o + i] = from_acc<scalar_t>(Taylor<float>::at(to_acc(x[o + i]), order).f * inv);
+    out[o + i] = from_acc<scalar_t>(Taylor<float>::at(to_acc(x[o + i]), order).f / S);
   }
 }
 

@@ -19,7 +19,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _check_int(op: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"seqfuse.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"seqfuse.{op}: {name} must be an int, got {type(value).__name__} {value!r}"
+        )
 
 
 def _check_k(op: str, k) -> None:
