@@ -3,8 +3,10 @@
 // Top-k is a radix select on the order keys of the row: three passes of 11, 11 and 10
 // bits narrow a block-wide histogram (2048 bins in shared memory) down to the key of
 // the k-th entry, stopping early once a bin holds exactly the entries still wanted.
-// The first pass streams the row from HBM and also finds its maximum; the later ones
-// only rescan entries whose high bits match, from L2. The selection is then
+// The first pass streams the row from HBM and also finds its maximum; the later passes
+// rescan the row and count only entries whose high bits match, reading from L2 when the
+// rows in flight fit there (not yet measured: a shared-memory copy of short rows is the
+// next step towards reading HBM exactly once). The selection is then
 //
 //   Omega_k = { i : key_i > T } + the first `ties` entries (by index) with key_i == T,
 //
