@@ -1,0 +1,113 @@
+// Per-element maths of the row-wise normalisers (SPEC §3), shared by the CPU and CUDA
+// kernels. Every op works on contiguous rows x[0..V) of a [R, V] view.
+//
+//   top-k:   Omega_k = the k largest x_i; ties go to the lower index (NaN ranks above
+//            +inf, as torch.topk; -0 equals +0). k >= V keeps the whole row.
+//   sparse softmax:  p_i = exp(x_i - lse) [i in Omega_k],  lse = logsumexp_{Omega_k} x
+//                    dx_i = p_i (g_i - sum_j p_j g_j)
+//   SPACES loss:     L = lse - x_t,   dL/dx_i = p_i [i in Omega_k] - [i == t]
+//   Taylor softmax:  f_n(x) = sum_{m<=n} x^m / m!,  p_i = f_n(x_i) / S,  S = sum_j f_n(x_j)
+//                    dx_i = f_{n-1}(x_i) / S * (g_i - sum_j g_j p_j)
+//   entropy normalisation, one Newton step on q (L_i = log q_i over q_i != 0):
+//                    H = -sum q L,  M = sum q L^2,  D = H^2 - M,  u = (H* - H) / D,
+//                    gamma = 1 + u,  q'_i = exp(gamma L_i) / sum_j exp(gamma L_j)
+//            Every iterate is a power of the input: log q_t = G_t log p - logZ_t with
+//            G_0 = 1, logZ_0 = 0, G_{t+1} = gamma_t G_t. Its adjoint, given g' = dL/dq':
+//                    gbar = sum_i g'_i q'_i (L_i - sum_j q'_j L_j)         (dL/dgamma)
+//                    Hbar = -gbar (1 + 2 H u) / D,  Mbar = gbar u / D,  H*bar += gbar / D
+//                    dL/dq_i = -Hbar (L_i + 1) + Mbar (L_i^2 + 2 L_i)
+//                              + gamma q'_i / q_i * (g'_i - sum_j g'_j q'_j)
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "macros.h"
+
+namespace seqfuse {
+
+// An unsigned integer whose order is the order of the values (the radix-select key):
+// flip all bits of negatives, the sign bit of positives. NaN maps to the top key.
+template <typename acc_t>
+struct OrderKey;
+
+template <>
+struct OrderKey<float> {
+  using type = uint32_t;
+  static constexpr int kBits = 32;
+  SEQFUSE_HD static uint32_t of(float x) {
+    if (x != x) return 0xFFFFFFFFu;
+    x += 0.0f;  // -0 -> +0
+#if defined(__CUDA_ARCH__)
+    const uint32_t u = __float_as_uint(x);
+#else
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+#endif
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+};
+
+template <>
+struct OrderKey<double> {
+  using type = uint64_t;
+  static constexpr int kBits = 64;
+  SEQFUSE_HD static uint64_t of(double x) {
+    if (x != x) return ~uint64_t(0);
+    x += 0.0;
+#if defined(__CUDA_ARCH__)
+    const uint64_t u = static_cast<uint64_t>(__double_as_longlong(x));
+#else
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof(u));
+#endif
+    const uint64_t sign = uint64_t(1) << 63;
+    return (u & sign) ? ~u : (u | sign);
+  }
+};
+
+template <typename acc_t>
+SEQFUSE_HD typename OrderKey<acc_t>::type order_key(acc_t x) {
+  return OrderKey<acc_t>::of(x);
+}
+
+// An entry of a top-k selection, ranked by key and then by the lower index.
+template <typename key_t>
+struct Ranked {
+  key_t key;
+  int64_t index;
+  SEQFUSE_HD bool outranks(const Ranked& other) const {
+    return key > other.key || (key == other.key && index < other.index);
+  }
+};
+
+// f_n(x) and f_{n-1}(x), summed from the low-order terms up.
+template <typename acc_t>
+struct Taylor {
+  acc_t f, df;
+  SEQFUSE_HD static Taylor at(acc_t x, int order) {
+    acc_t term = acc_t(1), below = acc_t(0);
+    for (int m = 1; m <= order; ++m) {
+      below += term;
+      term *= x / acc_t(m);
+    }
+    return {below + term, below};
+  }
+};
+
+// Scalars of one Newton step of entropy normalisation (see the top of this file).
+template <typename acc_t>
+struct EntropyStep {
+  acc_t H, D, u, gamma;
+  SEQFUSE_HD static EntropyStep of(acc_t sum_qL, acc_t sum_qL2, acc_t target) {
+    EntropyStep s;
+    s.H = -sum_qL;
+    s.D = s.H * s.H - sum_qL2;
+    // A uniform row (D = 0) has no direction to move in: leave it as it is.
+    s.u = s.D != acc_t(0) ? (target - s.H) / s.D : acc_t(0);
+    s.gamma = acc_t(1) + s.u;
+    return s;
+  }
+};
+
+}  // namespace seqfuse

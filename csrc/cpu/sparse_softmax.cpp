@@ -1,0 +1,494 @@
+// CPU row-wise normalisers. Rows are independent work items spread over threads;
+// each row is a contiguous sweep (maths: csrc/common/row_softmax.h).
+//
+// Top-k never sorts the row: one pass keeps the k best entries seen so far in a
+// heap whose root is the weakest of them. Ranked by (value, lower index), and scanned
+// in index order, an entry enters only when its key beats the root's; chunks of 16
+// entries all below the root's value are skipped by a vectorised comparison, so after
+// the first few thousand entries the pass runs at memory speed. Dense [R, V] outputs
+// and gradients are advised onto huge pages before their first write (huge_pages.h).
+#include "sparse_softmax.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/row_softmax.h"
+#include "dtype.h"
+#include "huge_pages.h"
+
+namespace seqfuse::cpu {
+namespace {
+
+// Runs fn(begin, end) over blocks of rows in parallel, ~32k elements per task.
+template <typename Fn>
+void for_rows(int64_t R, int64_t V, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, R, grain, fn);
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mut_ptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <typename acc_t>
+acc_t nan_max(acc_t a, acc_t b) {
+  return (b > a || b != b) ? b : a;
+}
+
+// logsumexp of n values produced by value(j); NaN in, NaN out.
+template <typename acc_t, typename Fn>
+acc_t logsumexp(int64_t n, const Fn& value) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = nan_max(m, value(j));
+  acc_t s = 0;
+  for (int64_t j = 0; j < n; ++j) s += std::exp(value(j) - m);
+  return m + std::log(s);
+}
+
+// The top-k selection of one row at a time (see the top of this file).
+template <typename scalar_t>
+class TopK {
+ public:
+  using acc_t = typename Types<scalar_t>::acc;
+  using key_t = typename OrderKey<acc_t>::type;
+  using Entry = Ranked<key_t>;
+
+  // The min(k, V) best entries of row, in heap order.
+  const std::vector<Entry>& select(const scalar_t* row, int64_t V, int64_t k) {
+    constexpr int64_t kChunk = 16;
+    const int64_t kk = std::min(k, V);
+    heap_.clear();
+    for (int64_t i = 0; i < kk; ++i) heap_.push_back({order_key(acc_t(row[i])), i});
+    std::make_heap(heap_.begin(), heap_.end(), root_is_weakest);
+    acc_t floor = acc_t(row[heap_.front().index]);
+    int64_t i = kk;
+    while (i < V) {
+      if (i + kChunk <= V) {
+        int reaches = 0;
+        for (int64_t j = 0; j < kChunk; ++j) reaches |= !(acc_t(row[i + j]) < floor);
+        if (!reaches) {
+          i += kChunk;
+          continue;
+        }
+      }
+      for (const int64_t end = std::min(i + kChunk, V); i < end; ++i) {
+        if (acc_t(row[i]) < floor) continue;
+        const key_t key = order_key(acc_t(row[i]));
+        if (key <= heap_.front().key) continue;  // a tie loses: its index is higher
+        std::pop_heap(heap_.begin(), heap_.end(), root_is_weakest);
+        heap_.back() = {key, i};
+        std::push_heap(heap_.begin(), heap_.end(), root_is_weakest);
+        floor = acc_t(row[heap_.front().index]);
+      }
+    }
+    return heap_;
+  }
+
+  // The selection, best first.
+  const std::vector<Entry>& select_sorted(const scalar_t* row, int64_t V, int64_t k) {
+    select(row, V, k);
+    std::sort_heap(heap_.begin(), heap_.end(), root_is_weakest);
+    return heap_;
+  }
+
+ private:
+  static bool root_is_weakest(const Entry& a, const Entry& b) { return a.outranks(b); }
+  std::vector<Entry> heap_;
+};
+
+template <typename scalar_t>
+void sparse_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t k, scalar_t* out) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    TopK<scalar_t> topk;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * V;
+      scalar_t* o = out + r * V;
+      if (k >= V) {
+        const acc_t lse = logsumexp<acc_t>(V, [&](int64_t i) { return acc_t(row[i]); });
+        for (int64_t i = 0; i < V; ++i) o[i] = scalar_t(std::exp(acc_t(row[i]) - lse));
+        continue;
+      }
+      const auto& top = topk.select(row, V, k);
+      auto value = [&](int64_t j) { return acc_t(row[top[j].index]); };
+      const acc_t lse = logsumexp<acc_t>(k, value);
+      // A NaN normaliser (NaN in the row, or nothing above -inf) poisons the whole
+      // row, as the dense reference does; other rows are untouched.
+      std::fill_n(o, V, scalar_t(lse != lse ? lse : acc_t(0)));
+      for (int64_t j = 0; j < k; ++j) o[top[j].index] = scalar_t(std::exp(value(j) - lse));
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_backward_kernel(const scalar_t* grad, const scalar_t* probs, int64_t R, int64_t V,
+                             scalar_t* grad_x) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* g = grad + r * V;
+      const scalar_t* p = probs + r * V;
+      scalar_t* dx = grad_x + r * V;
+      acc_t dot = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (acc_t(p[i]) != acc_t(0)) dot += acc_t(p[i]) * acc_t(g[i]);
+      }
+      for (int64_t i = 0; i < V; ++i) {
+        const acc_t pi = acc_t(p[i]);
+        dx[i] = scalar_t(pi != acc_t(0) ? pi * (acc_t(g[i]) - dot) : acc_t(0));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void topk_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t kk, scalar_t* probs,
+                         int64_t* indices) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    TopK<scalar_t> topk;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * V;
+      const auto& top = topk.select_sorted(row, V, kk);
+      auto value = [&](int64_t j) { return acc_t(row[top[j].index]); };
+      const acc_t lse = logsumexp<acc_t>(kk, value);
+      for (int64_t j = 0; j < kk; ++j) {
+        probs[r * kk + j] = scalar_t(std::exp(value(j) - lse));
+        indices[r * kk + j] = top[j].index;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void topk_softmax_backward_kernel(const scalar_t* grad, const scalar_t* probs,
+                                  const int64_t* indices, int64_t R, int64_t kk, int64_t V,
+                                  scalar_t* grad_x) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* g = grad + r * kk;
+      const scalar_t* p = probs + r * kk;
+      acc_t dot = 0;
+      for (int64_t j = 0; j < kk; ++j) dot += acc_t(p[j]) * acc_t(g[j]);
+      scalar_t* dx = grad_x + r * V;
+      std::fill_n(dx, V, scalar_t(0));
+      for (int64_t j = 0; j < kk; ++j) {
+        dx[indices[r * kk + j]] = scalar_t(acc_t(p[j]) * (acc_t(g[j]) - dot));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void cross_entropy_kernel(const scalar_t* logits, const int64_t* target, int64_t N, int64_t V,
+                          int64_t k, int64_t ignore_index,
+                          typename Types<scalar_t>::acc* loss,
+                          typename Types<scalar_t>::acc* lse, int64_t* indices) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(N, V, [&](int64_t begin, int64_t end) {
+    TopK<scalar_t> topk;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = logits + r * V;
+      if (k >= V) {
+        lse[r] = logsumexp<acc_t>(V, [&](int64_t i) { return acc_t(row[i]); });
+      } else {
+        const auto& top = topk.select(row, V, k);
+        lse[r] = logsumexp<acc_t>(k, [&](int64_t j) { return acc_t(row[top[j].index]); });
+        for (int64_t j = 0; j < k; ++j) indices[r * k + j] = top[j].index;
+      }
+      const int64_t t = target[r];
+      loss[r] = t == ignore_index ? acc_t(0) : lse[r] - acc_t(row[t]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void cross_entropy_backward_kernel(const typename Types<scalar_t>::acc* grad_loss,
+                                   const scalar_t* logits, const int64_t* target,
+                                   const typename Types<scalar_t>::acc* lse,
+                                   const int64_t* indices, int64_t N, int64_t V, int64_t kk,
+                                   int64_t ignore_index, scalar_t* grad) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(N, V, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = logits + r * V;
+      scalar_t* g = grad + r * V;
+      const int64_t t = target[r];
+      if (t == ignore_index) {
+        std::fill_n(g, V, scalar_t(0));
+        continue;
+      }
+      const acc_t gl = grad_loss[r];
+      // Only the k selected logits are read: the rest of the gradient is zero.
+      if (kk == 0) {
+        for (int64_t i = 0; i < V; ++i) g[i] = scalar_t(gl * std::exp(acc_t(row[i]) - lse[r]));
+      } else {
+        std::fill_n(g, V, scalar_t(0));
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t i = indices[r * kk + j];
+          g[i] = scalar_t(gl * std::exp(acc_t(row[i]) - lse[r]));
+        }
+      }
+      g[t] = scalar_t(acc_t(g[t]) - gl);
+    }
+  });
+}
+
+template <typename scalar_t>
+void taylor_kernel(const scalar_t* x, int64_t R, int64_t V, int order, scalar_t* out) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * V;
+      acc_t S = 0;
+      for (int64_t i = 0; i < V; ++i) S += Taylor<acc_t>::at(acc_t(row[i]), order).f;
+      for (int64_t i = 0; i < V; ++i) {
+        out[r * V + i] = scalar_t(Taylor<acc_t>::at(acc_t(row[i]), order).f / S);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void taylor_backward_kernel(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
+                            int64_t R, int64_t V, int order, scalar_t* grad_x) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r * V;
+      acc_t S = 0, dot = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        S += Taylor<acc_t>::at(acc_t(x[o + i]), order).f;
+        dot += acc_t(grad[o + i]) * acc_t(out[o + i]);
+      }
+      const acc_t inv = acc_t(1) / S;
+      for (int64_t i = 0; i < V; ++i) {
+        const acc_t df = Taylor<acc_t>::at(acc_t(x[o + i]), order).df;
+        grad_x[o + i] = scalar_t(df * inv * (acc_t(grad[o + i]) - dot));
+      }
+    }
+  });
+}
+
+// The scalars of every Newton step of one row, recomputed from L = log p (with -inf
+// off the support): log q_t = G[t] L - logZ[t].
+template <typename acc_t>
+struct EntropyTrace {
+  std::vector<acc_t> G, logZ;
+  std::vector<EntropyStep<acc_t>> steps;
+
+  static bool on_support(acc_t L) { return L != -std::numeric_limits<acc_t>::infinity(); }
+
+  void run(const acc_t* L, int64_t V, acc_t target, int64_t iters) {
+    G.assign(1, acc_t(1));
+    logZ.assign(1, acc_t(0));
+    steps.clear();
+    for (int64_t t = 0; t < iters; ++t) {
+      acc_t sum_qL = 0, sum_qL2 = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (!on_support(L[i])) continue;
+        const acc_t Lt = G[t] * L[i] - logZ[t];
+        const acc_t q = std::exp(Lt);
+        sum_qL += q * Lt;
+        sum_qL2 += q * Lt * Lt;
+      }
+      steps.push_back(EntropyStep<acc_t>::of(sum_qL, sum_qL2, target));
+      const acc_t g = G[t] * steps.back().gamma;
+      G.push_back(g);
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = 0; i < V; ++i) {
+        if (on_support(L[i])) m = nan_max(m, g * L[i]);
+      }
+      acc_t s = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (on_support(L[i])) s += std::exp(g * L[i] - m);
+      }
+      logZ.push_back(m + std::log(s));
+    }
+  }
+};
+
+template <typename scalar_t>
+void entropy_kernel(const scalar_t* p, const typename Types<scalar_t>::acc* target, int64_t R,
+                    int64_t V, int64_t iters, scalar_t* out) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> L(V);
+    EntropyTrace<acc_t> trace;
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = 0; i < V; ++i) L[i] = std::log(acc_t(p[r * V + i]));
+      trace.run(L.data(), V, target[r], iters);
+      const acc_t G = trace.G.back(), logZ = trace.logZ.back();
+      for (int64_t i = 0; i < V; ++i) {
+        out[r * V + i] = scalar_t(trace.on_support(L[i]) ? std::exp(G * L[i] - logZ) : acc_t(0));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void entropy_backward_kernel(const scalar_t* grad, const scalar_t* p,
+                             const typename Types<scalar_t>::acc* target, int64_t R, int64_t V,
+                             int64_t iters, scalar_t* grad_p,
+                             typename Types<scalar_t>::acc* grad_target) {
+  using acc_t = typename Types<scalar_t>::acc;
+  for_rows(R, V, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> L(V), adj(V);
+    EntropyTrace<acc_t> trace;
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = 0; i < V; ++i) {
+        L[i] = std::log(acc_t(p[r * V + i]));
+        adj[i] = acc_t(grad[r * V + i]);
+      }
+      trace.run(L.data(), V, target[r], iters);
+      acc_t target_bar = 0;
+      for (int64_t t = iters - 1; t >= 0; --t) {
+        const EntropyStep<acc_t>& s = trace.steps[t];
+        auto log_q = [&](int64_t i) { return trace.G[t] * L[i] - trace.logZ[t]; };
+        auto log_q_next = [&](int64_t i) { return trace.G[t + 1] * L[i] - trace.logZ[t + 1]; };
+        acc_t c = 0, mean_L = 0, gL = 0;
+        for (int64_t i = 0; i < V; ++i) {
+          if (!trace.on_support(L[i])) continue;
+          const acc_t qn = std::exp(log_q_next(i));
+          c += adj[i] * qn;
+          mean_L += qn * log_q(i);
+          gL += adj[i] * qn * log_q(i);
+        }
+        const acc_t gamma_bar = gL - c * mean_L;
+        acc_t H_bar = 0, M_bar = 0;
+        if (s.D != acc_t(0)) {
+          H_bar = -gamma_bar * (acc_t(1) + acc_t(2) * s.H * s.u) / s.D;
+          M_bar = gamma_bar * s.u / s.D;
+          target_bar += gamma_bar / s.D;
+        }
+        for (int64_t i = 0; i < V; ++i) {
+          if (!trace.on_support(L[i])) {
+            adj[i] = 0;
+            continue;
+          }
+          const acc_t Lt = log_q(i);
+          adj[i] = -H_bar * (Lt + acc_t(1)) + M_bar * (Lt * Lt + acc_t(2) * Lt) +
+                   s.gamma * std::exp(log_q_next(i) - Lt) * (adj[i] - c);
+        }
+      }
+      for (int64_t i = 0; i < V; ++i) {
+        grad_p[r * V + i] = scalar_t(trace.on_support(L[i]) ? adj[i] : acc_t(0));
+      }
+      grad_target[r] = target_bar;
+    }
+  });
+}
+
+#define SEQFUSE_DISPATCH_ROW_TYPES(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+}  // namespace
+
+void sparse_softmax_forward(const at::Tensor& x, int64_t k, at::Tensor& out) {
+  advise_huge_pages(out);
+  SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "sparse_softmax_cpu", [&] {
+    sparse_softmax_kernel(ptr<scalar_t>(x), x.size(0), x.size(1), k, mut_ptr<scalar_t>(out));
+  });
+}
+
+void sparse_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, at::Tensor& grad_x) {
+  advise_huge_pages(grad_x);
+  SEQFUSE_DISPATCH_ROW_TYPES(probs.scalar_type(), "sparse_softmax_backward_cpu", [&] {
+    softmax_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(probs), probs.size(0),
+                            probs.size(1), mut_ptr<scalar_t>(grad_x));
+  });
+}
+
+void topk_softmax_forward(const at::Tensor& x, at::Tensor& probs, at::Tensor& indices) {
+  SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "topk_softmax_cpu", [&] {
+    topk_softmax_kernel(ptr<scalar_t>(x), x.size(0), x.size(1), probs.size(1),
+                        mut_ptr<scalar_t>(probs), mut_ptr<int64_t>(indices));
+  });
+}
+
+void topk_softmax_backward(const at::Tensor& grad, const at::Tensor& probs,
+                           const at::Tensor& indices, at::Tensor& grad_x) {
+  advise_huge_pages(grad_x);
+  SEQFUSE_DISPATCH_ROW_TYPES(probs.scalar_type(), "topk_softmax_backward_cpu", [&] {
+    topk_softmax_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(probs), ptr<int64_t>(indices),
+                                 probs.size(0), probs.size(1), grad_x.size(1),
+                                 mut_ptr<scalar_t>(grad_x));
+  });
+}
+
+void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, int64_t k,
+                           int64_t ignore_index, at::Tensor& loss, at::Tensor& lse,
+                           at::Tensor& indices) {
+  SEQFUSE_DISPATCH_ROW_TYPES(logits.scalar_type(), "sparse_softmax_cross_entropy_cpu", [&] {
+    using acc_t = typename Types<scalar_t>::acc;
+    cross_entropy_kernel(ptr<scalar_t>(logits), ptr<int64_t>(target), logits.size(0),
+                         logits.size(1), k, ignore_index, mut_ptr<acc_t>(loss),
+                         mut_ptr<acc_t>(lse), mut_ptr<int64_t>(indices));
+  });
+}
+
+void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                            const at::Tensor& target, const at::Tensor& lse,
+                            const at::Tensor& indices, int64_t ignore_index,
+                            at::Tensor& grad_logits) {
+  advise_huge_pages(grad_logits);
+  SEQFUSE_DISPATCH_ROW_TYPES(logits.scalar_type(), "sparse_softmax_cross_entropy_backward_cpu",
+                             [&] {
+    using acc_t = typename Types<scalar_t>::acc;
+    cross_entropy_backward_kernel(ptr<acc_t>(grad_loss), ptr<scalar_t>(logits),
+                                  ptr<int64_t>(target), ptr<acc_t>(lse), ptr<int64_t>(indices),
+                                  logits.size(0), logits.size(1), indices.size(1), ignore_index,
+                                  mut_ptr<scalar_t>(grad_logits));
+  });
+}
+
+void taylor_softmax_forward(const at::Tensor& x, int64_t order, at::Tensor& out) {
+  advise_huge_pages(out);
+  SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "taylor_softmax_cpu", [&] {
+    taylor_kernel(ptr<scalar_t>(x), x.size(0), x.size(1), int(order), mut_ptr<scalar_t>(out));
+  });
+}
+
+void taylor_softmax_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                             int64_t order, at::Tensor& grad_x) {
+  advise_huge_pages(grad_x);
+  SEQFUSE_DISPATCH_ROW_TYPES(x.scalar_type(), "taylor_softmax_backward_cpu", [&] {
+    taylor_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(x), ptr<scalar_t>(out), x.size(0),
+                           x.size(1), int(order), mut_ptr<scalar_t>(grad_x));
+  });
+}
+
+void entropy_normalize_forward(const at::Tensor& p, const at::Tensor& target, int64_t iters,
+                               at::Tensor& out) {
+  advise_huge_pages(out);
+  SEQFUSE_DISPATCH_ROW_TYPES(p.scalar_type(), "entropy_normalize_cpu", [&] {
+    using acc_t = typename Types<scalar_t>::acc;
+    entropy_kernel(ptr<scalar_t>(p), ptr<acc_t>(target), p.size(0), p.size(1), iters,
+                   mut_ptr<scalar_t>(out));
+  });
+}
+
+void entropy_normalize_backward(const at::Tensor& grad, const at::Tensor& p,
+                                const at::Tensor& target, int64_t iters, at::Tensor& grad_p,
+                                at::Tensor& grad_target) {
+  advise_huge_pages(grad_p);
+  SEQFUSE_DISPATCH_ROW_TYPES(p.scalar_type(), "entropy_normalize_backward_cpu", [&] {
+    using acc_t = typename Types<scalar_t>::acc;
+    entropy_backward_kernel(ptr<scalar_t>(grad), ptr<scalar_t>(p), ptr<acc_t>(target), p.size(0),
+                            p.size(1), iters, mut_ptr<scalar_t>(grad_p),
+                            mut_ptr<acc_t>(grad_target));
+  });
+}
+
+}  // namespace seqfuse::cpu

@@ -1,0 +1,89 @@
+"""Plain-PyTorch references for the row-wise normalisers: readable first, fast never.
+
+Each is what a user writes today without seqfuse (topk + scatter + softmax; the SPACES
+loss as logsumexp of the top k minus the target logit), so the benchmarks time them
+as the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk on the last dim with ties broken towards the lower index."""
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.gather(x, -1, order), order
+
+
+def sparse_softmax(x: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """topk + scatter into -inf + softmax (see ``seqfuse.sparse_softmax``)."""
+    rows = _acc(x.movedim(dim, -1))
+    k = min(k, rows.shape[-1])
+    values, indices = _stable_topk(rows, k)
+    masked = torch.full_like(rows, -math.inf).scatter(-1, indices, values)
+    return torch.softmax(masked, dim=-1).to(x.dtype).movedim(-1, dim)
+
+
+def topk_softmax(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk + softmax over the kept values (see ``seqfuse.topk_softmax``)."""
+    rows = _acc(x.movedim(dim, -1))
+    values, indices = _stable_topk(rows, min(k, rows.shape[-1]))
+    probs = torch.softmax(values, dim=-1).to(x.dtype)
+    return probs.movedim(-1, dim), indices.movedim(-1, dim)
+
+
+def sparse_softmax_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    k: int,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``logsumexp(topk(s)) - s_target`` (see ``seqfuse.sparse_softmax_cross_entropy``)."""
+    s = _acc(logits)
+    keep = target != ignore_index
+    safe_target = torch.where(keep, target, 0)
+    values, _ = _stable_topk(s, min(k, s.shape[-1]))
+    loss = torch.logsumexp(values, dim=-1) - s.gather(-1, safe_target[:, None])[:, 0]
+    loss = torch.where(keep, loss, 0.0)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / keep.sum()
+    return loss.to(logits.dtype)
+
+
+def taylor_softmax(x: torch.Tensor, order: int = 2, dim: int = -1) -> torch.Tensor:
+    """``f_n(x_i) / sum_j f_n(x_j)``, ``f_n(x) = sum_{m<=n} x^m / m!``."""
+    xs = _acc(x)
+    f = sum(xs**m / math.factorial(m) for m in range(order + 1))
+    return (f / f.sum(dim, keepdim=True)).to(x.dtype)
+
+
+def entropy_normalize(
+    p: torch.Tensor, target_entropy: float | torch.Tensor, iters: int = 4, dim: int = -1
+) -> torch.Tensor:
+    """Newton's method on gamma for ``p^gamma / sum p^gamma``, unrolled ``iters`` times:
+
+        H = -sum p log p,  D = H^2 - sum p (log p)^2,  gamma = 1 + (H* - H) / D
+
+    (gamma = 1 where D = 0: a uniform row cannot move). Zeros stay zero.
+    """
+    q = _acc(p.movedim(dim, -1))
+    target = torch.as_tensor(target_entropy, dtype=q.dtype, device=q.device)
+    support = q != 0
+    for _ in range(iters):
+        log_q = torch.where(support, torch.log(torch.where(support, q, 1.0)), 0.0)
+        H = -(q * log_q).sum(-1)
+        D = H**2 - (q * log_q**2).sum(-1)
+        gamma = 1 + torch.where(D != 0, (target - H) / torch.where(D != 0, D, 1.0), 0.0)
+        logits = torch.where(support, gamma[..., None] * log_q, -math.inf)
+        q = torch.where(support, torch.softmax(logits, dim=-1), 0.0)
+    return q.to(p.dtype).movedim(-1, dim)

@@ -1,0 +1,463 @@
+"""Row-wise normalisers (SPEC §3): sparse_softmax, topk_softmax, the SPACES loss,
+taylor_softmax and entropy_normalize against their plain-PyTorch references."""
+
+import math
+
+import pytest
+import torch
+
+import seqfuse
+from conftest import DEVICES, assert_close
+from seqfuse import reference
+
+OPS = [
+    "sparse_softmax",
+    "topk_softmax",
+    "sparse_softmax_cross_entropy",
+    "taylor_softmax",
+    "entropy_normalize",
+]
+
+
+def _dtype(device):
+    """float64 where the kernels have it (CPU); float32 on CUDA."""
+    return torch.float64 if device == "cpu" else torch.float32
+
+
+def _fwd_bwd(fn, x, *args, grad=None, **kwargs):
+    x = x.detach().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    first = out[0] if isinstance(out, tuple) else out
+    g = torch.randn_like(first) if grad is None else grad
+    (dx,) = torch.autograd.grad(first, x, g)
+    return out, dx, g
+
+
+# sparse_softmax / topk_softmax
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,k", [((7, 50), 1), ((3, 5, 300), 10), ((4, 1000), 64),
+                                     ((2, 33), 33), ((2, 33), 100), ((3, 2048), 1500)])
+def test_sparse_softmax_matches_reference(device, shape, k):
+    dtype = _dtype(device)
+    x = torch.randn(shape, dtype=torch.float64)
+    p, dx, g = _fwd_bwd(seqfuse.sparse_softmax, x.to(device, dtype), k)
+    p_ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax, x, k, grad=g.cpu().double())
+    assert_close(p, p_ref, dtype)
+    assert_close(dx, dx_ref, dtype)
+    kept = (p != 0).sum(-1)
+    assert torch.all(kept == min(k, shape[-1]))
+    assert_close(p.sum(-1), torch.ones(shape[:-1], dtype=torch.float64), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,k", [((7, 50), 1), ((3, 5, 300), 10), ((4, 1000), 64),
+                                     ((2, 33), 33), ((2, 33), 100), ((3, 2048), 1500)])
+def test_topk_softmax_matches_reference(device, shape, k):
+    dtype = _dtype(device)
+    x = torch.randn(shape, dtype=torch.float64)
+    (probs, idx), dx, g = _fwd_bwd(seqfuse.topk_softmax, x.to(device, dtype), k)
+    (probs_ref, idx_ref), dx_ref, _ = _fwd_bwd(reference.topk_softmax, x, k,
+                                               grad=g.cpu().double())
+    assert probs.shape == (*shape[:-1], min(k, shape[-1])) and idx.dtype == torch.int64
+    assert torch.equal(idx.cpu(), idx_ref)
+    assert_close(probs, probs_ref, dtype)
+    assert_close(dx, dx_ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_softmax_any_dim_and_non_contiguous(device):
+    dtype = _dtype(device)
+    x = torch.randn(6, 40, 5, dtype=torch.float64)
+    xt = x.to(device, dtype).transpose(0, 2)  # [5, 40, 6], not contiguous
+    assert not xt.is_contiguous()
+    for dim in (0, 1, -2):
+        p, dx, g = _fwd_bwd(seqfuse.sparse_softmax, xt, 7, dim=dim)
+        p_ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax, x.transpose(0, 2), 7, dim=dim,
+                                    grad=g.cpu().double())
+        assert_close(p, p_ref, dtype)
+        assert_close(dx, dx_ref, dtype)
+        (probs, idx), _, _ = _fwd_bwd(seqfuse.topk_softmax, xt, 3, dim=dim)
+        probs_ref, idx_ref = reference.topk_softmax(x.transpose(0, 2), 3, dim=dim)
+        assert torch.equal(idx.cpu(), idx_ref)
+        assert_close(probs, probs_ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_go_to_the_lower_index(device):
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      [-0.0, 0.0, -0.0, 5.0, 0.0, -1.0, 0.0]], device=device)
+    probs, idx = seqfuse.topk_softmax(x, 3)
+    assert idx.tolist() == [[1, 3, 4], [0, 1, 2], [3, 0, 1]]
+    p = seqfuse.sparse_softmax(x, 3)
+    assert (p[0] != 0).nonzero().flatten().tolist() == [1, 3, 4]
+    assert (p[1] != 0).nonzero().flatten().tolist() == [0, 1, 2]
+    assert (p[2] != 0).nonzero().flatten().tolist() == [0, 1, 3]
+    assert_close(probs[1], torch.full((3,), 1 / 3), torch.float32)
+    loss = seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([6, 6, 2], device=device), 3,
+                                                reduction="none")
+    # Index 6 ties with the kept 3.0s but loses: it is outside the top 3.
+    assert_close(loss[0], torch.tensor(math.log(3.0)), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inf_and_nan_stay_in_their_rows(device):
+    inf, nan = math.inf, math.nan
+    x = torch.randn(5, 64, device=device)
+    x[0, :60] = -inf            # fewer finite entries than k
+    x[1, 7] = nan               # NaN ranks first, as in torch.topk
+    x[2] = -inf                 # nothing but -inf
+    x[3, 11] = inf
+    p = seqfuse.sparse_softmax(x, 8)
+    probs, idx = seqfuse.topk_softmax(x, 8)
+    ref = reference.sparse_softmax(x.cpu().double(), 8)
+    assert_close(p[4], ref[4], torch.float32)
+    assert_close(p[0], ref[0], torch.float32)
+    assert torch.all(p[0, :60] == 0) and torch.isclose(p[0].sum().cpu(), torch.tensor(1.0))
+    assert torch.isnan(p[1]).all() and torch.isnan(ref[1]).all()
+    assert torch.isnan(p[2]).all() and torch.isnan(ref[2]).all()
+    assert idx[1, 0] == 7 and torch.isnan(probs[1]).all()
+    assert torch.isnan(p[3, 11]) and torch.isnan(ref[3, 11])
+    target = torch.tensor([61, 0, 0, 0, 5], device=device)
+    loss = seqfuse.sparse_softmax_cross_entropy(x, target, 8, reduction="none")
+    loss_ref = reference.sparse_softmax_cross_entropy(x.cpu().double(), target.cpu(), 8,
+                                                      reduction="none")
+    assert torch.isfinite(loss[[0, 4]]).all()
+    assert_close(loss[[0, 4]], loss_ref[[0, 4]], torch.float32)
+    assert torch.isnan(loss[1]) and torch.isnan(loss_ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_half_logits(device, dtype):
+    x = (torch.randn(4, 3000) * 1e4).to(dtype)
+    p = seqfuse.sparse_softmax(x.to(device), 16)
+    ref = reference.sparse_softmax(x.double(), 16)
+    assert p.dtype == dtype and torch.isfinite(p).all()
+    assert_close(p, ref, dtype)
+    probs, idx = seqfuse.topk_softmax(x.to(device), 16)
+    assert torch.equal(idx.cpu(), reference.topk_softmax(x.double(), 16)[1])
+    target = torch.randint(0, 3000, (4,))
+    loss = seqfuse.sparse_softmax_cross_entropy(x.to(device), target.to(device), 16,
+                                                reduction="none")
+    loss_ref = reference.sparse_softmax_cross_entropy(x.double(), target, 16, reduction="none")
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-2, atol=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_entry_rows(device):
+    x = torch.randn(6, 1, device=device)
+    assert torch.equal(seqfuse.sparse_softmax(x, 1), torch.ones_like(x))
+    assert torch.equal(seqfuse.sparse_softmax(x, 5), torch.ones_like(x))
+    probs, idx = seqfuse.topk_softmax(x, 3)
+    assert probs.shape == (6, 1) and torch.equal(idx, torch.zeros_like(idx))
+    assert torch.equal(seqfuse.taylor_softmax(x), torch.ones_like(x))
+    target = torch.zeros(6, dtype=torch.long, device=device)
+    loss = seqfuse.sparse_softmax_cross_entropy(x, target, 1)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vocabulary_of_250k(device):
+    dtype = _dtype(device)
+    x = torch.randn(3, 250_000, dtype=torch.float64)
+    target = torch.randint(0, 250_000, (3,))
+    for k in (1, 64, 1024):
+        (probs, idx), dx, g = _fwd_bwd(seqfuse.topk_softmax, x.to(device, dtype), k)
+        probs_ref, idx_ref = reference.topk_softmax(x, k)
+        assert torch.equal(idx.cpu(), idx_ref)
+        assert_close(probs, probs_ref, dtype)
+        loss, dx, _ = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, x.to(device, dtype),
+                               target.to(device), k, grad=torch.tensor(1.0, device=device,
+                                                                       dtype=dtype))
+        loss_ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, x, target, k,
+                                       grad=torch.tensor(1.0, dtype=torch.float64))
+        assert_close(loss, loss_ref, dtype)
+        assert_close(dx, dx_ref, dtype)
+
+
+# sparse_softmax_cross_entropy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("N,V,k", [(9, 40, 1), (16, 500, 10), (5, 30, 30), (5, 30, 1000)])
+def test_cross_entropy_matches_reference(device, reduction, N, V, k):
+    dtype = _dtype(device)
+    logits = torch.randn(N, V, dtype=torch.float64)
+    target = torch.randint(0, V, (N,))
+    target[::4] = -100
+    target[1] = logits[1].argmax()  # at least one target inside the top k
+    out, dx, g = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, logits.to(device, dtype),
+                          target.to(device), k, reduction=reduction)
+    ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, logits, target, k,
+                              reduction=reduction, grad=g.cpu().double())
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_close(dx, dx_ref, dtype)
+    assert torch.all(dx[target.to(device) == -100] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_target_outside_top_k(device):
+    logits = torch.arange(10.0, device=device).repeat(3, 1)  # top 2: indices 9, 8
+    target = torch.tensor([0, 9, 5], device=device)
+    logits.requires_grad_()
+    loss = seqfuse.sparse_softmax_cross_entropy(logits, target, 2, reduction="none")
+    lse = math.log(math.exp(9) + math.exp(8))
+    assert_close(loss.detach(), torch.tensor([lse, lse - 9, lse - 5]), torch.float32)
+    loss.sum().backward()
+    g = logits.grad.cpu()
+    assert g[0, 0] == -1.0 and g[2, 5] == -1.0
+    p9, p8 = math.exp(9 - lse), math.exp(8 - lse)
+    assert_close(g[1, 8:], torch.tensor([p8, p9 - 1]), torch.float32)
+    assert torch.count_nonzero(g[0]) == 3 and torch.count_nonzero(g[1]) == 2
+
+
+def test_cross_entropy_all_ignored_is_nan_mean():
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.full((3,), 4)
+    loss = seqfuse.sparse_softmax_cross_entropy(logits, target, 2, ignore_index=4)
+    assert torch.isnan(loss)
+    assert seqfuse.sparse_softmax_cross_entropy(logits, target, 2, ignore_index=4,
+                                                reduction="sum").item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_module(reduction):
+    logits = torch.randn(2, 6, 300, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 300, (2, 6))
+    target[0, 1] = -1
+    module = seqfuse.nn.SparseSoftmaxCrossEntropyLoss(5, ignore_index=-1, reduction=reduction)
+    loss = module(logits, target)
+    ref = reference.sparse_softmax_cross_entropy(logits.reshape(-1, 300), target.reshape(-1), 5,
+                                                 ignore_index=-1, reduction=reduction)
+    assert loss.shape == (target.shape if reduction == "none" else ())
+    assert_close(loss.detach().reshape(-1), ref.detach().reshape(-1))
+    assert "k=5" in repr(module)
+    with pytest.raises(ValueError, match="reduction"):
+        seqfuse.nn.SparseSoftmaxCrossEntropyLoss(5, reduction="avg")
+    with pytest.raises(ValueError, match="target"):
+        module(logits, target[:, :3])
+
+
+# taylor_softmax and entropy_normalize
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", [2, 4, 6])
+def test_taylor_softmax_matches_reference(device, order):
+    dtype = _dtype(device)
+    x = torch.randn(4, 3, 70, dtype=torch.float64) * 3
+    for dim in (-1, 1):
+        p, dx, g = _fwd_bwd(seqfuse.taylor_softmax, x.to(device, dtype), order, dim=dim)
+        p_ref, dx_ref, _ = _fwd_bwd(reference.taylor_softmax, x, order, dim=dim,
+                                    grad=g.cpu().double())
+        assert torch.all(p > 0)
+        assert_close(p, p_ref, dtype)
+        assert_close(dx, dx_ref, dtype)
+
+
+def _entropy(p):
+    return -(torch.where(p > 0, p * torch.log(p), 0.0)).sum(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_normalize_matches_reference(device):
+    dtype = _dtype(device)
+    p = torch.softmax(torch.randn(6, 50, dtype=torch.float64) * 2, -1)
+    p[0, :10] = 0  # zeros stay zero
+    target = torch.rand(6, dtype=torch.float64) + 2.0
+    out, dx, g = _fwd_bwd(seqfuse.entropy_normalize, p.to(device, dtype), target.to(device), 4)
+    out_ref, dx_ref, _ = _fwd_bwd(reference.entropy_normalize, p, target, 4,
+                                  grad=g.cpu().double())
+    assert torch.all(out[0, :10] == 0) and torch.all(dx[0, :10] == 0)
+    assert_close(out, out_ref, dtype)
+    assert_close(dx, dx_ref, dtype, rtol=1e-8 if dtype == torch.float64 else 1e-3,
+                 atol=1e-8 if dtype == torch.float64 else 1e-4)
+    # Newton's method reaches the target entropy.
+    converged = seqfuse.entropy_normalize(p.to(device, dtype), target.to(device), 10)
+    assert_close(_entropy(converged.double()), target, dtype, rtol=1e-6, atol=1e-5)
+
+
+def test_entropy_normalize_any_dim_and_scalar_target():
+    p = torch.softmax(torch.randn(20, 3, dtype=torch.float64), 0)
+    out = seqfuse.entropy_normalize(p, 1.5, iters=3, dim=0)
+    assert_close(out, reference.entropy_normalize(p, 1.5, iters=3, dim=0))
+    assert_close(out.sum(0), torch.ones(3, dtype=torch.float64))
+
+
+# gradients of the kernels themselves, float64
+
+
+def test_gradcheck():
+    gc = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
+    x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: seqfuse.sparse_softmax(t, 5), (x,), **gc)
+    assert torch.autograd.gradcheck(lambda t: seqfuse.sparse_softmax(t, 17), (x,), **gc)
+    assert torch.autograd.gradcheck(lambda t: seqfuse.topk_softmax(t, 4)[0], (x,), **gc)
+    assert torch.autograd.gradcheck(lambda t: seqfuse.taylor_softmax(t, 4, dim=0), (x,), **gc)
+    target = torch.tensor([3, 16, -100])
+    for k in (4, 17):
+        assert torch.autograd.gradcheck(
+            lambda t: seqfuse.sparse_softmax_cross_entropy(t, target, k, reduction="none"), (x,),
+            **gc)
+    p = torch.softmax(torch.randn(3, 9, dtype=torch.float64), -1).requires_grad_()
+    h = torch.full((3,), 1.2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, t: seqfuse.entropy_normalize(q, t, 3), (p, h), **gc)
+
+
+# the custom-op contract
+
+
+def _opcheck_cases():
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(4, 40, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, -100, 39, 0])
+    probs = seqfuse.sparse_softmax(x, 6).detach()
+    tk_p, tk_i = seqfuse.topk_softmax(x, 6)
+    _, lse, idx = torch.ops.seqfuse.sparse_softmax_cross_entropy(logits, target, 5, -100)
+    p = torch.softmax(torch.randn(3, 40, dtype=torch.float64), -1).requires_grad_()
+    h = torch.full((3,), 2.0, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 40, dtype=torch.float64)
+    ops = torch.ops.seqfuse
+    return [
+        (ops.sparse_softmax.default, (x, 6)),
+        (ops.sparse_softmax.default, (x, 400)),
+        (ops.sparse_softmax_backward.default, (g, probs)),
+        (ops.topk_softmax.default, (x, 6)),
+        (ops.topk_softmax_backward.default, (torch.randn(3, 6, dtype=torch.float64),
+                                             tk_p.detach(), tk_i, 40)),
+        (ops.sparse_softmax_cross_entropy.default, (logits, target, 5, -100)),
+        (ops.sparse_softmax_cross_entropy.default, (logits, target, 50, -100)),
+        (ops.sparse_softmax_cross_entropy_backward.default,
+         (torch.rand(4, dtype=torch.float64), logits.detach(), target, lse, idx, -100)),
+        (ops.taylor_softmax.default, (x, 2)),
+        (ops.taylor_softmax_backward.default, (g, x.detach(), probs, 4)),
+        (ops.entropy_normalize.default, (p, h, 3)),
+        (ops.entropy_normalize_backward.default, (g, p.detach(), h.detach(), 3)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_every_op_is_exported():
+    for name in OPS:
+        assert callable(getattr(seqfuse, name)) and callable(getattr(reference, name))
+        assert hasattr(torch.ops.seqfuse, name) and hasattr(torch.ops.seqfuse, name + "_backward")
+
+
+# bad inputs and extremes
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 10)
+    target = torch.tensor([0, 1, 2, 3])
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            seqfuse.sparse_softmax(x, k)
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            seqfuse.topk_softmax(x, k)
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            seqfuse.sparse_softmax_cross_entropy(x, target, k)
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            torch.ops.seqfuse.sparse_softmax(x, k)
+    for k in (2.0, True, torch.tensor(3)):
+        with pytest.raises(TypeError, match="k must be an int"):
+            seqfuse.sparse_softmax(x, k)
+        with pytest.raises(TypeError, match="k must be an int"):
+            seqfuse.sparse_softmax_cross_entropy(x, target, k)
+    with pytest.raises(ValueError, match="target must hold class indices in \\[0, 10\\)"):
+        seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([0, 10, 2, 3]), 3)
+    with pytest.raises(ValueError, match="target must hold class indices"):
+        seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([0, -1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="target must be \\[N\\]"):
+        seqfuse.sparse_softmax_cross_entropy(x, target[:3], 3)
+    with pytest.raises(RuntimeError, match="target must be an int64"):
+        seqfuse.sparse_softmax_cross_entropy(x, target.int(), 3)
+    with pytest.raises(ValueError, match="logits must be \\[N, V\\]"):
+        seqfuse.sparse_softmax_cross_entropy(x[None], target[None], 3)
+    with pytest.raises(ValueError, match="reduction"):
+        seqfuse.sparse_softmax_cross_entropy(x, target, 3, reduction="avg")
+    with pytest.raises(ValueError, match="order must be even"):
+        seqfuse.taylor_softmax(x, 3)
+    with pytest.raises(ValueError, match="order must be even"):
+        seqfuse.taylor_softmax(x, 0)
+    with pytest.raises(ValueError, match="order must be an even int"):
+        torch.ops.seqfuse.taylor_softmax(x, 5)
+    with pytest.raises(TypeError, match="order must be an int"):
+        seqfuse.taylor_softmax(x, 2.0)
+    with pytest.raises(ValueError, match="iters must be >= 0"):
+        seqfuse.entropy_normalize(x.softmax(-1), 1.0, iters=-1)
+    with pytest.raises(ValueError, match="target_entropy"):
+        seqfuse.entropy_normalize(x.softmax(-1), torch.ones(3), iters=2)
+    with pytest.raises(ValueError, match="target_entropy must be p's shape"):
+        torch.ops.seqfuse.entropy_normalize(x.softmax(-1), torch.ones(3), 2)
+    with pytest.raises(IndexError, match="dim 2 is out of range"):
+        seqfuse.sparse_softmax(x, 3, dim=2)
+    with pytest.raises(RuntimeError, match="x must be a floating point"):
+        seqfuse.sparse_softmax(torch.ones(3, 4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        seqfuse.taylor_softmax(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="grad must have the input's shape"):
+        torch.ops.seqfuse.sparse_softmax_backward(torch.ones(4, 9), x)
+    # The backward ops write through the indices they are given: they are checked too.
+    probs, idx = seqfuse.topk_softmax(x, 3)
+    with pytest.raises(ValueError, match="indices must lie in \\[0, 10\\)"):
+        torch.ops.seqfuse.topk_softmax_backward(torch.ones_like(probs), probs, idx + 10, 10)
+    with pytest.raises(ValueError, match="V \\(2\\) must be at least k"):
+        torch.ops.seqfuse.topk_softmax_backward(torch.ones_like(probs), probs, idx, 2)
+    ce_backward = torch.ops.seqfuse.sparse_softmax_cross_entropy_backward
+    with pytest.raises(ValueError, match="grad_loss must be a floating point \\[N\\]"):
+        ce_backward(torch.ones(3), x, target, torch.ones(4), idx, -100)
+    with pytest.raises(ValueError, match="lse must be a floating point \\[N\\]"):
+        ce_backward(torch.ones(4), x, target, torch.ones(5), idx, -100)
+    with pytest.raises(ValueError, match="indices must lie in"):
+        ce_backward(torch.ones(4), x, target, torch.ones(4), -idx - 1, -100)
+    with pytest.raises(ValueError, match="indices must be \\[N, k\\] with k < V"):
+        ce_backward(torch.ones(4), x, target, torch.ones(4), torch.zeros(4, 10, dtype=torch.long),
+                    -100)
+
+
+def test_empty_inputs():
+    for shape in [(0, 10), (3, 0), (2, 0, 5)]:
+        x = torch.randn(shape, requires_grad=True)
+        p = seqfuse.sparse_softmax(x, 3)
+        assert p.shape == shape
+        p.sum().backward()
+        assert x.grad.shape == shape
+        probs, idx = seqfuse.topk_softmax(x, 3)
+        assert probs.shape == (*shape[:-1], min(3, shape[-1]))
+        assert seqfuse.taylor_softmax(x).shape == shape
+        assert seqfuse.entropy_normalize(x.detach(), 1.0).shape == shape
+    logits = torch.randn(0, 10, requires_grad=True)
+    loss = seqfuse.sparse_softmax_cross_entropy(logits, torch.zeros(0, dtype=torch.long), 3,
+                                                reduction="none")
+    assert loss.shape == (0,)
+    assert seqfuse.sparse_softmax_cross_entropy(logits, torch.zeros(0, dtype=torch.long), 3,
+                                                reduction="sum").item() == 0.0
+    empty_vocab = torch.randn(2, 0)
+    loss = seqfuse.sparse_softmax_cross_entropy(empty_vocab, torch.full((2,), -100), 3,
+                                                reduction="none")
+    assert torch.equal(loss, torch.zeros(2))
+
+
+def test_torch_compile_has_no_graph_break():
+    def f(x, target):
+        return (seqfuse.sparse_softmax(x, 4) * x).sum() + seqfuse.sparse_softmax_cross_entropy(
+            x, target, 4)
+
+    x = torch.randn(3, 20, requires_grad=True)
+    target = torch.tensor([1, 2, 3])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, target)
+    assert_close(out.detach(), f(x, target).detach())
+    out.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
