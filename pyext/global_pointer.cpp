@@ -169,7 +169,7 @@ at::Tensor rope_cpu(const at::Tensor& x, const std::optional<at::Tensor>& positi
                       shape_str(p));
     pos = p.to(at::kLong).expand({B, L}).contiguous();
   }
-  at::Tensor in = x.contiguous().view({B, L, -1, D});
+  at::Tensor in = x.contiguous().view({B, L, x.dim() == 4 ? x.size(2) : 1, D});
   at::Tensor out = at::empty_like(in);
   if (in.numel() > 0) cpu::rope(in, pos, base, inverse, out);
   return out.view(x.sizes());

@@ -9,12 +9,11 @@
 //           s = -inf where mask[b,i] == 0, mask[b,j] == 0 or (tril and i > j).
 //
 //   multilabel categorical crossentropy of one row s[0..N) is the sum of two terms,
-//     neg = log(1 + sum_{i not positive} (1 - t_i) e^{s_i})
-//     pos = log(1 + sum_{i positive} t_i e^{-s_i})
+//     neg = log(1 + sum_i (1 - t_i) e^{s_i}),   pos = log(1 + sum_i t_i e^{-s_i})
 //   (hard labels: t in {0, 1}; sparse labels: t_i = 1 on the listed positives), where
-//   entries with s = -inf are left out of both sums. Each term is accumulated as its
-//   own log-sum-exp over its own entries, never as a difference of two sums, so it
-//   cannot cancel. Gradients, with g_neg, g_pos the upstream gradients of the terms:
+//   entries with s = -inf are left out of both sums. Each term is accumulated over its
+//   own entries (Log1pSumExp), never as a difference of two sums, so it cannot cancel.
+//   Gradients, with g_neg, g_pos the upstream gradients of the terms:
 //     d/ds_i = g_neg (1 - t_i) e^{s_i - neg} - g_pos t_i e^{-s_i - pos}.
 #pragma once
 
@@ -70,14 +69,16 @@ SEQFUSE_HD void rope_rotate(acc_t& x0, acc_t& x1, acc_t c, acc_t s) {
   x0 = y0;
 }
 
-// log(1 + sum_k e^{x_k}) accumulated one term at a time as m + log(z), m the running
-// maximum (starting from the 0 of the "1"), so nothing overflows; -inf terms add
-// nothing and NaN propagates.
+// log(1 + sum_k e^{x_k}): the terms are accumulated as e^m * z, m their running
+// maximum, so nothing overflows; the "1" is added at the end by a stable softplus,
+// which keeps tiny results (1e-7 and below) exact in float32. -inf terms add nothing
+// and NaN propagates.
 template <typename acc_t>
 struct Log1pSumExp {
-  acc_t m = acc_t(0), z = acc_t(1);
+  acc_t m = -INFINITY, z = acc_t(0);
 
   SEQFUSE_HD void add(acc_t x) {
+    if (x == -INFINITY) return;
     if (x > m) {
       z = z * exp(m - x) + acc_t(1);
       m = x;
@@ -86,6 +87,7 @@ struct Log1pSumExp {
     }
   }
   SEQFUSE_HD void merge(const Log1pSumExp& o) {
+    if (o.m == -INFINITY) return;
     if (o.m > m) {
       z = z * exp(m - o.m) + o.z;
       m = o.m;
@@ -93,7 +95,10 @@ struct Log1pSumExp {
       z += o.z * exp(o.m - m);
     }
   }
-  SEQFUSE_HD acc_t value() const { return m + log(z); }
+  SEQFUSE_HD acc_t value() const {
+    const acc_t y = m + log(z);  // log of the sum, -inf when empty
+    return y > acc_t(0) ? y + log1p(exp(-y)) : log1p(exp(y));
+  }
 };
 
 // d/ds of the two terms at one entry, given the terms' values and upstream gradients.

@@ -158,12 +158,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("seqfuse::rope")
-def _rope_fake(x, positions, base, inverse):
+def _rope_fake(x, positions=None, base=10000.0, inverse=False):
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("seqfuse::global_pointer_scores")
-def _scores_fake(q, k, mask, rope, tril, scale, bias_start, bias_end):
+def _scores_fake(q, k, mask=None, rope=True, tril=True, scale=None, bias_start=None,
+                 bias_end=None):
     B, L = q.shape[0], q.shape[1]
     return q.new_empty((B, _heads(q, bias_start, bias_end), L, L))
 
@@ -190,7 +191,7 @@ def _mce_backward_fake(grad_terms, terms, scores, labels):
 
 
 @torch.library.register_fake("seqfuse::sparse_multilabel_categorical_crossentropy")
-def _sparse_fake(scores, pos_index, mask_zero):
+def _sparse_fake(scores, pos_index, mask_zero=False):
     return scores.new_empty((*scores.shape[:-1], 2))
 
 
@@ -200,7 +201,8 @@ def _sparse_backward_fake(grad_terms, terms, scores, pos_index, mask_zero):
 
 
 @torch.library.register_fake("seqfuse::global_pointer_loss")
-def _loss_fake(q, k, pos_index, mask, rope, tril, scale, bias_start, bias_end, mask_zero):
+def _loss_fake(q, k, pos_index, mask=None, rope=True, tril=True, scale=None, bias_start=None,
+               bias_end=None, mask_zero=True):
     return q.new_empty((q.shape[0], _heads(q, bias_start, bias_end), 2))
 
 
