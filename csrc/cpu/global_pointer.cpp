@@ -37,16 +37,23 @@ template <typename acc_t>
 std::vector<acc_t> rope_table(int64_t L, int64_t D) {
   std::vector<acc_t> table(L * D);
   const double log_base = std::log(kScoresRopeBase);
-  at::parallel_for(0, L, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) {
-      for (int64_t i = 0; i < D / 2; ++i) {
-        acc_t* cs = table.data() + (l * (D / 2) + i) * 2;
-        rope_cos_sin<acc_t>(double(l), i, D, log_base, false, cs[0], cs[1]);
-      }
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t i = 0; i < D / 2; ++i) {
+      acc_t* cs = table.data() + (l * (D / 2) + i) * 2;
+      rope_cos_sin<acc_t>(double(l), i, D, log_base, false, cs[0], cs[1]);
     }
-  });
+  }
   return table;
 }
+
+// Work items per task of at::parallel_for, so that a small problem runs on the calling
+// thread instead of paying for a parallel region; `cost` is the work of one item.
+int64_t grain(int64_t cost) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(cost, 1));
+}
+
+// The work of one (batch, q/k head) item: its heads' products.
+int64_t pair_cost(const GPGeometry& g) { return g.H / g.Hqk * g.L * g.L * g.D; }
 
 // The output heads computed from q/k head hq: all of them when q and k are shared.
 struct HeadRange {
@@ -148,7 +155,7 @@ template <typename acc_t>
 void rope_kernel(const acc_t* x, const int64_t* positions, int64_t B, int64_t L, int64_t H,
                  int64_t D, double base, bool inverse, acc_t* out) {
   const double log_base = std::log(base);
-  at::parallel_for(0, B * L, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * L, grain(H * D), [&](int64_t begin, int64_t end) {
     for (int64_t bl = begin; bl < end; ++bl) {
       const double pos = positions ? double(positions[bl]) : double(bl % L);
       for (int64_t i = 0; i < D / 2; ++i) {
@@ -173,7 +180,7 @@ void scores_forward_kernel(const GPGeometry& g, const acc_t* q, const acc_t* k, 
                            const acc_t* bs, const acc_t* be, acc_t* out) {
   const auto table = g.rope ? rope_table<acc_t>(g.L, g.D) : std::vector<acc_t>();
   const int64_t LL = g.L * g.L;
-  at::parallel_for(0, g.B * g.Hqk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.Hqk, grain(pair_cost(g)), [&](int64_t begin, int64_t end) {
     Rotated<acc_t> r(g, table);
     std::vector<acc_t> shared(g.Hqk == 1 && g.H > 1 ? LL : 0);
     for (int64_t item = begin; item < end; ++item) {
@@ -207,7 +214,7 @@ void scores_backward_kernel(const GPGeometry& g, const acc_t* grad, const acc_t*
                             acc_t* grad_be) {
   const auto table = g.rope ? rope_table<acc_t>(g.L, g.D) : std::vector<acc_t>();
   const int64_t LL = g.L * g.L;
-  at::parallel_for(0, g.B * g.Hqk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.Hqk, grain(pair_cost(g)), [&](int64_t begin, int64_t end) {
     Rotated<acc_t> r(g, table);
     std::vector<acc_t> ds(LL), grq(g.L * g.D), grk(g.L * g.D);
     for (int64_t item = begin; item < end; ++item) {
@@ -243,7 +250,7 @@ void scores_backward_kernel(const GPGeometry& g, const acc_t* grad, const acc_t*
 
 template <typename acc_t>
 void mce_forward_kernel(const acc_t* x, const acc_t* t, int64_t R, int64_t N, acc_t* terms) {
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       Log1pSumExp<acc_t> neg, pos;
       for (int64_t n = r * N; n < (r + 1) * N; ++n) {
@@ -261,7 +268,7 @@ void mce_forward_kernel(const acc_t* x, const acc_t* t, int64_t R, int64_t N, ac
 template <typename acc_t>
 void mce_backward_kernel(const acc_t* grad_terms, const acc_t* terms, const acc_t* x,
                          const acc_t* t, int64_t R, int64_t N, acc_t* grad) {
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t n = r * N; n < (r + 1) * N; ++n) {
         grad[n] = mce_grad(x[n], acc_t(1) - t[n], t[n], terms[2 * r], terms[2 * r + 1],
@@ -274,7 +281,7 @@ void mce_backward_kernel(const acc_t* grad_terms, const acc_t* terms, const acc_
 template <typename acc_t>
 void sparse_forward_kernel(const acc_t* x, const int64_t* idx, int64_t R, int64_t N, int64_t P,
                            bool mask_zero, acc_t* terms) {
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain(N), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> positives;
     for (int64_t r = begin; r < end; ++r) {
       sorted_positives(idx + r * P, P, mask_zero, positives);
@@ -299,7 +306,7 @@ template <typename acc_t>
 void sparse_backward_kernel(const acc_t* grad_terms, const acc_t* terms, const acc_t* x,
                             const int64_t* idx, int64_t R, int64_t N, int64_t P, bool mask_zero,
                             acc_t* grad) {
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, grain(N), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> positives;
     for (int64_t r = begin; r < end; ++r) {
       sorted_positives(idx + r * P, P, mask_zero, positives);
@@ -357,7 +364,7 @@ void loss_forward_kernel(const GPGeometry& g, const acc_t* q, const acc_t* k, co
                          const acc_t* bs, const acc_t* be, const int64_t* idx, int64_t P,
                          bool mask_zero, acc_t* terms) {
   const auto table = g.rope ? rope_table<acc_t>(g.L, g.D) : std::vector<acc_t>();
-  at::parallel_for(0, g.B * g.Hqk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.Hqk, grain(pair_cost(g)), [&](int64_t begin, int64_t end) {
     Rotated<acc_t> r(g, table);
     std::vector<acc_t> tile(kRowTile * g.L);
     LossRows<acc_t> rows;
@@ -397,7 +404,7 @@ void loss_backward_kernel(const GPGeometry& g, const acc_t* grad_terms, const ac
                           const acc_t* be, const int64_t* idx, int64_t P, bool mask_zero,
                           acc_t* grad_q, acc_t* grad_k, acc_t* grad_bs, acc_t* grad_be) {
   const auto table = g.rope ? rope_table<acc_t>(g.L, g.D) : std::vector<acc_t>();
-  at::parallel_for(0, g.B * g.Hqk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.Hqk, grain(pair_cost(g)), [&](int64_t begin, int64_t end) {
     Rotated<acc_t> r(g, table);
     std::vector<acc_t> tile(kRowTile * g.L), ds(kRowTile * g.L), grq(g.L * g.D), grk(g.L * g.D);
     LossRows<acc_t> rows;
