@@ -8,7 +8,7 @@
 
 Peak memory is the extra memory of one forward+backward: on CUDA the allocator's peak
 above what was allocated before; on CPU the peak resident growth of a fresh process
-(ru_maxrss after minus before), one process per measurement.
+(VmHWM after minus before), one process per measurement.
 """
 
 from __future__ import annotations
@@ -96,15 +96,28 @@ def _leaves(B, L, H, D, dtype, device):
     return q.requires_grad_(), k.requires_grad_(), mask, idx
 
 
+def _peak_rss() -> int:
+    """Peak resident bytes of this process. VmHWM belongs to the address space, so a
+    fresh process starts from its own; ru_maxrss (the fallback off Linux) can carry the
+    parent's peak across fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_child(method, B, L, H, D, dtype_name):
     """Runs in a fresh process: prints the peak resident growth (bytes) of one
     forward+backward on CPU."""
     torch.set_num_threads(int(os.environ.get("SEQFUSE_BENCH_THREADS", "1")))
     q, k, mask, idx = _leaves(B, L, H, D, getattr(torch, dtype_name), "cpu")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss()
     _step(method, q, k, mask, idx)()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_bytes": (after - before) * 1024}))
+    print(json.dumps({"peak_bytes": _peak_rss() - before}))
 
 
 def _peak_memory(method, shape, dtype, device):
