@@ -124,8 +124,8 @@ at::Tensor prepare_labels(const char* op, const at::Tensor& labels, const at::Te
 at::Tensor prepare_terms(const char* op, const char* name, const at::Tensor& t,
                          at::IntArrayRef rows, const at::Tensor& like) {
   check_same_device(op, name, t, "scores", like);
-  TORCH_CHECK_VALUE(t.dim() == int64_t(rows.size()) + 1 && t.sizes().slice(0, rows.size()) == rows &&
-                        t.size(-1) == 2,
+  TORCH_CHECK_VALUE(t.dim() == int64_t(rows.size()) + 1 &&
+                        t.sizes().slice(0, rows.size()) == rows && t.size(-1) == 2,
                     op, ": ", name, " must be [rows..., 2] with rows ", rows, ", got shape ",
                     shape_str(t));
   return t.to(like.scalar_type()).contiguous().view({c10::multiply_integers(rows), 2});
@@ -181,7 +181,8 @@ at::Tensor global_pointer_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                                      const std::optional<at::Tensor>& bias_start,
                                      const std::optional<at::Tensor>& bias_end) {
   const char* op = "global_pointer_scores";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   check_cpu_dtype(op, "q", q);
   const GPGeometry& g = in.geom;
   at::Tensor scores = at::empty({g.B, g.H, g.L, g.L}, q.options());
@@ -196,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
     const std::optional<at::Tensor>& mask, bool rope, bool tril, std::optional<double> scale,
     const std::optional<at::Tensor>& bias_start, const std::optional<at::Tensor>& bias_end) {
   const char* op = "global_pointer_scores_backward";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   check_cpu_dtype(op, "q", q);
   const GPGeometry& g = in.geom;
   check_same_device(op, "grad", grad, "q", q);
@@ -275,7 +277,8 @@ at::Tensor global_pointer_loss_cpu(const at::Tensor& q, const at::Tensor& k,
                                    const std::optional<at::Tensor>& bias_start,
                                    const std::optional<at::Tensor>& bias_end, bool mask_zero) {
   const char* op = "global_pointer_loss";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   check_cpu_dtype(op, "q", q);
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
@@ -294,7 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
     const std::optional<at::Tensor>& bias_start, const std::optional<at::Tensor>& bias_end,
     bool mask_zero) {
   const char* op = "global_pointer_loss_backward";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   check_cpu_dtype(op, "q", q);
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);

@@ -73,7 +73,8 @@ at::Tensor global_pointer_scores_cuda(const at::Tensor& q, const at::Tensor& k,
                                       const std::optional<at::Tensor>& bias_start,
                                       const std::optional<at::Tensor>& bias_end) {
   const char* op = "global_pointer_scores";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   const auto dtype = cuda_dtype(op, q);
   const GPGeometry& g = in.geom;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -105,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
     const std::optional<at::Tensor>& mask, bool rope, bool tril, std::optional<double> scale,
     const std::optional<at::Tensor>& bias_start, const std::optional<at::Tensor>& bias_end) {
   const char* op = "global_pointer_scores_backward";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   const auto dtype = cuda_dtype(op, q);
   const GPGeometry& g = in.geom;
   check_same_device(op, "grad", grad, "q", q);
@@ -202,7 +204,8 @@ at::Tensor global_pointer_loss_cuda(const at::Tensor& q, const at::Tensor& k,
                                     const std::optional<at::Tensor>& bias_start,
                                     const std::optional<at::Tensor>& bias_end, bool mask_zero) {
   const char* op = "global_pointer_loss";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   const auto dtype = cuda_dtype(op, q);
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
@@ -225,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
     const std::optional<at::Tensor>& bias_start, const std::optional<at::Tensor>& bias_end,
     bool mask_zero) {
   const char* op = "global_pointer_loss_backward";
-  const GPInputs in = prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
+  const GPInputs in =
+      prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   const auto dtype = cuda_dtype(op, q);
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);

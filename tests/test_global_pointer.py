@@ -39,11 +39,6 @@ def positives(B, H, L, P, device, mask_zero=True):
     return idx
 
 
-def grads(out, *inputs):
-    inputs = [x for x in inputs if x is not None]
-    return torch.autograd.grad(out, inputs, torch.randn_like(out) if out.dim() else None)
-
-
 def grads_with(out, upstream, *inputs):
     return torch.autograd.grad(out, [x for x in inputs if x is not None], upstream)
 
@@ -213,7 +208,8 @@ def test_sparse_loss_exact_where_the_textbook_formula_fails():
     out = seqfuse.sparse_multilabel_categorical_crossentropy(s, idx, False, "sum")
     (g,) = torch.autograd.grad(out, s)
     assert torch.isfinite(out) and out.item() >= 0 and torch.isfinite(g).all()
-    assert_close(out, torch.log1p(torch.tensor(math.exp(0.5) + math.exp(-1.0))), dtype=torch.float32)
+    exact = torch.log1p(torch.tensor(math.exp(0.5) + math.exp(-1.0)))
+    assert_close(out, exact, dtype=torch.float32)
 
 
 # ---- the fused loss -----------------------------------------------------------------
@@ -278,7 +274,8 @@ def test_empty_inputs():
     assert seqfuse.global_pointer_scores(q, k).shape == (0, 2, 5, 5)
     q, k = qk(2, 0, 2, 4, "cpu")
     assert seqfuse.global_pointer_scores(q, k).shape == (2, 2, 0, 0)
-    loss = seqfuse.global_pointer_loss(q, k, torch.zeros(2, 2, 0, dtype=torch.long), reduction="none")
+    no_positives = torch.zeros(2, 2, 0, dtype=torch.long)
+    loss = seqfuse.global_pointer_loss(q, k, no_positives, reduction="none")
     assert loss.shape == (2, 2) and (loss == 0).all()
     assert seqfuse.rope(torch.randn(0, 3, 4)).shape == (0, 3, 4)
     s = torch.randn(0, 7)
@@ -287,36 +284,42 @@ def test_empty_inputs():
         s, torch.zeros(0, 2, dtype=torch.long), reduction="sum") == 0
 
 
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+_scores = seqfuse.global_pointer_scores
+_loss = seqfuse.global_pointer_loss
+_sparse = seqfuse.sparse_multilabel_categorical_crossentropy
+_dense = seqfuse.multilabel_categorical_crossentropy
+_q = (2, 3, 2, 4)
+_no_pos = torch.zeros(2, 2, 1, dtype=torch.long)
+
 BAD_INPUTS = [
-    (lambda: seqfuse.rope(torch.randn(2, 3, 5)), "D must be even"),
-    (lambda: seqfuse.rope(torch.randn(2, 3, 4), torch.arange(4)), "positions"),
-    (lambda: seqfuse.rope(torch.randn(2, 3, 4), torch.rand(3)), "positions"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), "q must be"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 2, 4), torch.randn(2, 4, 2, 4)), "k must"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4).double()), "k has dtype"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 2, 5), torch.randn(2, 3, 2, 5)), "even for rope"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4),
-                                           mask=torch.ones(2, 4)), "mask must be"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4),
-                                           bias_start=torch.randn(2, 3, 3)), "bias_start must be"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4),
-                                           bias_start=torch.randn(2, 3, 3),
-                                           bias_end=torch.randn(2, 4, 3)), "bias_start must be"),
-    (lambda: seqfuse.global_pointer_scores(torch.randn(2, 3, 2, 4).half(), torch.randn(2, 3, 2, 4).half()), "float32 or float64"),
-    (lambda: seqfuse.global_pointer_loss(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4),
-                                         torch.tensor([[[9]], [[0]]]).expand(2, 2, 1)), "pos_index entries"),
-    (lambda: seqfuse.global_pointer_loss(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4),
-                                         torch.zeros(2, 3, 1, dtype=torch.long)), "pos_index must be"),
-    (lambda: seqfuse.global_pointer_loss(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4),
-                                         torch.zeros(2, 2, 1)), "pos_index must be an integer"),
-    (lambda: seqfuse.global_pointer_loss(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4),
-                                         torch.zeros(2, 2, 1, dtype=torch.long), reduction="avg"), "reduction"),
-    (lambda: seqfuse.sparse_multilabel_categorical_crossentropy(torch.randn(2, 5), torch.tensor([[1], [-1]])), "pos_index entries"),
-    (lambda: seqfuse.sparse_multilabel_categorical_crossentropy(torch.randn(2, 5), torch.tensor([[0], [0]]).expand(2, 1)[:1]), "pos_index must be"),
-    (lambda: seqfuse.multilabel_categorical_crossentropy(torch.randn(2, 5), torch.rand(2, 4)), "labels must have"),
-    (lambda: seqfuse.multilabel_categorical_crossentropy(torch.randn(2, 5), 2 * torch.ones(2, 5)), r"labels must lie in \[0, 1\]"),
-    (lambda: seqfuse.multilabel_categorical_crossentropy(torch.randn(2, 5), torch.ones(2, 5), "max"), "reduction"),
-    (lambda: global_pointer_decode(torch.randn(3, 3)), "scores must be"),
+    (lambda: seqfuse.rope(_randn(2, 3, 5)), "D must be even"),
+    (lambda: seqfuse.rope(_randn(2, 3, 4), torch.arange(4)), "positions must be"),
+    (lambda: seqfuse.rope(_randn(2, 3, 4), torch.rand(3)), "positions must be an integer"),
+    (lambda: _scores(_randn(2, 3, 4), _randn(2, 3, 4)), "q must be"),
+    (lambda: _scores(_randn(*_q), _randn(2, 4, 2, 4)), "k must have"),
+    (lambda: _scores(_randn(*_q), _randn(*_q, dtype=F64)), "k has dtype"),
+    (lambda: _scores(_randn(2, 3, 2, 5), _randn(2, 3, 2, 5)), "even for rope"),
+    (lambda: _scores(_randn(*_q), _randn(*_q), mask=torch.ones(2, 4)), "mask must be"),
+    (lambda: _scores(_randn(*_q), _randn(*_q), bias_start=_randn(2, 3, 3)), "bias_start must be"),
+    (lambda: _scores(_randn(2, 3, 1, 4), _randn(2, 3, 1, 4), bias_start=_randn(2, 3, 3),
+                     bias_end=_randn(2, 4, 3)), "bias_start must be"),
+    (lambda: _scores(_randn(*_q).half(), _randn(*_q).half()), "float32 or float64"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), torch.tensor([[[9]], [[0]]]).expand(2, 2, 1)),
+     "pos_index entries"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), torch.zeros(2, 3, 1, dtype=torch.long)),
+     "pos_index must be"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), torch.zeros(2, 2, 1)), "pos_index must be an integer"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), _no_pos, reduction="avg"), "reduction"),
+    (lambda: _sparse(_randn(2, 5), torch.tensor([[1], [-1]])), "pos_index entries"),
+    (lambda: _sparse(_randn(2, 5), torch.zeros(1, 1, dtype=torch.long)), "pos_index must be"),
+    (lambda: _dense(_randn(2, 5), torch.rand(2, 4)), "labels must have"),
+    (lambda: _dense(_randn(2, 5), 2 * torch.ones(2, 5)), r"labels must lie in \[0, 1\]"),
+    (lambda: _dense(_randn(2, 5), torch.ones(2, 5), "max"), "reduction"),
+    (lambda: global_pointer_decode(_randn(3, 3)), "scores must be"),
 ]
 
 
@@ -344,7 +347,8 @@ def test_opcheck():
         (ops.global_pointer_scores_backward,
          (torch.randn(2, 3, 5, 5, dtype=F64), q_, k_, mask, True, True, None, bs_, None)),
         (ops.multilabel_categorical_crossentropy, (s, labels)),
-        (ops.multilabel_categorical_crossentropy_backward, (torch.rand_like(terms), terms, s_, labels)),
+        (ops.multilabel_categorical_crossentropy_backward,
+         (torch.rand_like(terms), terms, s_, labels)),
         (ops.sparse_multilabel_categorical_crossentropy, (s, idx, True)),
         (ops.sparse_multilabel_categorical_crossentropy_backward,
          (torch.rand_like(terms), terms, s_, idx, False)),
@@ -400,8 +404,10 @@ def bert4keras_efficient_global_pointer(layer, x, mask):
     return bert4keras_mask(logits, mask, True)
 
 
-@pytest.mark.parametrize("cls, restated", [(GlobalPointer, bert4keras_global_pointer),
-                                           (EfficientGlobalPointer, bert4keras_efficient_global_pointer)])
+@pytest.mark.parametrize("cls, restated", [
+    (GlobalPointer, bert4keras_global_pointer),
+    (EfficientGlobalPointer, bert4keras_efficient_global_pointer),
+])
 def test_modules_match_bert4keras(cls, restated):
     B, L, hidden, heads, head_size = 3, 13, 16, 5, 8
     layer = cls(hidden, heads, head_size, dtype=F64)
@@ -422,7 +428,8 @@ def test_modules_match_bert4keras(cls, restated):
     restated_scores = restated(layer, x, mask).flatten(-2)
     expected_loss = reference.sparse_multilabel_categorical_crossentropy(restated_scores, idx, True)
     assert_close(loss, expected_loss, rtol=1e-10, atol=1e-10)
-    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected_loss, params)):
+    got_grads = torch.autograd.grad(loss, params)
+    for got, want in zip(got_grads, torch.autograd.grad(expected_loss, params)):
         assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 

@@ -443,9 +443,9 @@ void loss_backward_kernel(const GPGeometry& g, const acc_t* grad_terms, const ac
 void rope(const at::Tensor& x, const at::Tensor& positions, double base, bool inverse,
           at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rope_cpu", [&] {
-    rope_kernel<scalar_t>(x.data_ptr<scalar_t>(), positions.defined() ? positions.data_ptr<int64_t>() : nullptr,
-                          x.size(0), x.size(1), x.size(2), x.size(3), base, inverse,
-                          out.data_ptr<scalar_t>());
+    const int64_t* pos = positions.defined() ? positions.data_ptr<int64_t>() : nullptr;
+    rope_kernel<scalar_t>(x.data_ptr<scalar_t>(), pos, x.size(0), x.size(1), x.size(2), x.size(3),
+                          base, inverse, out.data_ptr<scalar_t>());
   });
 }
 

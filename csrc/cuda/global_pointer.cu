@@ -583,9 +583,10 @@ cudaError_t launch_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
       return;
     }
     if ((err = rotate_inputs<scalar_t>(a, w, stream)) != cudaSuccess) return;
-    backward_kernel<scalar_t, LOSS, false><<<unsigned(blocks), kThreads, 0, stream>>>(a, w.rq, w.rk);
+    const unsigned grid = unsigned(blocks);
+    backward_kernel<scalar_t, LOSS, false><<<grid, kThreads, 0, stream>>>(a, w.rq, w.rk);
     if ((err = cudaGetLastError()) != cudaSuccess) return;
-    backward_kernel<scalar_t, LOSS, true><<<unsigned(blocks), kThreads, 0, stream>>>(a, w.rq, w.rk);
+    backward_kernel<scalar_t, LOSS, true><<<grid, kThreads, 0, stream>>>(a, w.rq, w.rk);
     if ((err = cudaGetLastError()) != cudaSuccess || !g.rope) return;
     // grad (R q) -> grad q, in place in the [B, Hqk, L, D] gradient layout.
     RotateArgs r{a.grad_q, a.grad_q, nullptr, g.B, g.L, g.Hqk, g.D, std::log(10000.0), 1.0,
@@ -616,7 +617,8 @@ cudaError_t launch_row_backward(const RowLossArgs& a, DType dtype, cudaStream_t 
   const int64_t blocks = std::min<int64_t>((total + kRowThreads - 1) / kRowThreads, 1 << 20);
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
-    row_loss_backward_kernel<decltype(tag), SPARSE><<<unsigned(blocks), kRowThreads, 0, stream>>>(a);
+    row_loss_backward_kernel<decltype(tag), SPARSE>
+        <<<unsigned(blocks), kRowThreads, 0, stream>>>(a);
     err = cudaGetLastError();
   });
   return err;

@@ -131,8 +131,8 @@ def _peak_memory(method, shape, dtype, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     package_root = os.path.dirname(os.path.dirname(seqfuse.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
-               SEQFUSE_BENCH_THREADS=str(torch.get_num_threads()))
+    path = os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, SEQFUSE_BENCH_THREADS=str(torch.get_num_threads()))
     code = ("from seqfuse.bench.global_pointer import peak_memory_child; "
             f"peak_memory_child({method!r}, {B}, {L}, {H}, {D}, {str(dtype)[6:]!r})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

@@ -172,7 +172,8 @@ def _scores_fake(q, k, mask=None, rope=True, tril=True, scale=None, bias_start=N
 def _gp_grads_fake(q, bias_start, bias_end):
     B, L = q.shape[0], q.shape[1]
     H = _heads(q, bias_start, bias_end)
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty((B, H, L)), q.new_empty((B, H, L))
+    bias_grad = (B, H, L)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(bias_grad), q.new_empty(bias_grad)
 
 
 @torch.library.register_fake("seqfuse::global_pointer_scores_backward")
