@@ -267,6 +267,21 @@ def test_fused_loss_float32():
     assert (out >= 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_row(device):
+    q, k = qk(2, 9, 3, 8, device, requires_grad=False)
+    q[0, 2, 1, 0] = float("nan")
+    idx = positives(2, 3, 9, 4, device)
+    loss = seqfuse.global_pointer_loss(q, k, idx, reduction="none")
+    assert torch.isnan(loss[0, 1]) and torch.isfinite(loss[1]).all()
+    assert torch.isfinite(loss[0, [0, 2]]).all()
+    s = loss_scores((3, 20), device)
+    s.detach()[1, 5] = float("nan")
+    row_idx = torch.randint(0, 20, (3, 4), device=device)
+    terms = seqfuse.sparse_multilabel_categorical_crossentropy(s, row_idx, reduction="none")
+    assert torch.isnan(terms[1]) and torch.isfinite(terms[[0, 2]]).all()
+
+
 # ---- empty inputs, bad inputs, registration -----------------------------------------
 
 def test_empty_inputs():
