@@ -71,7 +71,8 @@ def _torch_dense_loss(scores, labels):
             + torch.logsumexp(torch.cat([y_pos, zeros], -1), -1)).mean()
 
 
-def _step(method, q, k, mask, idx):
+def fwd_bwd_step(method, q, k, mask, idx):
+    """A callable running one forward+backward of `method` (one of METHODS)."""
     from seqfuse.reference import sparse_multilabel_categorical_crossentropy_textbook
 
     def run():
@@ -91,7 +92,8 @@ def _step(method, q, k, mask, idx):
     return run
 
 
-def _leaves(B, L, H, D, dtype, device):
+def leaf_inputs(B, L, H, D, dtype, device):
+    """The benchmark inputs with q and k as leaves requiring grad."""
     q, k, mask, idx = _inputs(B, L, H, D, dtype, device)
     return q.requires_grad_(), k.requires_grad_(), mask, idx
 
@@ -114,20 +116,20 @@ def peak_memory_child(method, B, L, H, D, dtype_name):
     """Runs in a fresh process: prints the peak resident growth (bytes) of one
     forward+backward on CPU."""
     torch.set_num_threads(int(os.environ.get("SEQFUSE_BENCH_THREADS", "1")))
-    q, k, mask, idx = _leaves(B, L, H, D, getattr(torch, dtype_name), "cpu")
+    q, k, mask, idx = leaf_inputs(B, L, H, D, getattr(torch, dtype_name), "cpu")
     before = _peak_rss()
-    _step(method, q, k, mask, idx)()
+    fwd_bwd_step(method, q, k, mask, idx)()
     print(json.dumps({"peak_bytes": _peak_rss() - before}))
 
 
 def _peak_memory(method, shape, dtype, device):
     B, L, H, D = shape
     if device.startswith("cuda"):
-        q, k, mask, idx = _leaves(B, L, H, D, dtype, device)
+        q, k, mask, idx = leaf_inputs(B, L, H, D, dtype, device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _step(method, q, k, mask, idx)()
+        fwd_bwd_step(method, q, k, mask, idx)()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     package_root = os.path.dirname(os.path.dirname(seqfuse.__file__))
@@ -154,11 +156,11 @@ def run(device: str, quick: bool):
     for dtype in dtypes:
         for case, shape, methods in _cases(device, quick):
             B, L, H, D = shape
-            q, k, mask, idx = _leaves(B, L, H, D, dtype, device)
+            q, k, mask, idx = leaf_inputs(B, L, H, D, dtype, device)
             flops = 3 * 2 * B * H * L * L * D  # forward product + two backward products
             case_rows = []
             for method in methods:
-                ms = 1e3 * time_fn(_step(method, q, k, mask, idx), device, min_time=0.3,
+                ms = 1e3 * time_fn(fwd_bwd_step(method, q, k, mask, idx), device, min_time=0.3,
                                    warmup=1)
                 row = {"case": case, "shape": "x".join(map(str, shape)),
                        "dtype": str(dtype)[6:], "method": method, "fwd+bwd_ms": ms,
