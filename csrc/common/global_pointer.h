@@ -48,6 +48,9 @@ struct GPGeometry {
   }
 };
 
+// global_pointer_scores and global_pointer_loss rotate by positions 0..L-1 with this base.
+constexpr double kScoresRopeBase = 10000.0;
+
 // cos and sin of the RoPE angle of pair i at position pos. The angle is formed and
 // reduced to [-pi, pi] in double, so float kernels lose nothing at long positions.
 template <typename acc_t>

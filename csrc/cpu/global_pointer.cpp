@@ -19,7 +19,6 @@ namespace seqfuse::cpu {
 namespace {
 
 constexpr int64_t kRowTile = 64;
-constexpr double kScoresRopeBase = 10000.0;
 
 template <typename T>
 at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {

@@ -556,7 +556,7 @@ template <typename scalar_t>
 cudaError_t rotate_inputs(const GPArgs& a, const Workspace<acc_of<scalar_t>>& w,
                           cudaStream_t stream) {
   const GPGeometry& g = a.geom;
-  RotateArgs r{a.q, w.rq, nullptr, g.B, g.L, g.Hqk, g.D, std::log(10000.0), g.scale,
+  RotateArgs r{a.q, w.rq, nullptr, g.B, g.L, g.Hqk, g.D, std::log(kScoresRopeBase), g.scale,
                g.rope, false, false};
   cudaError_t err = rotate<scalar_t, scalar_t, acc_of<scalar_t>>(r, stream);
   if (err != cudaSuccess) return err;
@@ -589,7 +589,7 @@ cudaError_t launch_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
     backward_kernel<scalar_t, LOSS, true><<<grid, kThreads, 0, stream>>>(a, w.rq, w.rk);
     if ((err = cudaGetLastError()) != cudaSuccess || !g.rope) return;
     // grad (R q) -> grad q, in place in the [B, Hqk, L, D] gradient layout.
-    RotateArgs r{a.grad_q, a.grad_q, nullptr, g.B, g.L, g.Hqk, g.D, std::log(10000.0), 1.0,
+    RotateArgs r{a.grad_q, a.grad_q, nullptr, g.B, g.L, g.Hqk, g.D, std::log(kScoresRopeBase), 1.0,
                  true, true, true};
     if ((err = rotate<scalar_t, acc_t, acc_t>(r, stream)) != cudaSuccess) return;
     r.x = r.y = a.grad_k;
