@@ -16,6 +16,7 @@ from seqfuse.bench.common import device_name, write_json
 
 # family name -> module with run(device: str, quick: bool) -> (limits, rows, table str)
 FAMILIES = {
+    "global_pointer": "seqfuse.bench.global_pointer",
     "scan": "seqfuse.bench.scan",
     "sparse_softmax": "seqfuse.bench.sparse_softmax",
 }

@@ -1,0 +1,498 @@
+"""GlobalPointer: rope, global_pointer_scores, the multilabel losses, the fused loss and
+the modules, against the plain-PyTorch references in float64."""
+
+import math
+
+import pytest
+import torch
+
+import seqfuse
+from seqfuse import reference
+from seqfuse.nn import EfficientGlobalPointer, GlobalPointer, global_pointer_decode
+from seqfuse.reference.global_pointer import sparse_labels
+
+from conftest import DEVICES, assert_close
+
+F64 = torch.float64
+INF = float("inf")
+
+
+def qk(B, L, H, D, device, dtype=F64, requires_grad=True):
+    q = torch.randn(B, L, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, L, H, D, device=device, dtype=dtype)
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad)
+
+
+def padding_mask(B, L, device):
+    """Random lengths in [1, L], one row left fully padded when B > 2."""
+    lengths = torch.randint(1, L + 1, (B,), device=device)
+    mask = (torch.arange(L, device=device) < lengths[:, None]).to(torch.int32)
+    if B > 2:
+        mask[-1] = 0
+    return mask
+
+
+def positives(B, H, L, P, device, mask_zero=True):
+    idx = torch.randint(0, L * L, (B, H, P), device=device)
+    if mask_zero and P > 1:
+        idx[..., -1] = 0  # padding
+    return idx
+
+
+def grads_with(out, upstream, *inputs):
+    return torch.autograd.grad(out, [x for x in inputs if x is not None], upstream)
+
+
+def finite(t):
+    """Replaces -inf (masked) by a large finite number so differences can be compared."""
+    return t.masked_fill(torch.isinf(t), -1e30)
+
+
+# ---- rope ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 7, 3, 8), (3, 5, 6)])
+@pytest.mark.parametrize("pos_kind", [None, "L", "BL"])
+def test_rope_matches_reference(device, shape, pos_kind):
+    x = torch.randn(shape, device=device, dtype=F64, requires_grad=True)
+    B, L = shape[:2]
+    positions = {None: None, "L": torch.randint(0, 5000, (L,), device=device),
+                 "BL": torch.randint(0, 5000, (B, L), device=device)}[pos_kind]
+    out = seqfuse.rope(x, positions, base=500.0)
+    expected = reference.rope(x, positions, base=500.0)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert_close(out, expected, rtol=1e-10, atol=1e-10)  # angles up to 5000 rad
+    up = torch.randn_like(out)
+    assert_close(grads_with(out, up, x)[0], grads_with(expected, up, x)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_rope_is_a_rotation_and_gradchecks():
+    x = torch.randn(2, 4, 2, 6, dtype=F64, requires_grad=True)
+    out = seqfuse.rope(x)
+    assert_close(out.norm(dim=-1), x.norm(dim=-1))
+    assert_close(out[:, 0], x[:, 0])  # position 0 is not rotated
+    assert torch.autograd.gradcheck(lambda t: seqfuse.rope(t, base=100.0), (x,))
+
+
+def test_rope_float32_long_positions():
+    x = torch.randn(1, 3, 2, 64)
+    positions = torch.tensor([0, 100_000, 4_000_000])
+    assert_close(seqfuse.rope(x, positions), reference.rope(x.double(), positions),
+                 dtype=torch.float32)
+
+
+# ---- scores -------------------------------------------------------------------------
+
+SCORE_CASES = [
+    # shared, rope, tril, masked, biases, scale
+    (False, True, True, True, False, None),
+    (False, False, False, False, True, 0.3),
+    (False, True, False, True, True, None),
+    (True, True, True, True, True, None),
+    (True, False, True, False, True, 1.0),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shared, rope, tril, masked, biases, scale", SCORE_CASES)
+def test_scores_match_reference(device, shared, rope, tril, masked, biases, scale):
+    B, L, H, D = 3, 11, 4, 8
+    q, k = qk(B, L, 1 if shared else H, D, device)
+    mask = padding_mask(B, L, device) if masked else None
+    bs = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True) if biases else None
+    be = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True) if biases else None
+    kw = dict(mask=mask, rope=rope, tril=tril, scale=scale, bias_start=bs, bias_end=be)
+    out = seqfuse.global_pointer_scores(q, k, **kw)
+    expected = reference.global_pointer_scores(q, k, **kw).expand(out.shape)
+    assert out.shape == (B, H if (biases or not shared) else 1, L, L)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
+    assert_close(finite(out), finite(expected))
+    up = torch.randn_like(out)
+    for got, want in zip(grads_with(out, up, q, k, bs, be), grads_with(expected, up, q, k, bs, be)):
+        assert_close(got, want)
+
+
+def test_scores_gradcheck():
+    q, k = qk(2, 5, 2, 4, "cpu")
+    bs = torch.randn(2, 2, 5, dtype=F64, requires_grad=True)
+    be = torch.randn(2, 2, 5, dtype=F64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+
+    def fn(q, k, bs, be):  # -inf entries have no gradient; gradcheck needs finite outputs
+        return finite(seqfuse.global_pointer_scores(q, k, mask=mask, bias_start=bs, bias_end=be))
+
+    assert torch.autograd.gradcheck(fn, (q, k, bs, be))
+    assert torch.autograd.gradcheck(
+        lambda q, k, bs: finite(seqfuse.global_pointer_scores(q, k, bias_start=bs)),
+        (q[:, :, :1].detach().requires_grad_(), k[:, :, :1].detach().requires_grad_(), bs))
+
+
+def test_scores_float32_matches_float64():
+    q, k = qk(2, 70, 3, 64, "cpu", torch.float32, requires_grad=False)
+    out = seqfuse.global_pointer_scores(q, k, tril=False)
+    assert_close(out, reference.global_pointer_scores(q.double(), k.double(), tril=False),
+                 dtype=torch.float32, atol=1e-4)
+
+
+# ---- losses on materialised scores --------------------------------------------------
+
+def loss_scores(shape, device, masked_fraction=0.2):
+    s = 3 * torch.randn(shape, device=device, dtype=F64)
+    s = s.masked_fill(torch.rand(shape, device=device) < masked_fraction, -INF)
+    return s.requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_dense_loss_matches_reference(device, soft, reduction):
+    s = loss_scores((3, 4, 37), device)
+    labels = torch.rand(s.shape, device=device, dtype=F64) if soft else \
+        (torch.rand(s.shape, device=device) < 0.2).to(torch.int64)
+    out = seqfuse.multilabel_categorical_crossentropy(s, labels, reduction)
+    expected = reference.multilabel_categorical_crossentropy(s, labels, reduction)
+    assert out.shape == ((3, 4) if reduction == "none" else ())
+    assert_close(out, expected)
+    up = torch.randn_like(out)
+    assert_close(grads_with(out, up, s)[0], grads_with(expected, up, s)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_zero", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sparse_loss_matches_reference(device, mask_zero, reduction):
+    s = loss_scores((2, 3, 50), device)
+    idx = torch.randint(0, 50, (2, 3, 6), device=device)
+    idx[0, 0, :2] = idx[0, 0, 2]  # repeated positives count once
+    if mask_zero:
+        idx[..., -2:] = 0
+    out = seqfuse.sparse_multilabel_categorical_crossentropy(s, idx, mask_zero, reduction)
+    expected = reference.sparse_multilabel_categorical_crossentropy(s, idx, mask_zero, reduction)
+    assert_close(out, expected)
+    up = torch.randn_like(out)
+    assert_close(grads_with(out, up, s)[0], grads_with(expected, up, s)[0])
+    # the same as the dense loss on the scattered labels
+    labels = sparse_labels(s, idx, mask_zero)
+    assert_close(out, seqfuse.multilabel_categorical_crossentropy(s, labels, reduction))
+
+
+def test_losses_gradcheck():
+    s = loss_scores((3, 9), "cpu", masked_fraction=0.0)
+    labels = torch.rand(3, 9, dtype=F64)
+    idx = torch.randint(0, 9, (3, 3))
+    assert torch.autograd.gradcheck(
+        lambda s: seqfuse.multilabel_categorical_crossentropy(s, labels, "none"), (s,))
+    assert torch.autograd.gradcheck(
+        lambda s: seqfuse.sparse_multilabel_categorical_crossentropy(s, idx, False, "none"), (s,))
+
+
+def test_sparse_loss_exact_where_the_textbook_formula_fails():
+    # One dominant positive: lse_all - lse_pos cancels in float32 and the textbook
+    # negative term comes out negative.
+    s = torch.full((1, 16), -30.0)
+    s[0, 3] = 15.0
+    idx = torch.tensor([[3]])
+    exact = reference.sparse_multilabel_categorical_crossentropy(s.double(), idx, False, "none")
+    textbook = reference.sparse_multilabel_categorical_crossentropy_textbook(s, idx, False, "none")
+    assert textbook.item() < 0
+    out = seqfuse.sparse_multilabel_categorical_crossentropy(s, idx, False, "none")
+    assert out.item() > 0
+    assert_close(out, exact, dtype=torch.float32, atol=0)
+    # A positive on a masked span (padding): the textbook loss is inf with NaN gradients;
+    # seqfuse ignores the -inf entry.
+    s = torch.tensor([[-INF, 0.5, -INF, -1.0]], requires_grad=True)
+    idx = torch.tensor([[2]])
+    textbook = reference.sparse_multilabel_categorical_crossentropy_textbook(s, idx, False, "sum")
+    textbook.backward()
+    assert torch.isinf(textbook) and torch.isnan(s.grad).any()
+    out = seqfuse.sparse_multilabel_categorical_crossentropy(s, idx, False, "sum")
+    (g,) = torch.autograd.grad(out, s)
+    assert torch.isfinite(out) and out.item() >= 0 and torch.isfinite(g).all()
+    exact = torch.log1p(torch.tensor(math.exp(0.5) + math.exp(-1.0)))
+    assert_close(out, exact, dtype=torch.float32)
+
+
+# ---- the fused loss -----------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [1, 9, 70, 130])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_fused_loss_equals_sparse_loss_on_scores(device, L, shared, reduction):
+    B, H, D = 3, 3, 8
+    q, k = qk(B, L, 1 if shared else H, D, device)
+    mask = padding_mask(B, L, device)
+    bs = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True)
+    be = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True) if shared else None
+    idx = positives(B, H, L, 5, device)
+    kw = dict(mask=mask, bias_start=bs, bias_end=be)
+    out = seqfuse.global_pointer_loss(q, k, idx, reduction=reduction, **kw)
+    scores = seqfuse.global_pointer_scores(q, k, **kw)
+    via_scores = seqfuse.sparse_multilabel_categorical_crossentropy(scores.flatten(-2), idx, True,
+                                                                    reduction)
+    expected = reference.global_pointer_loss(q, k, idx, reduction=reduction, **kw)
+    assert out.shape == ((B, H) if reduction == "none" else ())
+    assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert_close(via_scores, expected, rtol=1e-10, atol=1e-10)
+    if reduction == "none":
+        assert (out[-1] == 0).all()  # the fully padded sentence
+    up = torch.randn_like(out)
+    for got, via, want in zip(grads_with(out, up, q, k, bs, be),
+                              grads_with(via_scores, up, q, k, bs, be),
+                              grads_with(expected, up, q, k, bs, be)):
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert_close(via, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_loss_options_and_gradcheck():
+    q, k = qk(2, 6, 2, 4, "cpu")
+    be = torch.randn(2, 2, 6, dtype=F64, requires_grad=True)
+    idx = torch.randint(0, 36, (2, 2, 4))
+    for rope, tril, mask_zero in [(False, False, False), (True, False, True), (False, True, False)]:
+        kw = dict(rope=rope, tril=tril, scale=0.7, bias_end=be, mask_zero=mask_zero,
+                  reduction="sum")
+        out = seqfuse.global_pointer_loss(q, k, idx, **kw)
+        assert_close(out, reference.global_pointer_loss(q, k, idx, **kw), rtol=1e-10, atol=0)
+    assert torch.autograd.gradcheck(
+        lambda q, k, be: seqfuse.global_pointer_loss(q, k, idx, bias_end=be, reduction="none"),
+        (q, k, be))
+
+
+def test_fused_loss_float32():
+    q, k = qk(2, 100, 3, 64, "cpu", torch.float32, requires_grad=False)
+    idx = positives(2, 3, 100, 8, "cpu")
+    out = seqfuse.global_pointer_loss(q, k, idx, reduction="none")
+    assert_close(out, reference.global_pointer_loss(q.double(), k.double(), idx, reduction="none"),
+                 dtype=torch.float32)
+    assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_row(device):
+    q, k = qk(2, 9, 3, 8, device, requires_grad=False)
+    q[0, 2, 1, 0] = float("nan")
+    idx = positives(2, 3, 9, 4, device)
+    loss = seqfuse.global_pointer_loss(q, k, idx, reduction="none")
+    assert torch.isnan(loss[0, 1]) and torch.isfinite(loss[1]).all()
+    assert torch.isfinite(loss[0, [0, 2]]).all()
+    s = loss_scores((3, 20), device)
+    s.detach()[1, 5] = float("nan")
+    row_idx = torch.randint(0, 20, (3, 4), device=device)
+    terms = seqfuse.sparse_multilabel_categorical_crossentropy(s, row_idx, reduction="none")
+    assert torch.isnan(terms[1]) and torch.isfinite(terms[[0, 2]]).all()
+
+
+# ---- empty inputs, bad inputs, registration -----------------------------------------
+
+def test_empty_inputs():
+    q, k = qk(0, 5, 2, 4, "cpu")
+    assert seqfuse.global_pointer_scores(q, k).shape == (0, 2, 5, 5)
+    q, k = qk(2, 0, 2, 4, "cpu")
+    assert seqfuse.global_pointer_scores(q, k).shape == (2, 2, 0, 0)
+    no_positives = torch.zeros(2, 2, 0, dtype=torch.long)
+    loss = seqfuse.global_pointer_loss(q, k, no_positives, reduction="none")
+    assert loss.shape == (2, 2) and (loss == 0).all()
+    assert seqfuse.rope(torch.randn(0, 3, 4)).shape == (0, 3, 4)
+    s = torch.randn(0, 7)
+    assert seqfuse.multilabel_categorical_crossentropy(s, s, "none").shape == (0,)
+    assert seqfuse.sparse_multilabel_categorical_crossentropy(
+        s, torch.zeros(0, 2, dtype=torch.long), reduction="sum") == 0
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+_scores = seqfuse.global_pointer_scores
+_loss = seqfuse.global_pointer_loss
+_sparse = seqfuse.sparse_multilabel_categorical_crossentropy
+_dense = seqfuse.multilabel_categorical_crossentropy
+_q = (2, 3, 2, 4)
+_no_pos = torch.zeros(2, 2, 1, dtype=torch.long)
+
+BAD_INPUTS = [
+    (lambda: seqfuse.rope(_randn(2, 3, 5)), "D must be even"),
+    (lambda: seqfuse.rope(_randn(2, 3, 4), torch.arange(4)), "positions must be"),
+    (lambda: seqfuse.rope(_randn(2, 3, 4), torch.rand(3)), "positions must be an integer"),
+    (lambda: _scores(_randn(2, 3, 4), _randn(2, 3, 4)), "q must be"),
+    (lambda: _scores(_randn(*_q), _randn(2, 4, 2, 4)), "k must have"),
+    (lambda: _scores(_randn(*_q), _randn(*_q, dtype=F64)), "k has dtype"),
+    (lambda: _scores(_randn(2, 3, 2, 5), _randn(2, 3, 2, 5)), "even for rope"),
+    (lambda: _scores(_randn(*_q), _randn(*_q), mask=torch.ones(2, 4)), "mask must be"),
+    (lambda: _scores(_randn(*_q), _randn(*_q), bias_start=_randn(2, 3, 3)), "bias_start must be"),
+    (lambda: _scores(_randn(2, 3, 1, 4), _randn(2, 3, 1, 4), bias_start=_randn(2, 3, 3),
+                     bias_end=_randn(2, 4, 3)), "bias_start must be"),
+    (lambda: _scores(_randn(*_q).half(), _randn(*_q).half()), "float32 or float64"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), torch.tensor([[[9]], [[0]]]).expand(2, 2, 1)),
+     "pos_index entries"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), torch.zeros(2, 3, 1, dtype=torch.long)),
+     "pos_index must be"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), torch.zeros(2, 2, 1)), "pos_index must be an integer"),
+    (lambda: _loss(_randn(*_q), _randn(*_q), _no_pos, reduction="avg"), "reduction"),
+    (lambda: _sparse(_randn(2, 5), torch.tensor([[1], [-1]])), "pos_index entries"),
+    (lambda: _sparse(_randn(2, 5), torch.zeros(1, 1, dtype=torch.long)), "pos_index must be"),
+    (lambda: _dense(_randn(2, 5), torch.rand(2, 4)), "labels must have"),
+    (lambda: _dense(_randn(2, 5), 2 * torch.ones(2, 5)), r"labels must lie in \[0, 1\]"),
+    (lambda: _dense(_randn(2, 5), torch.ones(2, 5), "max"), "reduction"),
+    (lambda: global_pointer_decode(_randn(3, 3)), "scores must be"),
+]
+
+
+@pytest.mark.parametrize("fn, match", BAD_INPUTS)
+def test_bad_inputs(fn, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fn()
+
+
+def test_opcheck():
+    q, k = qk(2, 5, 3, 4, "cpu")
+    bs = torch.randn(2, 3, 5, dtype=F64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    idx = torch.randint(0, 25, (2, 3, 4))
+    s = loss_scores((2, 3, 25), "cpu", masked_fraction=0.1)
+    labels = (torch.rand(2, 3, 25) < 0.3).double()
+    terms = torch.rand(2, 3, 2, dtype=F64)
+    ops = torch.ops.seqfuse
+    # the backward ops are not differentiable themselves: give them plain tensors
+    q_, k_, bs_, s_ = (t.detach() for t in (q, k, bs, s))
+    cases = [
+        (ops.rope, (q, torch.arange(5), 100.0, False)),
+        (ops.global_pointer_scores, (q, k, mask, True, True, None, bs, None)),
+        (ops.global_pointer_scores, (q[:, :, :1], k[:, :, :1], None, False, False, 0.5, bs, bs)),
+        (ops.global_pointer_scores_backward,
+         (torch.randn(2, 3, 5, 5, dtype=F64), q_, k_, mask, True, True, None, bs_, None)),
+        (ops.multilabel_categorical_crossentropy, (s, labels)),
+        (ops.multilabel_categorical_crossentropy_backward,
+         (torch.rand_like(terms), terms, s_, labels)),
+        (ops.sparse_multilabel_categorical_crossentropy, (s, idx, True)),
+        (ops.sparse_multilabel_categorical_crossentropy_backward,
+         (torch.rand_like(terms), terms, s_, idx, False)),
+        (ops.global_pointer_loss, (q, k, idx, mask, True, True, None, bs, None, True)),
+        (ops.global_pointer_loss_backward,
+         (torch.rand_like(terms), terms, q_, k_, idx, mask, True, True, None, bs_, None, True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ---- modules ------------------------------------------------------------------------
+
+def bert4keras_rope(x):
+    """RoPE as bert4keras' SinusoidalPositionEmbedding + apply: sin/cos interleaved."""
+    L, D = x.shape[1], x.shape[-1]
+    position = torch.arange(L, dtype=x.dtype)[:, None]
+    indices = torch.pow(10000.0, -2 * torch.arange(D // 2, dtype=x.dtype) / D)
+    emb = torch.stack([torch.sin(position * indices), torch.cos(position * indices)], -1)
+    pos = emb.reshape(L, D)
+    cos_pos = pos[..., 1::2].repeat_interleave(2, -1)[None, :, None]
+    sin_pos = pos[..., ::2].repeat_interleave(2, -1)[None, :, None]
+    x2 = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return x * cos_pos + x2 * sin_pos
+
+
+def bert4keras_mask(logits, mask, tril):
+    if mask is not None:
+        pad = (mask == 0)
+        logits = logits.masked_fill(pad[:, None, :, None] | pad[:, None, None, :], -INF)
+    if tril:
+        L = logits.shape[-1]
+        logits = logits.masked_fill(torch.ones(L, L, dtype=torch.bool).tril(-1), -INF)
+    return logits
+
+
+def bert4keras_global_pointer(layer, x, mask):
+    B, L, _ = x.shape
+    units = torch.stack(torch.split(layer.dense(x), 2 * layer.head_size, dim=-1), dim=-2)
+    qw, kw = units[..., :layer.head_size], units[..., layer.head_size:]
+    qw, kw = bert4keras_rope(qw), bert4keras_rope(kw)
+    logits = torch.einsum("bmhd,bnhd->bhmn", qw, kw)
+    return bert4keras_mask(logits, mask, True) / layer.head_size ** 0.5
+
+
+def bert4keras_efficient_global_pointer(layer, x, mask):
+    inputs = layer.p_dense(x)
+    qw, kw = inputs[..., ::2], inputs[..., 1::2]
+    qw, kw = bert4keras_rope(qw[:, :, None])[:, :, 0], bert4keras_rope(kw[:, :, None])[:, :, 0]
+    logits = torch.einsum("bmd,bnd->bmn", qw, kw) / layer.head_size ** 0.5
+    bias = torch.einsum("bnh->bhn", layer.q_dense(inputs)) / 2
+    logits = logits[:, None] + bias[:, ::2, None] + bias[:, 1::2, :, None]
+    return bert4keras_mask(logits, mask, True)
+
+
+@pytest.mark.parametrize("cls, restated", [
+    (GlobalPointer, bert4keras_global_pointer),
+    (EfficientGlobalPointer, bert4keras_efficient_global_pointer),
+])
+def test_modules_match_bert4keras(cls, restated):
+    B, L, hidden, heads, head_size = 3, 13, 16, 5, 8
+    layer = cls(hidden, heads, head_size, dtype=F64)
+    x = torch.randn(B, L, hidden, dtype=F64, requires_grad=True)
+    mask = padding_mask(B, L, "cpu")
+    out = layer(x, mask)
+    expected = restated(layer, x, mask)
+    assert out.shape == (B, heads, L, L)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
+    assert_close(finite(out), finite(expected))
+    params = [x, *layer.parameters()]
+    up = torch.randn_like(out)
+    for got, want in zip(grads_with(out, up, *params), grads_with(expected, up, *params)):
+        assert_close(got, want)
+    # the fused loss equals the exact sparse loss of the restated scores
+    idx = positives(B, heads, L, 4, "cpu")
+    loss = layer.loss(x, idx, mask)
+    restated_scores = restated(layer, x, mask).flatten(-2)
+    expected_loss = reference.sparse_multilabel_categorical_crossentropy(restated_scores, idx, True)
+    assert_close(loss, expected_loss, rtol=1e-10, atol=1e-10)
+    got_grads = torch.autograd.grad(loss, params)
+    for got, want in zip(got_grads, torch.autograd.grad(expected_loss, params)):
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_module_compiles_fullgraph():
+    layer = EfficientGlobalPointer(16, 3, 8)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    out = compiled(x, mask)
+    assert_close(finite(out), finite(layer(x, mask)), dtype=torch.float32)
+    idx = positives(2, 3, 7, 3, "cpu")
+    loss_fn = torch.compile(lambda x: layer.loss(x, idx, mask), fullgraph=True, backend="aot_eager")
+    loss = loss_fn(x)
+    loss.backward()
+    assert_close(loss, layer.loss(x, idx, mask), dtype=torch.float32)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_decode():
+    scores = torch.full((2, 3, 4, 4), -INF)
+    scores[0, 1, 2, 3] = 0.5
+    scores[1, 0, 0, 0] = 2.0
+    scores[1, 2, 1, 2] = -0.5
+    assert global_pointer_decode(scores).tolist() == [[0, 1, 2, 3], [1, 0, 0, 0]]
+    assert global_pointer_decode(scores, threshold=-1.0).shape == (3, 4)
+
+
+# ---- CUDA half precision ------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_low_precision(dtype):
+    B, L, H, D = 2, 150, 3, 64
+    q, k = qk(B, L, H, D, "cuda", dtype, requires_grad=False)
+    q, k = (q / 2).requires_grad_(), (k / 2).requires_grad_()
+    mask = padding_mask(B, L, "cuda")
+    idx = positives(B, H, L, 6, "cuda")
+    out = seqfuse.global_pointer_scores(q, k, mask=mask)
+    expected = reference.global_pointer_scores(q.double(), k.double(), mask=mask)
+    assert out.dtype == dtype
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
+    assert_close(finite(out), finite(expected), dtype=dtype)
+    loss = seqfuse.global_pointer_loss(q, k, idx, mask=mask, reduction="none")
+    want = reference.global_pointer_loss(q.double(), k.double(), idx, mask=mask, reduction="none")
+    assert_close(loss, want, dtype=dtype, rtol=3e-2, atol=3e-2)
+    gq, gk = torch.autograd.grad(loss.sum(), (q, k))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    wq, wk = torch.autograd.grad(reference.global_pointer_loss(q64, k64, idx, mask=mask,
+                                                               reduction="sum"), (q64, k64))
+    assert_close(gq, wq, dtype=dtype, rtol=5e-2, atol=5e-2)
+    assert_close(gk, wk, dtype=dtype, rtol=5e-2, atol=5e-2)
