@@ -4,3 +4,5 @@ from seqfuse.nn.global_pointer import EfficientGlobalPointer, GlobalPointer, glo
 from seqfuse.nn.lru import LRU
 from seqfuse.nn.sparse_softmax import SparseSoftmaxCrossEntropyLoss
 
+__all__ = ["LRU", "SparseSoftmaxCrossEntropyLoss", "GlobalPointer", "EfficientGlobalPointer",
+           "global_pointer_decode"]
