@@ -14,15 +14,15 @@ def linear_scan(
 ) -> torch.Tensor:
     """``h_t = a_t * h_{t-1} + b_t`` one step at a time (see ``seqfuse.linear_scan``)."""
     dtype = b.dtype
-    a, b = _acc(a).expand_as(b), _acc(b)
-    h = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
-    steps = range(b.shape[1] - 1, -1, -1) if reverse else range(b.shape[1])
-    out = [None] * b.shape[1]
+    a_t, b_t = _acc(a).expand_as(b).unbind(1), _acc(b).unbind(1)
+    h = torch.zeros_like(b_t[0]) if h0 is None else h0.to(b_t[0].dtype)
+    steps = range(len(b_t) - 1, -1, -1) if reverse else range(len(b_t))
+    out = [None] * len(b_t)
     for t in steps:
-        h = a[:, t] * h + b[:, t]
+        h = a_t[t] * h + b_t[t]
         out[t] = h
     if not out:
-        return b.to(dtype)
+        return _acc(b).to(dtype)
     return torch.stack(out, dim=1).to(dtype)
 
 
