@@ -1,5 +1,6 @@
 """seqfuse modules, one file per family."""
 
+from seqfuse.nn.linear_attention import CausalLinearAttention
 from seqfuse.nn.lru import LRU
 
-__all__ = ["LRU"]
+__all__ = ["CausalLinearAttention", "LRU"]
