@@ -135,8 +135,40 @@ struct Kernel {
     state.addmm_(decayed(kf, true, gpow, s.rows).t(), vp, gpow[kf.size(0)], 1);
   }
 
+  // One decoding step (T = 1) in plain loops, with no matrix-product calls:
+  // S' <- gamma S' + phi(k) [v, 1]^T, o = scale phi(q)^T S' (/ den).
+  void forward_step(int64_t bh, Scratch& s, scalar_t* o, at::Tensor& S_T, at::Tensor& z_T,
+                    acc_t* den) const {
+    const int64_t b = bh / geo.H, h = bh % geo.H, Dv = geo.Dv;
+    const acc_t gamma = decay ? decay[h] : acc_t(1);
+    at::Tensor state = tile(s.state, geo.Dk, dv1());
+    load_state(S0, z0, bh, state);
+    acc_t* S = state.data_ptr<acc_t>();
+    acc_t* num = s.n.data_ptr<acc_t>();
+    gather_values(v + geo.v_offset(b, 0, h), 1, s.vp);
+    const acc_t* vp = s.vp.data_ptr<acc_t>();
+    const scalar_t* qr = q + geo.qk_offset(b, 0, h);
+    const scalar_t* kr = k + geo.qk_offset(b, 0, h);
+    std::fill_n(num, dv1(), acc_t(0));
+    for (int64_t d = 0; d < geo.Dk; ++d) {
+      const acc_t kf = feature<F>(acc_t(kr[d])), qf = feature<F>(acc_t(qr[d]));
+      acc_t* row = S + d * dv1();
+      for (int64_t c = 0; c < dv1(); ++c) {
+        row[c] = gamma * row[c] + kf * vp[c];
+        num[c] += qf * row[c];
+      }
+    }
+    const acc_t d = acc_t(opt.scale) * num[Dv] + acc_t(opt.eps);
+    den[bh] = d;
+    const acc_t f = opt.normalize ? acc_t(opt.scale) / d : acc_t(opt.scale);
+    scalar_t* out = o + geo.v_offset(b, 0, h);
+    for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(num[c] * f);
+    store_state(state, bh, S_T, z_T);
+  }
+
   void forward(int64_t bh, Scratch& s, scalar_t* o, at::Tensor& S_T, at::Tensor& z_T,
                acc_t* den) const {
+    if (geo.T == 1) return forward_step(bh, s, o, S_T, z_T, den);
     const int64_t b = bh / geo.H, h = bh % geo.H, Dk = geo.Dk, Dv = geo.Dv;
     const auto gpow = powers(h);
     at::Tensor state = tile(s.state, Dk, dv1());
@@ -288,7 +320,11 @@ void for_each_head(const LinearAttentionGeometry& geo, const LinearAttentionOpti
           reinterpret_cast<const storage_t*>(v.data_ptr()),
           optional_ptr<acc_t>(decay), optional_ptr<acc_t>(S0), optional_ptr<acc_t>(z0)};
       const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-      at::parallel_for(0, geo.B * geo.H, 1, [&](int64_t begin, int64_t end) {
+      // Heads with little work (decoding, T = 1) run on the calling thread: waking the
+      // pool costs more than they do.
+      const int64_t work = std::max<int64_t>(1, geo.T * (geo.Dk + 1) * (geo.Dv + 1));
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work);
+      at::parallel_for(0, geo.B * geo.H, grain, [&](int64_t begin, int64_t end) {
         c10::InferenceMode guard;
         Scratch scratch(geo, acc, backward);
         for (int64_t bh = begin; bh < end; ++bh) item(kernel, bh, scratch);

@@ -17,6 +17,7 @@ from seqfuse.bench.common import device_name, write_json
 # family name -> module with run(device: str, quick: bool) -> (limits, rows, table str)
 FAMILIES = {
     "scan": "seqfuse.bench.scan",
+    "linear_attention": "seqfuse.bench.linear_attention",
 }
 
 
