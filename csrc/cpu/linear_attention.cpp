@@ -51,6 +51,8 @@ struct Scratch {
 
 template <FeatureMap F, typename scalar_t, typename acc_t>
 struct Kernel {
+  using storage_type = scalar_t;
+  using acc_type = acc_t;
   LinearAttentionGeometry geo;
   LinearAttentionOptions opt;
   const scalar_t *q, *k, *v;
@@ -345,8 +347,9 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
                               const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
                               at::Tensor& o, at::Tensor& S_T, at::Tensor& z_T, at::Tensor& den) {
   for_each_head(g, opt, q, k, v, decay, S0, z0, false, [&](const auto& kernel, int64_t bh, Scratch& s) {
-    using storage_t = std::remove_cv_t<std::remove_pointer_t<decltype(kernel.q)>>;
-    using acc_t = std::remove_cv_t<std::remove_pointer_t<decltype(kernel.S0)>>;
+    using K = std::decay_t<decltype(kernel)>;
+    using storage_t = typename K::storage_type;
+    using acc_t = typename K::acc_type;
     kernel.forward(bh, s, ptr_of<storage_t>(o), S_T, z_T, ptr_of<acc_t>(den));
   });
 }
@@ -359,8 +362,9 @@ void linear_attention_backward(const LinearAttentionGeometry& g, const LinearAtt
                                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS0,
                                at::Tensor& dz0) {
   for_each_head(g, opt, q, k, v, decay, S0, z0, true, [&](const auto& kernel, int64_t bh, Scratch& s) {
-    using storage_t = std::remove_cv_t<std::remove_pointer_t<decltype(kernel.q)>>;
-    using acc_t = std::remove_cv_t<std::remove_pointer_t<decltype(kernel.S0)>>;
+    using K = std::decay_t<decltype(kernel)>;
+    using storage_t = typename K::storage_type;
+    using acc_t = typename K::acc_type;
     kernel.backward(bh, s, ptr_of<const storage_t>(grad_o), ptr_of<const acc_t>(grad_S),
                     ptr_of<const acc_t>(grad_z), ptr_of<const storage_t>(o),
                     ptr_of<const acc_t>(den), ptr_of<storage_t>(dq), ptr_of<storage_t>(dk),
