@@ -306,11 +306,18 @@ def test_cuda_matches_cpu_kernel(dtype, D):
     q, k, v, S0, z0 = make_inputs(2, 300, 3, D, D, feature_map="elu1", state=True, dtype=dtype)
     gamma = torch.tensor([0.9, 0.99, 1.0])
     kw = dict(feature_map="elu1", decay=gamma, initial_state=(S0.float(), z0.float()), return_state=True)
-    cpu = seqfuse.causal_linear_attention(*(t.float() for t in (q, k, v)), **kw)
+    leaves_cpu = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    leaves_gpu = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
+    cpu = seqfuse.causal_linear_attention(*leaves_cpu, **kw)
     kw_cuda = dict(kw, decay=gamma.cuda(), initial_state=(S0.float().cuda(), z0.float().cuda()))
-    gpu = seqfuse.causal_linear_attention(q.cuda(), k.cuda(), v.cuda(), **kw_cuda)
+    gpu = seqfuse.causal_linear_attention(*leaves_gpu, **kw_cuda)
     assert_close(gpu[0], cpu[0], dtype=dtype)
     assert_close(gpu[1][0], cpu[1][0], rtol=1e-3, atol=1e-3)
+    grad_o = torch.randn_like(cpu[0])
+    cpu[0].backward(grad_o)
+    gpu[0].backward(grad_o.to(device="cuda", dtype=dtype))
+    for got, want in zip(leaves_gpu, leaves_cpu):
+        assert_close(got.grad, want.grad, dtype=dtype)
 
 
 @pytest.mark.cuda
