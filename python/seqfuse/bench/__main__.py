@@ -18,6 +18,7 @@ from seqfuse.bench.common import device_name, write_json
 FAMILIES = {
     "global_pointer": "seqfuse.bench.global_pointer",
     "scan": "seqfuse.bench.scan",
+    "linear_attention": "seqfuse.bench.linear_attention",
     "sparse_softmax": "seqfuse.bench.sparse_softmax",
 }
 

@@ -1,8 +1,15 @@
 """seqfuse modules, one file per family."""
 
 from seqfuse.nn.global_pointer import EfficientGlobalPointer, GlobalPointer, global_pointer_decode
+from seqfuse.nn.linear_attention import CausalLinearAttention
 from seqfuse.nn.lru import LRU
 from seqfuse.nn.sparse_softmax import SparseSoftmaxCrossEntropyLoss
 
-__all__ = ["LRU", "SparseSoftmaxCrossEntropyLoss", "GlobalPointer", "EfficientGlobalPointer",
-           "global_pointer_decode"]
+__all__ = [
+    "LRU",
+    "CausalLinearAttention",
+    "SparseSoftmaxCrossEntropyLoss",
+    "GlobalPointer",
+    "EfficientGlobalPointer",
+    "global_pointer_decode",
+]

@@ -7,6 +7,7 @@ from seqfuse.ops.global_pointer import (
     rope,
     sparse_multilabel_categorical_crossentropy,
 )
+from seqfuse.ops.linear_attention import causal_linear_attention
 from seqfuse.ops.scan import linear_scan
 from seqfuse.ops.sparse_softmax import (
     entropy_normalize,
@@ -17,12 +18,17 @@ from seqfuse.ops.sparse_softmax import (
 )
 
 __all__ = [
+    # scan
     "linear_scan",
+    # linear attention
+    "causal_linear_attention",
+    # row-wise normalisers
     "sparse_softmax",
     "topk_softmax",
     "sparse_softmax_cross_entropy",
     "taylor_softmax",
     "entropy_normalize",
+    # GlobalPointer
     "rope",
     "global_pointer_scores",
     "multilabel_categorical_crossentropy",

@@ -8,6 +8,10 @@ from seqfuse.reference.global_pointer import (
     sparse_multilabel_categorical_crossentropy,
     sparse_multilabel_categorical_crossentropy_textbook,
 )
+from seqfuse.reference.linear_attention import (
+    causal_linear_attention,
+    causal_linear_attention_recurrent,
+)
 from seqfuse.reference.scan import linear_scan, linear_scan_logspace, lru
 from seqfuse.reference.sparse_softmax import (
     entropy_normalize,
@@ -18,14 +22,20 @@ from seqfuse.reference.sparse_softmax import (
 )
 
 __all__ = [
+    # scan
     "linear_scan",
     "linear_scan_logspace",
     "lru",
+    # linear attention
+    "causal_linear_attention",
+    "causal_linear_attention_recurrent",
+    # row-wise normalisers
     "sparse_softmax",
     "topk_softmax",
     "sparse_softmax_cross_entropy",
     "taylor_softmax",
     "entropy_normalize",
+    # GlobalPointer
     "rope",
     "global_pointer_scores",
     "multilabel_categorical_crossentropy",

@@ -1,0 +1,538 @@
+// CUDA causal linear attention: chunked, with the state kept in shared memory.
+//
+// Every pass is one causal product (maths: csrc/common/linear_attention.h), walked in
+// step order p = 0..T-1 (time p, or T-1-p for the reverse sweeps) in chunks of kChunk
+// steps; r, s are positions inside the chunk and n its length:
+//
+//   out_p = alpha sum_{s <= r} gamma^(r-s) (a_r . b_s) c_s  +  beta gamma^(r+off) a_r^T X
+//   X    <- gamma^n X + kappa sum_s gamma^(n-1-s) b_s c_s^T        (after each chunk)
+//
+// which is consistent across chunk boundaries when beta kappa gamma^(off-1) = alpha.
+//
+//   pass      order    a       b       c       X_0        alpha  beta   off  kappa
+//   forward   forward  phi(q)  phi(k)  [v, 1]  S'_0       scale  scale  1    1
+//   dq        forward  G       [v, 1]  phi(k)  S'_0^T     scale  scale  1    1
+//   dv        reverse  phi(k)  phi(q)  G       dS'_T      scale  1      0    scale gamma
+//   dk        reverse  [v, 1]  G       phi(q)  dS'_T^T    scale  1      0    scale gamma
+//
+// The forward's final X is S'_T, the dv pass's is dS'_0; G = [do / den, -(do . o) / den]
+// (or [do, 0]) is formed first by a row kernel. dq and dk leave the pass multiplied by
+// phi'(q), phi'(k).
+//
+// A block owns one (batch, head) and a tile of kCols columns of c, and keeps its
+// [Da, kCols (+1)] slice of X in shared memory for the whole sequence. The forward pass
+// also carries c's ones column (the normaliser z) in every block, so each block can
+// normalise its own columns. The products run on CUDA cores in the accumulation type
+// (float; double for float64): no tensor cores. A T = 1 forward (decoding with a
+// carried state) takes a separate kernel that streams the state through registers.
+#include <initializer_list>
+
+#include "dtype.cuh"
+#include "linear_attention.h"
+
+namespace seqfuse::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kCols = 32;  // columns of c per block; a warp's lanes
+
+// Steps per chunk: 32 in float, 16 in double (shared memory).
+template <typename acc_t>
+__host__ __device__ constexpr int chunk_of() {
+  return sizeof(acc_t) == 4 ? 32 : 16;
+}
+
+template <typename T>
+__device__ __forceinline__ T apply_feature(FeatureMap f, T x) {
+  switch (f) {
+    case FeatureMap::Elu1: return feature<FeatureMap::Elu1>(x);
+    case FeatureMap::Relu: return feature<FeatureMap::Relu>(x);
+    default: return x;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T apply_feature_grad(FeatureMap f, T x) {
+  switch (f) {
+    case FeatureMap::Elu1: return feature_grad<FeatureMap::Elu1>(x);
+    case FeatureMap::Relu: return feature_grad<FeatureMap::Relu>(x);
+    default: return T(1);
+  }
+}
+
+enum class Source : int { Feature, Values, Dense };
+
+// One operand of a pass, read as rows of `width` numbers per (b, h, t):
+// Feature: phi(x) of [B, T, H, width]; Values: [v, 1] of v [B, T, H, width - 1];
+// Dense: acc [B, H, T, width].
+template <typename scalar_t>
+struct Operand {
+  using acc_t = acc_of<scalar_t>;
+  Source kind;
+  const scalar_t* x;
+  const acc_t* dense;
+  int64_t width;
+
+  __device__ __forceinline__ acc_t load(const LinearAttentionGeometry& g, FeatureMap f, int64_t b, int64_t h,
+                        int64_t t, int64_t col) const {
+    switch (kind) {
+      case Source::Feature:
+        return apply_feature(f, to_acc(x[((b * g.T + t) * g.H + h) * width + col]));
+      case Source::Values:
+        return col < width - 1 ? to_acc(x[((b * g.T + t) * g.H + h) * (width - 1) + col])
+                               : acc_t(1);
+      default:
+        return dense[((b * g.H + h) * g.T + t) * width + col];
+    }
+  }
+};
+
+enum class Epilogue : int { Normalize, FeatureGrad, Plain };
+
+template <typename scalar_t>
+struct Pass {
+  using acc_t = acc_of<scalar_t>;
+  LinearAttentionGeometry geom;
+  FeatureMap feature_map;
+  Operand<scalar_t> a, b, c;
+  int64_t Da, Dc;     // width of a and b; columns of c tiled across blocks
+  bool ones_column;   // also carry c's column Dc (the forward's ones column)
+  bool reverse;
+  int off;
+  acc_t alpha, beta, kappa;  // kappa is multiplied by gamma when off == 0
+  const acc_t* decay;
+  const acc_t* x0;    // [B*H] blocks of X_0 at (i, j) -> i * x_rs + j * x_cs, or null
+  acc_t* x_out;       // the final X, same layout, or null
+  int64_t x_bh, x_rs, x_cs;
+  Epilogue epilogue;
+  int64_t out_cols;   // columns of the output written
+  scalar_t* out;      // [B, T, H, out_cols]
+  const scalar_t* fx; // FeatureGrad: the input whose phi' multiplies the output
+  acc_t* den;         // Normalize: acc [B, H, T], written by the first column tile
+  bool normalize;
+  acc_t eps;
+
+  // The time of step p0 + r.
+  __device__ __forceinline__ int64_t time_at(int64_t p0, int r) const {
+    return reverse ? geom.T - 1 - (p0 + r) : p0 + r;
+  }
+  // Column j of the tile starting at c0: c0 + j, or the ones column for j == kCols;
+  // -1 where there is none.
+  __device__ __forceinline__ int64_t column(int64_t c0, int j) const {
+    if (j < kCols) return c0 + j < Dc ? c0 + j : -1;
+    return ones_column ? Dc : -1;
+  }
+};
+
+// sum_{s <= r} P_rs c_s[j] + factor * a_r^T X[:, j], from the shared-memory tiles.
+template <typename acc_t, int kDa, int ldp, int ldc>
+__device__ __forceinline__ acc_t row_product(const acc_t* P, const acc_t* C, const acc_t* A,
+                                             const acc_t* X, int r, int j, int Da, int lda,
+                                             acc_t factor) {
+  acc_t intra = 0, inter = 0;
+  for (int s = 0; s <= r; ++s) intra += P[r * ldp + s] * C[s * ldc + j];
+#pragma unroll 8
+  for (int i = 0; i < (kDa ? kDa : Da); ++i) inter += A[r * lda + i] * X[i * ldc + j];
+  return intra + factor * inter;
+}
+
+// Shared-memory layout of one block, in acc_t elements. Row strides are odd so that
+// lanes walking different rows hit different banks.
+struct Smem {
+  int64_t lda, a, b, c, p, x, gpow, extra, total;
+  __host__ __device__ Smem(int64_t Da, int chunk) {
+    lda = Da % 2 == 0 ? Da + 1 : Da;
+    a = 0;
+    b = a + chunk * lda;
+    c = b + chunk * lda;
+    p = c + chunk * (kCols + 1);
+    x = p + chunk * (chunk + 1);
+    gpow = x + Da * (kCols + 1);
+    extra = gpow + chunk + 1;
+    total = extra + 2 * chunk;
+  }
+};
+
+// kDa: a compile-time width of a and b (0: read it from the pass). Shared memory allows
+// about two blocks per SM at the common head dims; saying so lets ptxas use up to 128
+// registers instead of spilling under its default target.
+template <typename scalar_t, int kDa>
+__global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, unsigned tiles) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kChunk = chunk_of<acc_t>();
+  constexpr int kRows = kChunk / kWarps;  // output rows per thread
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+
+  const LinearAttentionGeometry& g = ps.geom;
+  const int Da = kDa ? kDa : int(ps.Da);  // <= 257: shared-memory indices fit in int
+  const Smem L(Da, kChunk);
+  acc_t *A = smem + L.a, *Bs = smem + L.b, *C = smem + L.c, *P = smem + L.p, *X = smem + L.x;
+  acc_t *gpow = smem + L.gpow, *den = smem + L.extra, *inv_den = den + kChunk;
+  constexpr int ldc = kCols + 1, ldp = kChunk + 1;
+
+  // 32-bit index arithmetic: launches have fewer than 2^31 blocks.
+  const unsigned bh32 = blockIdx.x / tiles, heads = unsigned(g.H);
+  const int64_t bh = bh32, c0 = int64_t(blockIdx.x % tiles) * kCols;
+  const int64_t bi = bh32 / heads, h = bh32 % heads;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const acc_t gamma = ps.decay ? ps.decay[h] : acc_t(1);
+  const acc_t kappa = ps.off == 0 ? ps.kappa * gamma : ps.kappa;
+
+  if (tid == 0) {
+    acc_t x = 1;
+    for (int i = 0; i <= kChunk; ++i, x *= gamma) gpow[i] = x;
+  }
+  for (int idx = tid; idx < Da * ldc; idx += kThreads) {
+    const int64_t i = idx / ldc, col = ps.column(c0, idx % ldc);
+    X[idx] = ps.x0 && col >= 0 ? ps.x0[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] : acc_t(0);
+  }
+
+  for (int64_t p0 = 0; p0 < g.T; p0 += kChunk) {
+    const int n = g.T - p0 < kChunk ? int(g.T - p0) : kChunk;
+    __syncthreads();  // the previous chunk is done with A, B, C
+
+    for (int idx = tid; idx < kChunk * Da; idx += kThreads) {
+      const int r = idx / Da, i = idx % Da;
+      const bool live = r < n;
+      const int64_t t = ps.time_at(p0, r);
+      A[r * L.lda + i] = live ? ps.a.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
+      Bs[r * L.lda + i] = live ? ps.b.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
+    }
+    for (int idx = tid; idx < kChunk * ldc; idx += kThreads) {
+      const int r = idx / ldc;
+      const int64_t col = ps.column(c0, idx % ldc);
+      C[idx] = r < n && col >= 0 ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(p0, r), col)
+                                 : acc_t(0);
+    }
+    __syncthreads();
+
+    // P_rs = alpha gamma^(r-s) (a_r . b_s) for s <= r
+    for (int idx = tid; idx < kChunk * kChunk; idx += kThreads) {
+      const int r = idx / kChunk, s = idx % kChunk;
+      acc_t dot = 0;
+      if (s <= r && r < n) {
+#pragma unroll 8
+        for (int i = 0; i < Da; ++i) dot += A[r * L.lda + i] * Bs[s * L.lda + i];
+      }
+      P[r * ldp + s] = ps.alpha * gpow[r - s > 0 ? r - s : 0] * dot;
+    }
+    __syncthreads();
+
+    // out_r = sum_s P_rs c_s + beta gamma^(r+off) a_r^T X; lane = column.
+    // The ones column first, so that every thread can normalise its outputs.
+    if (ps.ones_column && tid < kChunk) {
+      const acc_t d = row_product<acc_t, kDa, ldp, ldc>(P, C, A, X, tid, kCols, Da, int(L.lda),
+                                                        ps.beta * gpow[tid + ps.off]) + ps.eps;
+      den[tid] = d;
+      inv_den[tid] = ps.normalize ? acc_t(1) / d : acc_t(1);
+    }
+    __syncthreads();
+    acc_t val[kRows];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int r = warp + kWarps * i;
+      val[i] = row_product<acc_t, kDa, ldp, ldc>(P, C, A, X, r, lane, Da, int(L.lda),
+                                                 ps.beta * gpow[r + ps.off]);
+    }
+
+    const int64_t col = c0 + lane;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int r = warp + kWarps * i;
+      if (r >= n || col >= ps.out_cols) continue;
+      const int64_t t = ps.time_at(p0, r);
+      const int64_t o = ((bi * g.T + t) * g.H + h) * ps.out_cols + col;
+      acc_t y = val[i];
+      if (ps.epilogue == Epilogue::Normalize) {
+        y *= inv_den[r];
+      } else if (ps.epilogue == Epilogue::FeatureGrad) {
+        y *= apply_feature_grad(ps.feature_map, to_acc(ps.fx[o]));
+      }
+      ps.out[o] = from_acc<scalar_t>(y);
+    }
+    if (ps.epilogue == Epilogue::Normalize && c0 == 0 && tid < n) {
+      ps.den[bh * g.T + ps.time_at(p0, tid)] = den[tid];
+    }
+    __syncthreads();  // every product has read X
+
+    // X <- gamma^n X + kappa sum_s gamma^(n-1-s) b_s c_s^T
+    for (int idx = tid; idx < Da * ldc; idx += kThreads) {
+      const int i = idx / ldc, j = idx % ldc;
+      acc_t sum = 0;
+      for (int s = 0; s < n; ++s) sum += gpow[n - 1 - s] * Bs[s * L.lda + i] * C[s * ldc + j];
+      X[idx] = gpow[n] * X[idx] + kappa * sum;
+    }
+  }
+
+  if (ps.x_out) {
+    __syncthreads();
+    for (int idx = tid; idx < Da * ldc; idx += kThreads) {
+      const int64_t i = idx / ldc, col = ps.column(c0, idx % ldc);
+      if (col >= 0) ps.x_out[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] = X[idx];
+    }
+  }
+}
+
+// One decoding step (T = 1) of the forward pass: S' <- gamma S' + phi(k) [v, 1]^T,
+// o = scale phi(q)^T S' (/ den). A block owns one (b, h) and kCols columns (plus the
+// ones column); lane = column, warps split the Dk rows, so the state is read and
+// written once, coalesced, and never staged in shared memory.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) decode_kernel(LinearAttentionArgs args, unsigned tiles) {
+  using acc_t = acc_of<scalar_t>;
+  __shared__ acc_t partial[kWarps][kCols + 1];
+  const LinearAttentionGeometry& g = args.geom;
+  const int64_t Dv1 = g.Dv + 1;
+  const unsigned bh32 = blockIdx.x / tiles;
+  const int64_t bh = bh32, c0 = int64_t(blockIdx.x % tiles) * kCols;
+  const int64_t h = bh32 % unsigned(g.H);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const auto* q = static_cast<const scalar_t*>(args.q) + bh * g.Dk;  // T = 1: row (b, 0, h)
+  const auto* k = static_cast<const scalar_t*>(args.k) + bh * g.Dk;
+  const auto* v = static_cast<const scalar_t*>(args.v) + bh * g.Dv;
+  const auto* s_in = static_cast<const acc_t*>(args.state_in);
+  auto* s_out = static_cast<acc_t*>(args.state_out) + bh * g.Dk * Dv1;
+  const acc_t gamma = args.decay ? static_cast<const acc_t*>(args.decay)[h] : acc_t(1);
+
+  // Columns lane (c0 + lane) and, for lane 0, the ones column.
+  const int64_t col = c0 + lane;
+  const bool live = col < g.Dv;
+  const acc_t v_col = live ? to_acc(v[col]) : acc_t(0);
+  acc_t acc_v = 0, acc_z = 0;
+  for (int64_t i = warp; i < g.Dk; i += kWarps) {
+    const acc_t qf = apply_feature(args.feature_map, to_acc(q[i]));
+    const acc_t kf = apply_feature(args.feature_map, to_acc(k[i]));
+    const int64_t row = (bh * g.Dk + i) * Dv1;
+    if (live) {
+      const acc_t s = gamma * (s_in ? s_in[row + col] : acc_t(0)) + kf * v_col;
+      s_out[i * Dv1 + col] = s;
+      acc_v += qf * s;
+    }
+    if (lane == 0) {
+      const acc_t z = gamma * (s_in ? s_in[row + g.Dv] : acc_t(0)) + kf;
+      if (c0 == 0) s_out[i * Dv1 + g.Dv] = z;
+      acc_z += qf * z;
+    }
+  }
+  partial[warp][lane] = acc_v;
+  if (lane == 0) partial[warp][kCols] = acc_z;
+  __syncthreads();
+  if (warp == 0) {
+    acc_t num = 0, z = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      num += partial[w][lane];
+      z += partial[w][kCols];
+    }
+    const acc_t scale = acc_t(args.scale);
+    const acc_t den = scale * z + acc_t(args.eps);
+    if (live) {
+      const acc_t y = args.normalize ? scale * num / den : scale * num;
+      static_cast<scalar_t*>(args.o)[bh * g.Dv + col] = from_acc<scalar_t>(y);
+    }
+    if (c0 == 0 && lane == 0) static_cast<acc_t*>(args.den)[bh] = den;
+  }
+}
+
+// G = [do / den, -(do . o) / den] (normalize) or [do, 0], one warp per (b, t, h) row,
+// written as acc [B, H, T, Dv + 1].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) output_grad_kernel(LinearAttentionArgs args) {
+  using acc_t = acc_of<scalar_t>;
+  const LinearAttentionGeometry& g = args.geom;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;  // (b, t, h)
+  if (row >= g.B * g.T * g.H) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t h = row % g.H, t = row / g.H % g.T, b = row / (g.H * g.T);
+  const int64_t bht = (b * g.H + h) * g.T + t;
+  const auto* go = static_cast<const scalar_t*>(args.grad_o) + row * g.Dv;
+  const auto* o = static_cast<const scalar_t*>(args.o) + row * g.Dv;
+  auto* G = static_cast<acc_t*>(args.workspace) + bht * (g.Dv + 1);
+  const acc_t inv = args.normalize ? acc_t(1) / static_cast<const acc_t*>(args.den)[bht] : acc_t(1);
+  acc_t dot = 0;
+  for (int64_t c = lane; c < g.Dv; c += 32) {
+    const acc_t d = to_acc(go[c]);
+    G[c] = d * inv;
+    dot += d * to_acc(o[c]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  if (lane == 0) G[g.Dv] = args.normalize ? -dot * inv : acc_t(0);
+}
+
+template <typename scalar_t>
+Operand<scalar_t> feature_operand(const void* x, int64_t width) {
+  return {Source::Feature, static_cast<const scalar_t*>(x), nullptr, width};
+}
+template <typename scalar_t>
+Operand<scalar_t> values_operand(const void* v, int64_t Dv) {
+  return {Source::Values, static_cast<const scalar_t*>(v), nullptr, Dv + 1};
+}
+template <typename scalar_t>
+Operand<scalar_t> dense_operand(const void* G, int64_t width) {
+  return {Source::Dense, nullptr, static_cast<const acc_of<scalar_t>*>(G), width};
+}
+
+// A pass with the geometry, decay and the state layout [B*H][Dk][Dv+1] filled in;
+// `transposed` reads and writes X as the transpose of that layout.
+template <typename scalar_t>
+Pass<scalar_t> base_pass(const LinearAttentionArgs& args, bool transposed) {
+  using acc_t = acc_of<scalar_t>;
+  Pass<scalar_t> ps{};
+  ps.geom = args.geom;
+  ps.feature_map = args.feature_map;
+  ps.decay = static_cast<const acc_t*>(args.decay);
+  ps.x_bh = args.geom.Dk * (args.geom.Dv + 1);
+  ps.x_rs = transposed ? 1 : args.geom.Dv + 1;
+  ps.x_cs = transposed ? args.geom.Dv + 1 : 1;
+  ps.normalize = args.normalize;
+  ps.eps = acc_t(args.eps);
+  return ps;
+}
+
+template <typename scalar_t, int kDa>
+cudaError_t launch_pass_with(const Pass<scalar_t>& ps, cudaStream_t stream) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t tiles = (ps.Dc + kCols - 1) / kCols;
+  const int64_t blocks = ps.geom.B * ps.geom.H * tiles;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
+  const size_t bytes = size_t(Smem(ps.Da, chunk_of<acc_t>()).total) * sizeof(acc_t);
+  auto kernel = chunk_kernel<scalar_t, kDa>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(blocks), kThreads, bytes, stream>>>(ps, unsigned(tiles));
+  return cudaGetLastError();
+}
+
+// Head dims 64 and 128 get their dot products unrolled at compile time.
+template <typename scalar_t>
+cudaError_t launch_pass(const Pass<scalar_t>& ps, cudaStream_t stream) {
+  switch (ps.Da) {
+    case 64: return launch_pass_with<scalar_t, 64>(ps, stream);
+    case 128: return launch_pass_with<scalar_t, 128>(ps, stream);
+    default: return launch_pass_with<scalar_t, 0>(ps, stream);
+  }
+}
+
+template <typename scalar_t>
+cudaError_t forward(const LinearAttentionArgs& args, cudaStream_t stream) {
+  using acc_t = acc_of<scalar_t>;
+  const LinearAttentionGeometry& g = args.geom;
+  if (g.T == 1) {
+    const int64_t tiles = (g.Dv + kCols - 1) / kCols, blocks = g.B * g.H * tiles;
+    if (blocks == 0) return cudaSuccess;
+    if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
+    decode_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(args, unsigned(tiles));
+    return cudaGetLastError();
+  }
+  Pass<scalar_t> ps = base_pass<scalar_t>(args, false);
+  ps.a = feature_operand<scalar_t>(args.q, g.Dk);
+  ps.b = feature_operand<scalar_t>(args.k, g.Dk);
+  ps.c = values_operand<scalar_t>(args.v, g.Dv);
+  ps.Da = g.Dk;
+  ps.Dc = g.Dv;
+  ps.ones_column = true;
+  ps.off = 1;
+  ps.alpha = ps.beta = acc_t(args.scale);
+  ps.kappa = 1;
+  ps.x0 = static_cast<const acc_t*>(args.state_in);
+  ps.x_out = static_cast<acc_t*>(args.state_out);
+  ps.epilogue = Epilogue::Normalize;
+  ps.out_cols = g.Dv;
+  ps.out = static_cast<scalar_t*>(args.o);
+  ps.den = static_cast<acc_t*>(args.den);
+  return launch_pass(ps, stream);
+}
+
+template <typename scalar_t>
+cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
+  using acc_t = acc_of<scalar_t>;
+  const LinearAttentionGeometry& g = args.geom;
+  const int64_t rows = g.B * g.T * g.H;
+  if (rows > 0) {
+    const int64_t blocks = (rows + kWarps - 1) / kWarps;
+    if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
+    output_grad_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(args);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const acc_t scale = acc_t(args.scale);
+  const auto* W = static_cast<const acc_t*>(args.grad_state);
+
+  Pass<scalar_t> dq = base_pass<scalar_t>(args, true);
+  dq.a = dense_operand<scalar_t>(args.workspace, g.Dv + 1);
+  dq.b = values_operand<scalar_t>(args.v, g.Dv);
+  dq.c = feature_operand<scalar_t>(args.k, g.Dk);
+  dq.Da = g.Dv + 1;
+  dq.Dc = g.Dk;
+  dq.off = 1;
+  dq.alpha = dq.beta = scale;
+  dq.kappa = 1;
+  dq.x0 = static_cast<const acc_t*>(args.state_in);
+  dq.epilogue = Epilogue::FeatureGrad;
+  dq.out_cols = g.Dk;
+  dq.out = static_cast<scalar_t*>(args.dq);
+  dq.fx = static_cast<const scalar_t*>(args.q);
+
+  Pass<scalar_t> dv = base_pass<scalar_t>(args, false);
+  dv.a = feature_operand<scalar_t>(args.k, g.Dk);
+  dv.b = feature_operand<scalar_t>(args.q, g.Dk);
+  dv.c = dense_operand<scalar_t>(args.workspace, g.Dv + 1);
+  dv.Da = g.Dk;
+  dv.Dc = g.Dv + 1;
+  dv.reverse = true;
+  dv.off = 0;
+  dv.alpha = dv.kappa = scale;
+  dv.beta = 1;
+  dv.x0 = W;
+  dv.x_out = static_cast<acc_t*>(args.grad_state_in);
+  dv.epilogue = Epilogue::Plain;
+  dv.out_cols = g.Dv;
+  dv.out = static_cast<scalar_t*>(args.dv);
+
+  Pass<scalar_t> dk = base_pass<scalar_t>(args, true);
+  dk.a = values_operand<scalar_t>(args.v, g.Dv);
+  dk.b = dense_operand<scalar_t>(args.workspace, g.Dv + 1);
+  dk.c = feature_operand<scalar_t>(args.q, g.Dk);
+  dk.Da = g.Dv + 1;
+  dk.Dc = g.Dk;
+  dk.reverse = true;
+  dk.off = 0;
+  dk.alpha = dk.kappa = scale;
+  dk.beta = 1;
+  dk.x0 = W;
+  dk.epilogue = Epilogue::FeatureGrad;
+  dk.out_cols = g.Dk;
+  dk.out = static_cast<scalar_t*>(args.dk);
+  dk.fx = static_cast<const scalar_t*>(args.k);
+
+  for (const Pass<scalar_t>* ps : {&dq, &dv, &dk}) {
+    const cudaError_t err = launch_pass(*ps, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+size_t linear_attention_workspace_bytes(const LinearAttentionGeometry& geom, DType dtype) {
+  const size_t acc = dtype == DType::Float64 ? sizeof(double) : sizeof(float);
+  return size_t(geom.B) * geom.H * geom.T * (geom.Dv + 1) * acc;
+}
+
+cudaError_t linear_attention_forward(const LinearAttentionArgs& args, DType dtype,
+                                     cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_float_types(dtype, [&](auto tag) { err = forward<decltype(tag)>(args, stream); });
+  return err;
+}
+
+cudaError_t linear_attention_backward(const LinearAttentionArgs& args, DType dtype,
+                                      cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_float_types(dtype, [&](auto tag) { err = backward<decltype(tag)>(args, stream); });
+  return err;
+}
+
+}  // namespace seqfuse::cuda

@@ -1,0 +1,136 @@
+"""Benchmark of causal_linear_attention: seqfuse vs the quadratic masked and recurrent
+references and, on CUDA, flash-linear-attention's chunk_linear_attn and
+fused_chunk_linear_attn when installed; forward and forward+backward, plus the
+per-token latency of decoding (T = 1 with a carried state).
+
+FLOP counts are those of the chunked algorithm with 64-step chunks, the same for every
+implementation so the rates compare: forward B*H*T*(2*64*(Dk + Dv) + 4*Dk*Dv) (the
+intra-chunk products, the read of the state and its update), forward+backward three
+times that. Bytes are q, k, v read and o written once (twice that for fwd+bwd). The
+recurrent reference is timed forward only (its backward is T steps of autograd), and
+skipped above T = 1024 on CPU; the quadratic one where its [B, H, T, T] scores pass 2 GiB.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import seqfuse
+from seqfuse import reference
+from seqfuse.bench.common import format_table, matmul_rate, memory_bandwidth, time_fn
+
+COLUMNS = ["case", "dtype", "norm", "pass", "seqfuse_ms", "quadratic_ms", "recurrent_ms",
+           "fla_chunk_ms", "fla_fused_ms", "x_quadratic", "x_recurrent", "x_fla_chunk",
+           "GFLOP/s", "%matmul", "GB/s", "%bw"]
+
+
+def _fla():
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn, fused_chunk_linear_attn
+    except ImportError:
+        return {}
+    return {"fla_chunk_ms": chunk_linear_attn, "fla_fused_ms": fused_chunk_linear_attn}
+
+
+def _cases(device: str, quick: bool):
+    """(B, H, T, D, dtype, normalize)"""
+    if quick:
+        return [(1, 2, 200, 32, torch.float32, False), (1, 2, 200, 32, torch.float32, True)]
+    if device == "cpu":
+        return [(2, 8, 1024, 64, torch.float32, False), (2, 8, 1024, 64, torch.float32, True),
+                (2, 8, 1024, 128, torch.float32, True), (1, 8, 4096, 64, torch.float32, True)]
+    return [(8, 16, T, D, torch.bfloat16, True) for T in (2048, 4096) for D in (64, 128)] + [
+        (8, 16, 4096, 64, torch.bfloat16, False), (8, 16, 2048, 64, torch.float32, True)]
+
+
+def _flops(B, H, T, D):
+    return B * H * T * (2 * 64 * 2 * D + 4 * D * D)
+
+
+def _timed(fn, leaves, backward, device, slow=False):
+    # The references take seconds per call on a CPU: one warm-up and three timed runs.
+    opts = dict(warmup=1, min_time=0.0) if slow else dict(min_time=0.2)
+    if not backward:
+        return time_fn(lambda: fn(*leaves), device, **opts)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        out = fn(*leaves)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    return time_fn(step, device, **opts)
+
+
+def _decode_rows(device: str, quick: bool):
+    """Per-token latency of one decoding step with a carried state, B=1, H=16, D=128."""
+    B, H, D = 1, 16, 32 if quick else 128
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = (torch.randn(B, 1, H, D, device=device, dtype=dtype) for _ in range(3))
+    state = (torch.randn(B, H, D, D, device=device), torch.rand(B, H, D, device=device) + 1)
+    kw = dict(feature_map="elu1", initial_state=state, return_state=True)
+    row = {"case": f"decode {B}x{H}x1x{D}", "dtype": str(dtype)[6:], "norm": True, "pass": "step"}
+    row["seqfuse_ms"] = 1e3 * time_fn(lambda: seqfuse.causal_linear_attention(q, k, v, **kw), device)
+    row["recurrent_ms"] = 1e3 * time_fn(
+        lambda: reference.causal_linear_attention_recurrent(q, k, v, **kw), device, min_time=0.1)
+    row["x_recurrent"] = row["recurrent_ms"] / row["seqfuse_ms"]
+    moved = 2 * state[0].numel() * 4  # the state is read and written once
+    row["GB/s"] = moved / row["seqfuse_ms"] / 1e6
+    return [row]
+
+
+def run(device: str, quick: bool):
+    bandwidth = memory_bandwidth(device)
+    fla = _fla() if device.startswith("cuda") else {}
+    rates = {}
+    rows = []
+    for B, H, T, D, dtype, normalize in _cases(device, quick):
+        if dtype not in rates:
+            rates[dtype] = matmul_rate(device, dtype)
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3))
+        kw = dict(feature_map="elu1", normalize=normalize)
+        impls = {
+            "seqfuse_ms": lambda q, k, v: seqfuse.causal_linear_attention(q, k, v, **kw),
+            "quadratic_ms": lambda q, k, v: reference.causal_linear_attention(q, k, v, **kw),
+            "recurrent_ms": lambda q, k, v: reference.causal_linear_attention_recurrent(q, k, v, **kw),
+        }
+        # fla applies no feature map: give it the same phi(q), phi(k).
+        for name, fn in fla.items():
+            impls[name] = (lambda fn: lambda q, k, v: fn(
+                torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1, v,
+                normalize=normalize))(fn)
+        quadratic_ok = B * H * T * T * 4 <= (1 << 31)
+        recurrent_ok = T <= (1024 if device == "cpu" else 2048) or quick
+        for backward in (False, True):
+            # The recurrent reference's backward walks T steps of autograd: forward only.
+            recurrent_ok = recurrent_ok and not (backward and not quick)
+            row = {"case": f"{B}x{H}x{T}x{D}", "dtype": str(dtype)[6:], "norm": normalize,
+                   "pass": "fwd+bwd" if backward else "fwd"}
+            for name, fn in impls.items():
+                if (name == "quadratic_ms" and not quadratic_ok) or (
+                        name == "recurrent_ms" and not recurrent_ok):
+                    continue
+                leaves = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+                try:
+                    row[name] = 1e3 * _timed(fn, leaves, backward, device,
+                                             slow=name != "seqfuse_ms" and device == "cpu")
+                except (RuntimeError, TypeError, ValueError) as err:  # an anchor's API or limits
+                    if name == "seqfuse_ms":
+                        raise
+                    row[name] = None
+                    print(f"  {name} skipped for {row['case']}: {err}")
+            for ref, col in (("quadratic_ms", "x_quadratic"), ("recurrent_ms", "x_recurrent"),
+                             ("fla_chunk_ms", "x_fla_chunk")):
+                if row.get(ref):
+                    row[col] = row[ref] / row["seqfuse_ms"]
+            flops = _flops(B, H, T, D) * (3 if backward else 1)
+            row["GFLOP/s"] = flops / row["seqfuse_ms"] / 1e6
+            row["%matmul"] = 100 * flops / (row["seqfuse_ms"] / 1e3) / rates[dtype]
+            moved = 4 * B * T * H * D * q.element_size() * (2 if backward else 1)
+            row["GB/s"] = moved / row["seqfuse_ms"] / 1e6
+            row["%bw"] = 100 * moved / (row["seqfuse_ms"] / 1e3) / bandwidth
+            rows.append(row)
+    rows += _decode_rows(device, quick)
+    limits = {"memory_bandwidth_GB/s": bandwidth / 1e9,
+              **{f"matmul_{str(d)[6:]}_GFLOP/s": r / 1e9 for d, r in rates.items()},
+              "threads": torch.get_num_threads()}
+    return limits, rows, format_table(rows, COLUMNS)

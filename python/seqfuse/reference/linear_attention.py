@@ -1,0 +1,86 @@
+"""Plain-PyTorch references for causal linear attention: readable first, fast never.
+
+    S_i = gamma S_{i-1} + phi(k_i) v_i^T,   z_i = gamma z_{i-1} + phi(k_i)
+    o_i = scale phi(q_i)^T S_i / (scale phi(q_i)^T z_i + eps)     (normalize=True)
+
+Both take the arguments of ``seqfuse.causal_linear_attention`` and compute in float32
+for half inputs (float64 for float64), returning outputs in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    """phi: ``"identity"``, ``"elu1"`` (elu(x) + 1) or ``"relu"``."""
+    if name == "identity":
+        return x
+    if name == "elu1":
+        return F.elu(x) + 1
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"feature_map must be 'identity', 'elu1' or 'relu', got {name!r}")
+
+
+def _prepare(q, k, v, fmap, decay, scale, initial_state):
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    qf = feature_map(q.to(acc), fmap).transpose(1, 2)  # [B, H, T, Dk]
+    kf = feature_map(k.to(acc), fmap).transpose(1, 2)
+    vv = v.to(acc).transpose(1, 2)                     # [B, H, T, Dv]
+    gamma = torch.ones(H, dtype=acc, device=q.device) if decay is None else decay.to(acc)
+    if initial_state is None:
+        S0 = torch.zeros(B, H, Dk, Dv, dtype=acc, device=q.device)
+        z0 = torch.zeros(B, H, Dk, dtype=acc, device=q.device)
+    else:
+        S0, z0 = (s.to(acc) for s in initial_state)
+    scale = Dk ** -0.5 if scale is None else scale
+    return qf, kf, vv, gamma, S0, z0, scale
+
+
+def causal_linear_attention(q, k, v, *, feature_map="identity", normalize=True, decay=None,
+                            scale=None, initial_state=None, return_state=False, eps=1e-6):
+    """The quadratic masked form: ``o = scale ((phi(Q) phi(K)^T . M) V + gamma^(i+1) phi(Q) S0)``
+    with ``M_ij = gamma^(i-j)`` for ``j <= i``, divided by the same with ``V -> 1``."""
+    qf, kf, vv, gamma, S0, z0, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
+    T = q.shape[1]
+    t = torch.arange(T, device=q.device)
+    lag = (t[:, None] - t[None, :]).to(qf.dtype)                       # i - j
+    g = gamma[:, None, None]
+    mask = torch.where(lag >= 0, g ** lag.clamp(min=0), torch.zeros_like(lag))  # [H, T, T]
+    carry = g[..., 0] ** (t + 1).to(qf.dtype)                           # gamma^(i+1), [H, T]
+    scores = (qf @ kf.transpose(-1, -2)) * mask
+    num = scores @ vv + carry[..., None] * (qf @ S0)
+    out = scale * num
+    if normalize:
+        den = scores.sum(-1) + carry * (qf @ z0[..., None])[..., 0]
+        out = out / (scale * den + eps)[..., None]
+    out = out.transpose(1, 2).to(q.dtype)
+    if not return_state:
+        return out
+    tail = g[..., 0] ** (T - 1 - t).to(qf.dtype)                        # gamma^(T-1-j), [H, T]
+    decay_T = (gamma ** T)[:, None]
+    S_T = decay_T[..., None] * S0 + (kf * tail[..., None]).transpose(-1, -2) @ vv
+    z_T = decay_T * z0 + (kf * tail[..., None]).sum(-2)
+    return out, (S_T, z_T)
+
+
+def causal_linear_attention_recurrent(q, k, v, *, feature_map="identity", normalize=True,
+                                      decay=None, scale=None, initial_state=None,
+                                      return_state=False, eps=1e-6):
+    """The recurrence, one step at a time."""
+    qf, kf, vv, gamma, S, z, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
+    g = gamma[:, None]
+    outs = []
+    for i in range(q.shape[1]):
+        S = g[..., None] * S + kf[:, :, i, :, None] * vv[:, :, i, None, :]
+        z = g * z + kf[:, :, i]
+        o = scale * (qf[:, :, i, None, :] @ S)[:, :, 0]
+        if normalize:
+            o = o / (scale * (qf[:, :, i] * z).sum(-1, keepdim=True) + eps)
+        outs.append(o)
+    out = (torch.stack(outs, dim=2) if outs else vv).transpose(1, 2).to(q.dtype)
+    return (out, (S, z)) if return_state else out

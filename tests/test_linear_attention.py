@@ -1,0 +1,333 @@
+"""causal_linear_attention: the kernels against the references, gradients, the
+custom-op contract, bad inputs, extremes, decoding with state, and the module."""
+
+import pytest
+import torch
+
+import seqfuse
+from seqfuse import reference
+from seqfuse.nn import CausalLinearAttention
+
+from conftest import DEVICES, assert_close
+
+FEATURE_MAPS = ["identity", "elu1", "relu"]
+
+
+def make_inputs(B, T, H, Dk, Dv, *, dtype=torch.float64, device="cpu", feature_map="identity",
+                normalize=True, state=False, requires_grad=False):
+    """q, k, v and an optional initial state; identity with normalize gets positive q, k
+    so the normaliser stays away from zero."""
+    draw = (lambda *s: torch.rand(*s, dtype=torch.float64) + 0.2) if (
+        feature_map == "identity" and normalize) else (lambda *s: torch.randn(*s, dtype=torch.float64))
+    q, k = draw(B, T, H, Dk), draw(B, T, H, Dk)
+    v = torch.randn(B, T, H, Dv, dtype=torch.float64)
+    tensors = [q, k, v]
+    if state:
+        tensors += [torch.randn(B, H, Dk, Dv, dtype=torch.float64),
+                    torch.rand(B, H, Dk, dtype=torch.float64) + 0.5]
+    return [t.to(device=device, dtype=dtype if t.dim() == 4 else torch.float64)
+            .requires_grad_(requires_grad) for t in tensors]
+
+
+def kwargs_for(feature_map, normalize, decay, H, device):
+    gamma = torch.empty(H, dtype=torch.float64).uniform_(0.8, 1.0).to(device) if decay else None
+    return dict(feature_map=feature_map, normalize=normalize, decay=gamma)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("state", [False, True])
+def test_forward_backward_match_reference(device, feature_map, normalize, decay, state):
+    B, T, H, Dk, Dv = 2, 150, 3, 16, 12
+    inputs = make_inputs(B, T, H, Dk, Dv, device=device, feature_map=feature_map,
+                         normalize=normalize, state=state, requires_grad=True)
+    kw = kwargs_for(feature_map, normalize, decay, H, device)
+    init = tuple(inputs[3:]) if state else None
+    grad_o = torch.randn(B, T, H, Dv, dtype=torch.float64, device=device)
+    grad_S, grad_z = torch.randn(B, H, Dk, Dv, dtype=torch.float64, device=device), torch.randn(
+        B, H, Dk, dtype=torch.float64, device=device)
+
+    results = []
+    for fn in (seqfuse.causal_linear_attention, reference.causal_linear_attention):
+        o, (S, z) = fn(*inputs[:3], initial_state=init, return_state=True, **kw)
+        loss = (o * grad_o).sum() + (S * grad_S).sum() + (z * grad_z).sum()
+        grads = torch.autograd.grad(loss, inputs)
+        results.append((o, S, z, *grads))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+GRADCHECK_CASES = [(f, n, d, s) for f in FEATURE_MAPS for n in (True, False)
+                   for d, s in ((False, False), (True, True))]
+
+
+@pytest.mark.parametrize("feature_map,normalize,decay,state", GRADCHECK_CASES)
+def test_gradcheck_cpu_kernel(feature_map, normalize, decay, state):
+    # T = 67 crosses a chunk boundary of the CPU kernel (64 steps).
+    B, T, H, Dk, Dv = 1, 67, 2, 3, 2
+    inputs = make_inputs(B, T, H, Dk, Dv, feature_map=feature_map, normalize=normalize,
+                         state=state, requires_grad=True)
+    kw = kwargs_for(feature_map, normalize, decay, H, "cpu")
+
+    def fn(q, k, v, *init):
+        o, (S, z) = seqfuse.causal_linear_attention(
+            q, k, v, initial_state=tuple(init) if init else None, return_state=True, **kw)
+        return o, S, z
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_references_agree():
+    B, T, H, Dk, Dv = 2, 23, 3, 5, 7
+    q, k, v, S0, z0 = make_inputs(B, T, H, Dk, Dv, feature_map="elu1", state=True)
+    kw = dict(feature_map="elu1", decay=torch.tensor([0.9, 1.0, 0.5], dtype=torch.float64),
+              initial_state=(S0, z0), return_state=True, scale=0.7)
+    for normalize in (True, False):
+        o1, (S1, z1) = reference.causal_linear_attention(q, k, v, normalize=normalize, **kw)
+        o2, (S2, z2) = reference.causal_linear_attention_recurrent(q, k, v, normalize=normalize, **kw)
+        for got, want in ((o1, o2), (S1, S2), (z1, z2)):
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 4, 4),      # T = 1
+    (2, 131, 2, 8, 8),    # prime T, several chunks
+    (1, 64, 2, 5, 9),     # exactly one chunk, Dk != Dv
+    (1, 65, 2, 9, 5),     # one step past a chunk
+    (1, 70, 1, 256, 256), # the largest head dims
+    (1, 40, 2, 1, 256),   # Dk = 1
+])
+def test_odd_sizes(device, shape):
+    B, T, H, Dk, Dv = shape
+    q, k, v, S0, z0 = make_inputs(B, T, H, Dk, Dv, device=device, feature_map="elu1", state=True,
+                                  requires_grad=True)
+    out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", initial_state=(S0, z0))
+    want = reference.causal_linear_attention(q, k, v, feature_map="elu1", initial_state=(S0, z0))
+    assert_close(out, want, rtol=1e-9, atol=1e-9)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, (q, k, v, S0, z0), g)
+    want_grads = torch.autograd.grad(want, (q, k, v, S0, z0), g)
+    for got, ref in zip(got_grads, want_grads):
+        assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,T", [(0, 5), (2, 0)])
+def test_empty(device, B, T):
+    q, k, v = make_inputs(B, T, 2, 4, 3, device=device, requires_grad=True)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, return_state=True)
+    assert o.shape == (B, T, 2, 3) and S.shape == (B, 2, 4, 3) and z.shape == (B, 2, 4)
+    assert (S == 0).all() and (z == 0).all()
+    (o.sum() + S.sum()).backward()
+    assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decay", [False, True])
+def test_chunked_decoding_with_state_equals_one_call(device, decay):
+    B, T, H, Dk, Dv = 2, 100, 4, 16, 8
+    q, k, v = make_inputs(B, T, H, Dk, Dv, device=device, feature_map="elu1")
+    kw = kwargs_for("elu1", True, decay, H, device)
+    whole, (S_all, z_all) = seqfuse.causal_linear_attention(q, k, v, return_state=True, **kw)
+    pieces, state = [], None
+    for lo, hi in ((0, 1), (1, 2), (2, 37), (37, 99), (99, 100)):
+        o, state = seqfuse.causal_linear_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi],
+                                                   initial_state=state, return_state=True, **kw)
+        pieces.append(o)
+    assert_close(torch.cat(pieces, 1), whole, rtol=1e-10, atol=1e-10)
+    assert_close(state[0], S_all, rtol=1e-10, atol=1e-10)
+    assert_close(state[1], z_all, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    q, k, v = make_inputs(2, 30, 3, 8, 8, device=device, feature_map="relu")
+    qt, kt, vt = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    out = seqfuse.causal_linear_attention(qt, kt, vt, feature_map="relu")
+    assert_close(out, reference.causal_linear_attention(q, k, v, feature_map="relu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_dtypes(device, dtype):
+    q, k, v = make_inputs(2, 77, 2, 32, 32, device=device, feature_map="elu1", dtype=dtype)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", return_state=True)
+    want, (S_ref, z_ref) = reference.causal_linear_attention(
+        q.double(), k.double(), v.double(), feature_map="elu1", return_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert_close(o, want, dtype=dtype)
+    assert_close(S, S_ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_elu1_near_cancelling_normaliser_stays_finite(device):
+    # Strongly negative q and k: elu(x) + 1 = e^x ~ 1e-4, so scale phi(q)^T z starts at
+    # the order of eps: numerator and normaliser are both tiny and must not cancel to
+    # garbage when the inputs are bfloat16.
+    B, T, H, D = 2, 200, 2, 64
+    q = (torch.randn(B, T, H, D) - 9).to(device=device, dtype=torch.bfloat16).requires_grad_()
+    k = (torch.randn(B, T, H, D) - 9).to(device=device, dtype=torch.bfloat16).requires_grad_()
+    v = torch.randn(B, T, H, D).to(device=device, dtype=torch.bfloat16).requires_grad_()
+    out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
+    want = reference.causal_linear_attention(q.double(), k.double(), v.double(), feature_map="elu1")
+    assert torch.isfinite(out).all()
+    assert want.abs().max() > 0.05  # the normaliser does not simply swamp the output
+    assert_close(out, want, dtype=torch.bfloat16)
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_nan_stays_in_its_row():
+    q, k, v = make_inputs(3, 20, 2, 4, 4, feature_map="elu1")
+    q[1, 5, 0, 0] = float("nan")
+    out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
+    assert torch.isnan(out[1, 5, 0]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    assert torch.isfinite(out[1, :, 1]).all() and torch.isfinite(out[1, 6:, 0]).all()
+
+
+def test_opcheck():
+    for feature_map, normalize, decay, state in GRADCHECK_CASES[::2]:
+        q, k, v, *init = make_inputs(2, 70, 2, 4, 3, feature_map=feature_map, normalize=normalize,
+                                     state=state, requires_grad=True)
+        kw = kwargs_for(feature_map, normalize, decay, 2, "cpu")
+        S0, z0 = init if init else (None, None)
+        args = (q, k, v, feature_map, normalize, kw["decay"], 0.5, S0, z0, 1e-6)
+        torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention.default, args)
+        o, S, z, den = torch.ops.seqfuse.causal_linear_attention(*args)
+        bargs = (torch.randn_like(o), torch.randn_like(S), torch.randn_like(z), q.detach(),
+                 k.detach(), v.detach(), o.detach(), den, feature_map, normalize, kw["decay"], 0.5,
+                 S0 if S0 is None else S0.detach(), z0 if z0 is None else z0.detach())
+        torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention_backward.default, bargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=torch.zeros(2, 5, 2)), "q must be"),
+    (dict(k=torch.zeros(2, 5, 2, 3)), "k must have q's shape"),
+    (dict(v=torch.zeros(2, 4, 2, 4)), "v must be"),
+    (dict(k=torch.zeros(2, 5, 2, 4, dtype=torch.float64)), "k has dtype"),
+    (dict(q=torch.zeros(2, 5, 2, 300), k=torch.zeros(2, 5, 2, 300)), "Dk"),
+    (dict(v=torch.zeros(2, 5, 2, 257)), "Dv"),
+    (dict(feature_map="softmax"), "feature_map"),
+    (dict(decay=torch.full((3,), 0.5)), "decay must be \\[H\\]"),
+    (dict(decay=torch.tensor([0.5, 1.5])), "decay must lie in"),
+    (dict(decay=torch.tensor([0.0, 0.5])), "decay must lie in"),
+    (dict(initial_state=(torch.zeros(2, 2, 4, 3), torch.zeros(2, 2, 4))), "initial_state S"),
+    (dict(initial_state=(torch.zeros(2, 2, 4, 4), torch.zeros(2, 4))), "initial_state z"),
+    (dict(initial_state=torch.zeros(2, 2, 4, 4)), "initial_state"),
+    (dict(eps=-1.0), "eps"),
+])
+def test_bad_inputs(device, bad, match):
+    args = dict(q=torch.zeros(2, 5, 2, 4), k=torch.zeros(2, 5, 2, 4), v=torch.zeros(2, 5, 2, 4))
+    args.update(bad)
+    args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()}
+    if isinstance(args.get("initial_state"), tuple):
+        args["initial_state"] = tuple(s.to(device) for s in args["initial_state"])
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        seqfuse.causal_linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.cuda
+def test_mixed_devices():
+    q = torch.zeros(1, 3, 1, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="k is on"):
+        seqfuse.causal_linear_attention(q, q.cpu(), q)
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "favor"])
+@pytest.mark.parametrize("decay", [None, [0.9, 0.99]])
+def test_module_step_equals_forward(feature_map, decay):
+    layer = CausalLinearAttention(16, 2, feature_map, decay=decay, dtype=torch.float64)
+    x = torch.randn(3, 25, 16, dtype=torch.float64)
+    y, (S, z) = layer(x, return_state=True)
+    state, steps = None, []
+    for t in range(x.shape[1]):
+        y_t, state = layer.step(x[:, t], state)
+        steps.append(y_t)
+    assert_close(torch.stack(steps, 1), y, rtol=1e-10, atol=1e-10)
+    assert_close(state[0], S, rtol=1e-10, atol=1e-10)
+
+
+def test_module_favor_estimates_softmax_attention_and_redraws():
+    torch.manual_seed(0)
+    layer = CausalLinearAttention(32, 1, "favor", n_features=256, dtype=torch.float64)
+    x = 0.5 * torch.randn(1, 12, 32, dtype=torch.float64)
+    q = layer.q_proj(x).view(1, 12, 1, 32)
+    k = layer.k_proj(x).view(1, 12, 1, 32)
+    v = layer.v_proj(x).view(1, 12, 1, 32)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / 32 ** 0.5
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    softmax = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(1, 12, 32)
+    assert_close(layer(x), layer.o_proj(softmax), rtol=0.1, atol=0.05)
+    before = layer.features.clone()
+    layer.redraw_features()
+    assert not torch.equal(before, layer.features)
+    w = layer.features[:32]  # one orthogonal block: rows are orthogonal
+    gram = w @ w.T
+    assert_close(gram - torch.diag(torch.diag(gram)), torch.zeros_like(gram), atol=1e-8)
+
+
+def test_module_compiles_without_graph_breaks():
+    layer = CausalLinearAttention(32, 4, "elu1", decay=0.95)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    assert_close(y, layer(x))
+    y.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    layer(x).sum().backward()
+    assert_close(grad, x.grad)
+
+
+def test_module_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n_heads"):
+        CausalLinearAttention(30, 4)
+    with pytest.raises(ValueError, match="feature_map"):
+        CausalLinearAttention(32, 4, "softmax")
+    with pytest.raises(ValueError, match="decay"):
+        CausalLinearAttention(32, 4, decay=1.5)
+    with pytest.raises(ValueError, match="n_features"):
+        CausalLinearAttention(32, 4, "favor", n_features=512)
+    with pytest.raises(RuntimeError, match="favor"):
+        CausalLinearAttention(32, 4, "elu1").redraw_features()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 100])
+def test_cuda_matches_cpu_kernel(dtype, D):
+    q, k, v, S0, z0 = make_inputs(2, 300, 3, D, D, feature_map="elu1", state=True, dtype=dtype)
+    gamma = torch.tensor([0.9, 0.99, 1.0])
+    kw = dict(feature_map="elu1", decay=gamma, initial_state=(S0.float(), z0.float()), return_state=True)
+    leaves_cpu = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    leaves_gpu = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
+    cpu = seqfuse.causal_linear_attention(*leaves_cpu, **kw)
+    kw_cuda = dict(kw, decay=gamma.cuda(), initial_state=(S0.float().cuda(), z0.float().cuda()))
+    gpu = seqfuse.causal_linear_attention(*leaves_gpu, **kw_cuda)
+    assert_close(gpu[0], cpu[0], dtype=dtype)
+    assert_close(gpu[1][0], cpu[1][0], rtol=1e-3, atol=1e-3)
+    grad_o = torch.randn_like(cpu[0])
+    cpu[0].backward(grad_o)
+    gpu[0].backward(grad_o.to(device="cuda", dtype=dtype))
+    for got, want in zip(leaves_gpu, leaves_cpu):
+        assert_close(got.grad, want.grad, dtype=dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_decode_step_matches_full_sequence():
+    q, k, v = make_inputs(1, 20, 16, 128, 128, feature_map="elu1", dtype=torch.float32, device="cuda")
+    whole = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
+    state, outs = None, []
+    for t in range(20):
+        o, state = seqfuse.causal_linear_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                                   feature_map="elu1", initial_state=state,
+                                                   return_state=True)
+        outs.append(o)
+    assert_close(torch.cat(outs, 1), whole)
