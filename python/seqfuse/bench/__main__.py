@@ -16,10 +16,10 @@ from seqfuse.bench.common import device_name, write_json
 
 # family name -> module with run(device: str, quick: bool) -> (limits, rows, table str)
 FAMILIES = {
-    "global_pointer": "seqfuse.bench.global_pointer",
     "scan": "seqfuse.bench.scan",
     "linear_attention": "seqfuse.bench.linear_attention",
     "sparse_softmax": "seqfuse.bench.sparse_softmax",
+    "global_pointer": "seqfuse.bench.global_pointer",
 }
 
 
