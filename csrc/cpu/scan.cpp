@@ -92,50 +92,46 @@ void backward_kernel(const ScanGeometry& g, const scalar_t* __restrict a,
   });
 }
 
-template <typename acc_t>
-const acc_t* optional_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const acc_t*>(t.data_ptr()) : nullptr;
+template <typename T>
+T* data(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-#define SEQFUSE_DISPATCH_SCAN_TYPES(dtype, name, ...)                                    \
-  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, \
-                                              __VA_ARGS__)
+// Calls fn(storage_t{}, acc_t{}, a_vec) with the kernel types of `dtype` and whether
+// a's channel stride is 1 (std::true_type) or 0 (std::false_type).
+template <typename Fn>
+void dispatch(at::ScalarType dtype, const ScanGeometry& g, const Fn& fn) {
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "linear_scan_cpu", [&] {
+    using storage_t = typename Types<scalar_t>::storage;
+    using acc_t = typename Types<scalar_t>::acc;
+    g.a_sC == 1 ? fn(storage_t{}, acc_t{}, std::true_type{})
+                : fn(storage_t{}, acc_t{}, std::false_type{});
+  });
+}
 
 }  // namespace
 
 void linear_scan_forward(const ScanGeometry& g, const at::Tensor& a, const at::Tensor& b,
                          const at::Tensor& h0, at::Tensor& h) {
-  SEQFUSE_DISPATCH_SCAN_TYPES(b.scalar_type(), "linear_scan_forward_cpu", [&] {
-    using T = Types<scalar_t>;
-    using storage_t = typename T::storage;
-    using acc_t = typename T::acc;
-    auto run = [&](auto a_vec) {
-      forward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
-          g, reinterpret_cast<const storage_t*>(a.data_ptr()),
-          reinterpret_cast<const storage_t*>(b.data_ptr()), optional_ptr<acc_t>(h0),
-          reinterpret_cast<storage_t*>(h.data_ptr()));
-    };
-    g.a_sC == 1 ? run(std::true_type{}) : run(std::false_type{});
+  dispatch(b.scalar_type(), g, [&](auto storage, auto acc, auto a_vec) {
+    using storage_t = decltype(storage);
+    using acc_t = decltype(acc);
+    forward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
+        g, data<const storage_t>(a), data<const storage_t>(b), data<const acc_t>(h0),
+        data<storage_t>(h));
   });
 }
 
 void linear_scan_backward(const ScanGeometry& g, const at::Tensor& a, const at::Tensor& grad_h,
                           const at::Tensor& h, const at::Tensor& h0, at::Tensor& grad_b,
                           at::Tensor& grad_a, at::Tensor& grad_h0) {
-  SEQFUSE_DISPATCH_SCAN_TYPES(grad_h.scalar_type(), "linear_scan_backward_cpu", [&] {
-    using T = Types<scalar_t>;
-    using storage_t = typename T::storage;
-    using acc_t = typename T::acc;
-    auto run = [&](auto a_vec) {
-      backward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
-          g, reinterpret_cast<const storage_t*>(a.data_ptr()),
-          reinterpret_cast<const storage_t*>(grad_h.data_ptr()),
-          reinterpret_cast<const storage_t*>(h.data_ptr()), optional_ptr<acc_t>(h0),
-          reinterpret_cast<storage_t*>(grad_b.data_ptr()),
-          reinterpret_cast<acc_t*>(grad_a.data_ptr()),
-          reinterpret_cast<acc_t*>(grad_h0.data_ptr()));
-    };
-    g.a_sC == 1 ? run(std::true_type{}) : run(std::false_type{});
+  dispatch(grad_h.scalar_type(), g, [&](auto storage, auto acc, auto a_vec) {
+    using storage_t = decltype(storage);
+    using acc_t = decltype(acc);
+    backward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
+        g, data<const storage_t>(a), data<const storage_t>(grad_h), data<const storage_t>(h),
+        data<const acc_t>(h0), data<storage_t>(grad_b), data<acc_t>(grad_a),
+        data<acc_t>(grad_h0));
   });
 }
 
