@@ -103,6 +103,41 @@ def test_ties_go_to_the_lower_index(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("V,k", [(5000, 700), (3000, 1500)])
+def test_many_ties_straddle_the_threshold(device, V, k):
+    # Four distinct values: the k-th value is shared by far more entries than are still
+    # wanted, spread over many block widths of the row (the tie-ranking scan), and for
+    # k > 1024 the long top list is put in order after the kernel.
+    x = torch.randint(0, 4, (3, V)).float()
+    x[1] = 0.0
+    x[1, ::2] = -0.0  # -0 and +0 are one value
+    x[2, : V // 2] = -math.inf
+    x = x.to(device)
+    probs, idx = seqfuse.topk_softmax(x, k)
+    probs_ref, idx_ref = reference.topk_softmax(x.cpu().double(), k)
+    assert torch.equal(idx.cpu(), idx_ref)
+    assert torch.equal(idx[1].cpu(), torch.arange(k))
+    assert_close(probs, probs_ref, torch.float32)
+    p = seqfuse.sparse_softmax(x, k)
+    assert torch.equal((p != 0).cpu(), reference.sparse_softmax(x.cpu().double(), k) != 0)
+    assert torch.all((p != 0).sum(-1) == k)
+    target = torch.tensor([0, V - 1, V - 1], device=device)
+    loss = seqfuse.sparse_softmax_cross_entropy(x, target, k, reduction="none")
+    loss_ref = reference.sparse_softmax_cross_entropy(x.cpu().double(), target.cpu(), k,
+                                                      reduction="none")
+    assert_close(loss, loss_ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_ranks_first_and_ties_by_index(device):
+    nan, inf = math.nan, math.inf
+    x = torch.tensor([[1.0, nan, 3.0, nan, inf, nan]], device=device)
+    assert seqfuse.topk_softmax(x, 3)[1].tolist() == [[1, 3, 5]]
+    assert seqfuse.topk_softmax(x, 4)[1].tolist() == [[1, 3, 5, 4]]
+    assert torch.isnan(seqfuse.sparse_softmax(x, 1)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_inf_and_nan_stay_in_their_rows(device):
     inf, nan = math.inf, math.nan
     x = torch.randn(5, 64, device=device)
@@ -137,6 +172,11 @@ def test_large_half_logits(device, dtype):
     ref = reference.sparse_softmax(x.double(), 16)
     assert p.dtype == dtype and torch.isfinite(p).all()
     assert_close(p, ref, dtype)
+    g = torch.randn(4, 3000).to(dtype)
+    _, dx, _ = _fwd_bwd(seqfuse.sparse_softmax, x.to(device), 16, grad=g.to(device))
+    _, dx_ref, _ = _fwd_bwd(reference.sparse_softmax, x.double(), 16, grad=g.double())
+    assert dx.dtype == dtype and torch.isfinite(dx).all()
+    assert_close(dx, dx_ref, dtype)
     probs, idx = seqfuse.topk_softmax(x.to(device), 16)
     assert torch.equal(idx.cpu(), reference.topk_softmax(x.double(), 16)[1])
     target = torch.randint(0, 3000, (4,))
@@ -145,6 +185,12 @@ def test_large_half_logits(device, dtype):
     loss_ref = reference.sparse_softmax_cross_entropy(x.double(), target, 16, reduction="none")
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-2, atol=1.0)
+    _, dl, _ = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, x.to(device), target.to(device),
+                        16, grad=torch.tensor(1.0, device=device, dtype=dtype))
+    _, dl_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, x.double(), target, 16,
+                            grad=torch.tensor(1.0, dtype=torch.float64))
+    assert dl.dtype == dtype and torch.isfinite(dl).all()
+    assert_close(dl, dl_ref, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -199,6 +245,21 @@ def test_cross_entropy_matches_reference(device, reduction, N, V, k):
     assert_close(out, ref, dtype)
     assert_close(dx, dx_ref, dtype)
     assert torch.all(dx[target.to(device) == -100] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_non_contiguous_logits(device):
+    dtype = _dtype(device)
+    logits = torch.randn(50, 6, dtype=torch.float64)
+    target = torch.tensor([3, 49, -100, 0, 17, 8])
+    lt = logits.to(device, dtype).t()  # [6, 50], not contiguous
+    assert not lt.is_contiguous()
+    loss, dx, _ = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, lt, target.to(device), 5,
+                           grad=torch.tensor(1.0, device=device, dtype=dtype))
+    loss_ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, logits.t(), target,
+                                   5, grad=torch.tensor(1.0, dtype=torch.float64))
+    assert_close(loss, loss_ref, dtype)
+    assert_close(dx, dx_ref, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -374,6 +435,8 @@ def test_bad_inputs():
             seqfuse.sparse_softmax(x, k)
         with pytest.raises(TypeError, match="k must be an int"):
             seqfuse.sparse_softmax_cross_entropy(x, target, k)
+        with pytest.raises(TypeError, match="k must be an int"):
+            seqfuse.topk_softmax(x, k)
     with pytest.raises(ValueError, match="target must hold class indices in \\[0, 10\\)"):
         seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([0, 10, 2, 3]), 3)
     with pytest.raises(ValueError, match="target must hold class indices"):

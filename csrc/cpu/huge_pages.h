@@ -15,6 +15,9 @@
 
 namespace seqfuse::cpu {
 
+// t must be an output this op has just allocated (at::empty*), never a caller's tensor
+// or a view of one: the advice outlives the call. Only the 2 MiB pages lying wholly
+// inside t's bytes are advised, so no memory outside t is touched.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;

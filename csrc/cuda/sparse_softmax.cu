@@ -147,7 +147,7 @@ __device__ Cut select_top(const scalar_t* row, int64_t V, int64_t kk, SelectShar
     Key local_max = 0;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
       const Key key = key_of(to_acc(row[i]));
-      local_max = max(local_max, key);
+      if (pass == 0) local_max = max(local_max, key);
       if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & digit_mask], 1u);
     }
     if (pass == 0) {
