@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kThreads)
   neg = block_merge(neg, red_m, red_z);
   posv = block_merge(posv, red_m, red_z);
   if (threadIdx.x == 0) {
-    acc_t* p = partials + blockIdx.x * 4;
+    acc_t* p = partials + int64_t(blockIdx.x) * 4;
     p[0] = neg.m;
     p[1] = neg.z;
     p[2] = posv.m;
