@@ -20,7 +20,6 @@
 //   An epilogue rotates grad_q and grad_k back (R^T).
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "dtype.cuh"
 #include "global_pointer.h"
@@ -54,15 +53,6 @@ struct BackwardSmem {
   acc_t sums[kSide][T];   // column sums across ty
 };
 
-template <typename Out, typename acc_t>
-__device__ __forceinline__ void store(Out* p, acc_t v) {
-  if constexpr (std::is_same_v<Out, acc_t>) {
-    *p = v;
-  } else {
-    *p = from_acc<Out>(v);
-  }
-}
-
 // ---- rotation ------------------------------------------------------------------------
 
 struct RotateArgs {
@@ -95,8 +85,8 @@ __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateArgs a) {
       rope_rotate(x0, x1, c, s);
     }
     Out* y = static_cast<Out*>(a.y) + row * a.D + 2 * i;
-    store(y, x0);
-    if (!single) store(y + 1, x1);
+    y[0] = from_acc<Out>(x0);
+    if (!single) y[1] = from_acc<Out>(x1);
   }
 }
 
