@@ -331,6 +331,19 @@ def test_empty_inputs():
         s, torch.zeros(0, 2, dtype=torch.long), reduction="sum") == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_heads_forward_and_backward(device):
+    q, k = qk(2, 5, 0, 4, device)
+    scores = seqfuse.global_pointer_scores(q, k)
+    assert scores.shape == (2, 0, 5, 5)
+    gq, gk = torch.autograd.grad(scores.sum(), (q, k))
+    assert gq.shape == q.shape and gk.shape == k.shape
+    loss = seqfuse.global_pointer_loss(q, k, torch.zeros(2, 0, 1, dtype=torch.long, device=device),
+                                       reduction="sum")
+    gq, gk = torch.autograd.grad(loss, (q, k))
+    assert loss.item() == 0 and gq.shape == q.shape and gk.shape == k.shape
+
+
 def _randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 

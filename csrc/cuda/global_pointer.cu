@@ -557,7 +557,7 @@ bool grid_fits(int64_t blocks) { return blocks < (int64_t(1) << 31); }
 template <bool LOSS>
 cudaError_t launch_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
   const GPGeometry& g = a.geom;
-  if (g.B * g.L == 0) return cudaSuccess;
+  if (g.B * g.Hqk * g.L == 0) return cudaSuccess;  // no block to launch
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
