@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
   at::Tensor gq = at::zeros({g.B, g.Hqk, g.L, g.D}, acc), gk = at::zeros_like(gq);
   at::Tensor gbs = at::zeros({g.B, g.H, g.L}, acc), gbe = at::zeros_like(gbs);
-  if (g.B * g.L > 0) {
+  if (g.B * g.Hqk * g.L > 0) {  // the kernels divide by Hqk
     cpu::global_pointer_scores_backward(g, grad.to(q.scalar_type()).contiguous(), in.q, in.k,
                                         in.mask, gq, gk, gbs, gbe);
   }
@@ -283,7 +283,7 @@ at::Tensor global_pointer_loss_cpu(const at::Tensor& q, const at::Tensor& k,
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
   at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options());
-  if (g.B * g.L > 0) {
+  if (g.B * g.Hqk * g.L > 0) {  // the kernels divide by Hqk
     cpu::global_pointer_loss_forward(g, in.q, in.k, in.mask, in.bias_start, in.bias_end,
                                      idx.view({g.B, g.H, -1}), mask_zero, terms);
   }
@@ -307,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
   at::Tensor gq = at::zeros({g.B, g.Hqk, g.L, g.D}, acc), gk = at::zeros_like(gq);
   at::Tensor gbs = at::zeros({g.B, g.H, g.L}, acc), gbe = at::zeros_like(gbs);
-  if (g.B * g.L > 0) {
+  if (g.B * g.Hqk * g.L > 0) {  // the kernels divide by Hqk
     cpu::global_pointer_loss_backward(g, gt, tt, in.q, in.k, in.mask, in.bias_start, in.bias_end,
                                       idx.view({g.B, g.H, -1}), mask_zero, gq, gk, gbs, gbe);
   }

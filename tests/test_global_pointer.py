@@ -267,6 +267,38 @@ def test_fused_loss_float32():
     assert (out >= 0).all()
 
 
+# Shapes the tiled kernels handle at their edges: odd D without rope (the CUDA prologue
+# copies D in pairs), D spanning several head-dim chunks and tiles (40 > 32, not a
+# multiple of 16), and GPLinker's many heads over one shared q/k, with L not a multiple
+# of any tile.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B, L, Hqk, H, D, rope", [
+    (2, 19, 2, 2, 5, False),
+    (2, 37, 2, 2, 40, True),
+    (1, 67, 1, 98, 8, True),
+])
+def test_scores_and_fused_loss_edge_shapes(device, B, L, Hqk, H, D, rope):
+    q, k = qk(B, L, Hqk, D, device)
+    mask = padding_mask(B, L, device)
+    bs = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True)
+    be = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True)
+    kw = dict(mask=mask, rope=rope, bias_start=bs, bias_end=be)
+    out = seqfuse.global_pointer_scores(q, k, **kw)
+    expected = reference.global_pointer_scores(q, k, **kw)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
+    assert_close(finite(out), finite(expected))
+    up = torch.randn_like(out)
+    for got, want in zip(grads_with(out, up, q, k, bs, be), grads_with(expected, up, q, k, bs, be)):
+        assert_close(got, want)
+    idx = positives(B, H, L, 5, device)
+    loss = seqfuse.global_pointer_loss(q, k, idx, reduction="none", **kw)
+    want = reference.global_pointer_loss(q, k, idx, reduction="none", **kw)
+    assert_close(loss, want, rtol=1e-10, atol=1e-10)
+    up = torch.randn_like(loss)
+    for got, ref in zip(grads_with(loss, up, q, k, bs, be), grads_with(want, up, q, k, bs, be)):
+        assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_stays_in_its_row(device):
     q, k = qk(2, 9, 3, 8, device, requires_grad=False)
@@ -297,6 +329,19 @@ def test_empty_inputs():
     assert seqfuse.multilabel_categorical_crossentropy(s, s, "none").shape == (0,)
     assert seqfuse.sparse_multilabel_categorical_crossentropy(
         s, torch.zeros(0, 2, dtype=torch.long), reduction="sum") == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_heads_forward_and_backward(device):
+    q, k = qk(2, 5, 0, 4, device)
+    scores = seqfuse.global_pointer_scores(q, k)
+    assert scores.shape == (2, 0, 5, 5)
+    gq, gk = torch.autograd.grad(scores.sum(), (q, k))
+    assert gq.shape == q.shape and gk.shape == k.shape
+    loss = seqfuse.global_pointer_loss(q, k, torch.zeros(2, 0, 1, dtype=torch.long, device=device),
+                                       reduction="sum")
+    gq, gk = torch.autograd.grad(loss, (q, k))
+    assert loss.item() == 0 and gq.shape == q.shape and gk.shape == k.shape
 
 
 def _randn(*shape, dtype=torch.float32):

@@ -75,14 +75,16 @@ SEQFUSE_HD void rope_rotate(acc_t& x0, acc_t& x1, acc_t c, acc_t s) {
 // log(1 + sum_k e^{x_k}): the terms are accumulated as e^m * z, m their running
 // maximum, so nothing overflows; the "1" is added at the end by a stable softplus,
 // which keeps tiny results (1e-7 and below) exact in float32. -inf terms add nothing
-// and NaN propagates.
+// and NaN propagates: a NaN term or partial takes the `!(x <= m)` branch, so m never
+// stays -inf beside a NaN z, and merge, which skips partials with m = -inf (empty
+// ones), never drops a NaN.
 template <typename acc_t>
 struct Log1pSumExp {
   acc_t m = -INFINITY, z = acc_t(0);
 
   SEQFUSE_HD void add(acc_t x) {
     if (x == -INFINITY) return;
-    if (x > m) {
+    if (!(x <= m)) {
       z = z * exp(m - x) + acc_t(1);
       m = x;
     } else {
@@ -91,7 +93,7 @@ struct Log1pSumExp {
   }
   SEQFUSE_HD void merge(const Log1pSumExp& o) {
     if (o.m == -INFINITY) return;
-    if (o.m > m) {
+    if (!(o.m <= m)) {
       z = z * exp(m - o.m) + o.z;
       m = o.m;
     } else {

@@ -20,7 +20,6 @@
 //   An epilogue rotates grad_q and grad_k back (R^T).
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "dtype.cuh"
 #include "global_pointer.h"
@@ -54,15 +53,6 @@ struct BackwardSmem {
   acc_t sums[kSide][T];   // column sums across ty
 };
 
-template <typename Out, typename acc_t>
-__device__ __forceinline__ void store(Out* p, acc_t v) {
-  if constexpr (std::is_same_v<Out, acc_t>) {
-    *p = v;
-  } else {
-    *p = from_acc<Out>(v);
-  }
-}
-
 // ---- rotation ------------------------------------------------------------------------
 
 struct RotateArgs {
@@ -74,24 +64,20 @@ struct RotateArgs {
   bool rotate, inverse, heads_major;  // heads_major: [B, H, L, D], else [B, L, H, D]
 };
 
-// y = mult * R x (R^T with inverse), one pair per thread.
+// y = mult * R x (R^T with inverse), one pair per thread. Without rotation D may be odd:
+// the last "pair" of a row is then the single element D - 1.
 template <typename scalar_t, typename In, typename Out>
 __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateArgs a) {
   using acc_t = acc_of<scalar_t>;
-  const int64_t half = a.D / 2, pairs = a.B * a.L * a.H * half;
+  const int64_t half = (a.D + 1) / 2, pairs = a.B * a.L * a.H * half;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < pairs;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e % half, row = e / half;
-    int64_t b, l;
-    if (a.heads_major) {
-      l = row % a.L;
-      b = row / (a.L * a.H);
-    } else {
-      l = (row / a.H) % a.L;
-      b = row / (a.L * a.H);
-    }
+    const int64_t b = row / (a.L * a.H), l = a.heads_major ? row % a.L : row / a.H % a.L;
     const In* x = static_cast<const In*>(a.x) + row * a.D + 2 * i;
-    acc_t x0 = acc_t(a.mult) * to_acc(x[0]), x1 = acc_t(a.mult) * to_acc(x[1]);
+    const bool single = 2 * i + 1 == a.D;
+    acc_t x0 = acc_t(a.mult) * to_acc(x[0]);
+    acc_t x1 = single ? acc_t(0) : acc_t(a.mult) * to_acc(x[1]);
     if (a.rotate) {
       const double pos = a.positions ? double(a.positions[b * a.L + l]) : double(l);
       acc_t c, s;
@@ -99,14 +85,14 @@ __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateArgs a) {
       rope_rotate(x0, x1, c, s);
     }
     Out* y = static_cast<Out*>(a.y) + row * a.D + 2 * i;
-    store(y, x0);
-    store(y + 1, x1);
+    y[0] = from_acc<Out>(x0);
+    if (!single) y[1] = from_acc<Out>(x1);
   }
 }
 
 template <typename scalar_t, typename In, typename Out>
 cudaError_t rotate(const RotateArgs& a, cudaStream_t stream) {
-  const int64_t pairs = a.B * a.L * a.H * (a.D / 2);
+  const int64_t pairs = a.B * a.L * a.H * ((a.D + 1) / 2);
   if (pairs == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>((pairs + kThreads - 1) / kThreads, 1 << 20);
   rotate_kernel<scalar_t, In, Out><<<unsigned(blocks), kThreads, 0, stream>>>(a);
@@ -292,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
   neg = block_merge(neg, red_m, red_z);
   posv = block_merge(posv, red_m, red_z);
   if (threadIdx.x == 0) {
-    acc_t* p = partials + blockIdx.x * 4;
+    acc_t* p = partials + int64_t(blockIdx.x) * 4;
     p[0] = neg.m;
     p[1] = neg.z;
     p[2] = posv.m;
@@ -571,7 +557,7 @@ bool grid_fits(int64_t blocks) { return blocks < (int64_t(1) << 31); }
 template <bool LOSS>
 cudaError_t launch_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
   const GPGeometry& g = a.geom;
-  if (g.B * g.L == 0) return cudaSuccess;
+  if (g.B * g.Hqk * g.L == 0) return cudaSuccess;  // no block to launch
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
