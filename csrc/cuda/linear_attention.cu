@@ -266,11 +266,16 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
     }
   }
 
+  // Every column tile carries the ones column; the first one stores it, so no two
+  // blocks write the same element.
   if (ps.x_out) {
     __syncthreads();
     for (int idx = tid; idx < Da * ldc; idx += kThreads) {
-      const int64_t i = idx / ldc, col = ps.column(c0, idx % ldc);
-      if (col >= 0) ps.x_out[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] = X[idx];
+      const int j = idx % ldc;
+      const int64_t i = idx / ldc, col = ps.column(c0, j);
+      if (col >= 0 && (j < kCols || c0 == 0)) {
+        ps.x_out[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] = X[idx];
+      }
     }
   }
 }
