@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   using acc_t = acc_of<scalar_t>;
   constexpr int kChunk = chunk_of<acc_t>();
   constexpr int kRows = kChunk / kWarps;  // output rows per thread
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // acc_t may be double
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
 
   const LinearAttentionGeometry& g = ps.geom;
