@@ -199,11 +199,25 @@ def test_opcheck():
         S0, z0 = init if init else (None, None)
         args = (q, k, v, feature_map, normalize, kw["decay"], 0.5, S0, z0, 1e-6)
         torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention.default, args)
-        o, S, z, den = torch.ops.seqfuse.causal_linear_attention(*args)
+        # The backward op as autograd calls it: on saved tensors that require no grad.
+        with torch.no_grad():
+            o, S, z, den = torch.ops.seqfuse.causal_linear_attention(*args)
         bargs = (torch.randn_like(o), torch.randn_like(S), torch.randn_like(z), q.detach(),
-                 k.detach(), v.detach(), o.detach(), den, feature_map, normalize, kw["decay"], 0.5,
+                 k.detach(), v.detach(), o, den, feature_map, normalize, kw["decay"], 0.5,
                  S0 if S0 is None else S0.detach(), z0 if z0 is None else z0.detach())
         torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention_backward.default, bargs)
+
+
+def test_gradients_with_create_graph_work_and_double_backward_refuses():
+    q, k, v = make_inputs(2, 9, 2, 4, 3, feature_map="elu1", requires_grad=True)
+    out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
+    want = torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert got[0].requires_grad
+    with pytest.raises(NotImplementedError, match="double backward"):
+        got[0].sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
