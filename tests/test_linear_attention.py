@@ -379,8 +379,7 @@ def test_cuda_float64_matches_cpu_kernel(shape, feature_map, normalize, decay):
                          state=True, requires_grad=True)
     gpu_in = [t.detach().cuda().requires_grad_() for t in cpu_in]
     kw = kwargs_for(feature_map, normalize, decay, H, "cpu")
-    grads_out = [torch.randn(B, T, H, Dv, dtype=torch.float64), torch.randn(B, H, Dk, Dv, dtype=torch.float64),
-                 torch.randn(B, H, Dk, dtype=torch.float64)]
+    grads_out = [torch.randn(*s, dtype=torch.float64) for s in ((B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk))]
     results = []
     for inputs, device in ((cpu_in, "cpu"), (gpu_in, "cuda")):
         gamma = kw["decay"].to(device) if decay else None
