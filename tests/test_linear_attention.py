@@ -379,7 +379,8 @@ def test_cuda_float64_matches_cpu_kernel(shape, feature_map, normalize, decay):
                          state=True, requires_grad=True)
     gpu_in = [t.detach().cuda().requires_grad_() for t in cpu_in]
     kw = kwargs_for(feature_map, normalize, decay, H, "cpu")
-    grads_out = [torch.randn(*s, dtype=torch.float64) for s in ((B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk))]
+    grads_out = [torch.randn(*size, dtype=torch.float64)
+                 for size in ((B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk))]
     results = []
     for inputs, device in ((cpu_in, "cpu"), (gpu_in, "cuda")):
         gamma = kw["decay"].to(device) if decay else None
