@@ -410,12 +410,15 @@ cudaError_t launch_pass_with(const Pass<scalar_t>& ps, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Head dims 64 and 128 get their dot products unrolled at compile time.
+// Head dims 64 and 128 get their dot products unrolled at compile time: Da = D for the
+// forward and dv passes, D + 1 (the rows [v, 1] and G) for the dq and dk passes.
 template <typename scalar_t>
 cudaError_t launch_pass(const Pass<scalar_t>& ps, cudaStream_t stream) {
   switch (ps.Da) {
     case 64: return launch_pass_with<scalar_t, 64>(ps, stream);
+    case 65: return launch_pass_with<scalar_t, 65>(ps, stream);
     case 128: return launch_pass_with<scalar_t, 128>(ps, stream);
+    case 129: return launch_pass_with<scalar_t, 129>(ps, stream);
     default: return launch_pass_with<scalar_t, 0>(ps, stream);
   }
 }
