@@ -95,6 +95,7 @@ def test_references_agree():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [
     (1, 1, 1, 4, 4),      # T = 1
+    (3, 1, 4, 16, 8),     # T = 1 (the decoding step) over several heads, Dk != Dv
     (2, 131, 2, 8, 8),    # prime T, several chunks
     (1, 64, 2, 5, 9),     # exactly one chunk, Dk != Dv
     (1, 65, 2, 9, 5),     # one step past a chunk
@@ -116,14 +117,29 @@ def test_odd_sizes(device, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,T", [(0, 5), (2, 0)])
-def test_empty(device, B, T):
-    q, k, v = make_inputs(B, T, 2, 4, 3, device=device, requires_grad=True)
+@pytest.mark.parametrize("B,T,H", [(0, 5, 2), (2, 0, 2), (2, 5, 0)])
+def test_empty(device, B, T, H):
+    q, k, v = make_inputs(B, T, H, 4, 3, device=device, requires_grad=True)
     o, (S, z) = seqfuse.causal_linear_attention(q, k, v, return_state=True)
-    assert o.shape == (B, T, 2, 3) and S.shape == (B, 2, 4, 3) and z.shape == (B, 2, 4)
+    assert o.shape == (B, T, H, 3) and S.shape == (B, H, 4, 3) and z.shape == (B, H, 4)
     assert (S == 0).all() and (z == 0).all()
     (o.sum() + S.sum()).backward()
     assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequence_passes_the_state_through(device):
+    q, k, v, S0, z0 = make_inputs(2, 0, 3, 4, 5, device=device, state=True, requires_grad=True)
+    decay = torch.tensor([0.5, 0.9, 1.0], device=device)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, decay=decay, initial_state=(S0, z0),
+                                                return_state=True)
+    assert o.shape == (2, 0, 3, 5)
+    assert_close(S, S0)
+    assert_close(z, z0)
+    gS, gz = torch.randn_like(S), torch.randn_like(z)
+    dS0, dz0 = torch.autograd.grad((S * gS).sum() + (z * gz).sum(), (S0, z0))
+    assert_close(dS0, gS)
+    assert_close(dz0, gz)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,10 +162,19 @@ def test_chunked_decoding_with_state_equals_one_call(device, decay):
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     q, k, v = make_inputs(2, 30, 3, 8, 8, device=device, feature_map="relu")
-    qt, kt, vt = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))
+    qt, kt, vt = (x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+                  for x in (q, k, v))
     assert not qt.is_contiguous()
     out = seqfuse.causal_linear_attention(qt, kt, vt, feature_map="relu")
     assert_close(out, reference.causal_linear_attention(q, k, v, feature_map="relu"))
+    # A non-contiguous output gradient too.
+    g = torch.randn(30, 2, 3, 8, dtype=q.dtype, device=device).transpose(0, 1)
+    got = torch.autograd.grad(out, (qt, kt, vt), g)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    want = torch.autograd.grad(reference.causal_linear_attention(*leaves, feature_map="relu"),
+                               leaves, g)
+    for a, b in zip(got, want):
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -199,11 +224,25 @@ def test_opcheck():
         S0, z0 = init if init else (None, None)
         args = (q, k, v, feature_map, normalize, kw["decay"], 0.5, S0, z0, 1e-6)
         torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention.default, args)
-        o, S, z, den = torch.ops.seqfuse.causal_linear_attention(*args)
+        # The backward op as autograd calls it: on saved tensors that require no grad.
+        with torch.no_grad():
+            o, S, z, den = torch.ops.seqfuse.causal_linear_attention(*args)
         bargs = (torch.randn_like(o), torch.randn_like(S), torch.randn_like(z), q.detach(),
-                 k.detach(), v.detach(), o.detach(), den, feature_map, normalize, kw["decay"], 0.5,
+                 k.detach(), v.detach(), o, den, feature_map, normalize, kw["decay"], 0.5,
                  S0 if S0 is None else S0.detach(), z0 if z0 is None else z0.detach())
         torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention_backward.default, bargs)
+
+
+def test_gradients_with_create_graph_work_and_double_backward_refuses():
+    q, k, v = make_inputs(2, 9, 2, 4, 3, feature_map="elu1", requires_grad=True)
+    out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
+    want = torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert got[0].requires_grad
+    with pytest.raises(NotImplementedError, match="double backward"):
+        got[0].sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -222,6 +261,9 @@ def test_opcheck():
     (dict(initial_state=(torch.zeros(2, 2, 4, 4), torch.zeros(2, 4))), "initial_state z"),
     (dict(initial_state=torch.zeros(2, 2, 4, 4)), "initial_state"),
     (dict(eps=-1.0), "eps"),
+    (dict(q=torch.zeros(2, 5, 2, 4, dtype=torch.int32)), "q must be a floating point"),
+    (dict(initial_state=(torch.zeros(2, 2, 4, 4, dtype=torch.int64), torch.zeros(2, 2, 4))),
+     "initial_state S must be a floating point"),
 ])
 def test_bad_inputs(device, bad, match):
     args = dict(q=torch.zeros(2, 5, 2, 4), k=torch.zeros(2, 5, 2, 4), v=torch.zeros(2, 5, 2, 4))
@@ -318,6 +360,37 @@ def test_cuda_matches_cpu_kernel(dtype, D):
     gpu[0].backward(grad_o.to(device="cuda", dtype=dtype))
     for got, want in zip(leaves_gpu, leaves_cpu):
         assert_close(got.grad, want.grad, dtype=dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [
+    (3, 1, 4, 128, 64),   # T = 1: the decoding kernel forward, the chunked backward
+    (2, 131, 2, 8, 8),    # prime T, several chunks
+    (1, 33, 2, 9, 100),   # Dk != Dv, neither a multiple of the column tile
+    (1, 70, 1, 256, 256), # the largest head dims (the most shared memory)
+])
+@pytest.mark.parametrize("feature_map,normalize,decay", [
+    ("elu1", True, True), ("relu", False, False), ("identity", True, False)])
+def test_cuda_float64_matches_cpu_kernel(shape, feature_map, normalize, decay):
+    # Every output and gradient, the state's included, in float64 so that the two
+    # kernels must agree to rounding.
+    B, T, H, Dk, Dv = shape
+    cpu_in = make_inputs(B, T, H, Dk, Dv, feature_map=feature_map, normalize=normalize,
+                         state=True, requires_grad=True)
+    gpu_in = [t.detach().cuda().requires_grad_() for t in cpu_in]
+    kw = kwargs_for(feature_map, normalize, decay, H, "cpu")
+    grads_out = [torch.randn(*size, dtype=torch.float64)
+                 for size in ((B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk))]
+    results = []
+    for inputs, device in ((cpu_in, "cpu"), (gpu_in, "cuda")):
+        gamma = kw["decay"].to(device) if decay else None
+        o, (S, z) = seqfuse.causal_linear_attention(
+            *inputs[:3], feature_map=feature_map, normalize=normalize, decay=gamma,
+            initial_state=tuple(inputs[3:]), return_state=True)
+        loss = sum((x * g.to(device)).sum() for x, g in zip((o, S, z), grads_out))
+        results.append([x.detach().cpu() for x in (o, S, z, *torch.autograd.grad(loss, inputs))])
+    for got, want in zip(results[1], results[0]):
+        assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.cuda

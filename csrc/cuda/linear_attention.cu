@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   using acc_t = acc_of<scalar_t>;
   constexpr int kChunk = chunk_of<acc_t>();
   constexpr int kRows = kChunk / kWarps;  // output rows per thread
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // acc_t may be double
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
 
   const LinearAttentionGeometry& g = ps.geom;
@@ -266,11 +266,16 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
     }
   }
 
+  // Every column tile carries the ones column; the first one stores it, so no two
+  // blocks write the same element.
   if (ps.x_out) {
     __syncthreads();
     for (int idx = tid; idx < Da * ldc; idx += kThreads) {
-      const int64_t i = idx / ldc, col = ps.column(c0, idx % ldc);
-      if (col >= 0) ps.x_out[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] = X[idx];
+      const int j = idx % ldc;
+      const int64_t i = idx / ldc, col = ps.column(c0, j);
+      if (col >= 0 && (j < kCols || c0 == 0)) {
+        ps.x_out[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] = X[idx];
+      }
     }
   }
 }
@@ -405,12 +410,15 @@ cudaError_t launch_pass_with(const Pass<scalar_t>& ps, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Head dims 64 and 128 get their dot products unrolled at compile time.
+// Head dims 64 and 128 get their dot products unrolled at compile time: Da = D for the
+// forward and dv passes, D + 1 (the rows [v, 1] and G) for the dq and dk passes.
 template <typename scalar_t>
 cudaError_t launch_pass(const Pass<scalar_t>& ps, cudaStream_t stream) {
   switch (ps.Da) {
     case 64: return launch_pass_with<scalar_t, 64>(ps, stream);
+    case 65: return launch_pass_with<scalar_t, 65>(ps, stream);
     case 128: return launch_pass_with<scalar_t, 128>(ps, stream);
+    case 129: return launch_pass_with<scalar_t, 129>(ps, stream);
     default: return launch_pass_with<scalar_t, 0>(ps, stream);
   }
 }

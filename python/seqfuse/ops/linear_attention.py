@@ -107,3 +107,14 @@ def _backward(ctx, grad_o, grad_S, grad_z, _grad_den):
 
 torch.library.register_autograd(
     "seqfuse::causal_linear_attention", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "causal_linear_attention: double backward (differentiating its gradients, e.g. "
+        "torch.autograd.grad(..., create_graph=True) then backward again) is not supported")
+
+
+# The backward op gets an autograd formula too, one that refuses: without it, gradients
+# taken with create_graph=True would be differentiated as if they were constants.
+torch.library.register_autograd("seqfuse::causal_linear_attention_backward", _no_double_backward)
