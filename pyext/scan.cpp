@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../csrc/cpu/huge_pages.h"
 #include "../csrc/cpu/scan.h"
 #include "checks.h"
 
@@ -59,6 +60,7 @@ at::Tensor linear_scan_cpu(const at::Tensor& a, const at::Tensor& b,
                            const std::optional<at::Tensor>& h0, bool reverse) {
   const ScanInputs in = prepare_scan("linear_scan", a, b, h0, reverse);
   at::Tensor h = at::empty_like(in.b);
+  cpu::advise_huge_pages(h);
   cpu::linear_scan_forward(in.geom, in.a, in.b, in.h0, h);
   return h;
 }
@@ -71,7 +73,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cpu(
   const auto acc = acc_dtype(h.scalar_type());
   at::Tensor grad = grad_h.contiguous();
   at::Tensor grad_b = at::empty_like(in.b);
-  at::Tensor grad_a = at::zeros({g.B, g.a_sT == 0 ? 1 : g.T, g.C}, h.options().dtype(acc));
+  // The kernel writes every element of grad_a, but does not run for T = 0.
+  const auto grad_a_shape = {g.B, g.a_sT == 0 ? 1 : g.T, g.C};
+  at::Tensor grad_a = g.T > 0 ? at::empty(grad_a_shape, h.options().dtype(acc))
+                              : at::zeros(grad_a_shape, h.options().dtype(acc));
+  cpu::advise_huge_pages(grad_b);
+  cpu::advise_huge_pages(grad_a);
   at::Tensor grad_h0 = at::zeros({g.B, g.C}, h.options().dtype(acc));
   if (g.T > 0) cpu::linear_scan_backward(g, in.a, grad, in.b, in.h0, grad_b, grad_a, grad_h0);
   return finish_scan_backward(a, h0, grad_a, grad_b, grad_h0);
