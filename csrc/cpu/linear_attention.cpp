@@ -23,7 +23,9 @@
 namespace seqfuse::cpu {
 namespace {
 
-constexpr int64_t kChunk = 64;
+// 128 rather than 64: half as many small tile products, whose per-call overhead
+// dominated at 64 (B=2, H=8, T=1024, D=64 float32: 8.1 ms -> 5.9 ms on 2 cores).
+constexpr int64_t kChunk = 128;
 
 // A [rows, cols] matrix over the first rows * cols elements of a flat buffer, so a
 // short last chunk still has contiguous operands.

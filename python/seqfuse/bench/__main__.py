@@ -12,6 +12,7 @@ import importlib
 
 import torch
 
+from seqfuse.bench import common
 from seqfuse.bench.common import device_name, write_json
 
 # family name -> module with run(device: str, quick: bool) -> (limits, rows, table str)
@@ -30,7 +31,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "
                         "(with `all`, PATH is a prefix: PATH-<family>.json)")
+    parser.add_argument("--min-time", type=float, default=common.MIN_TIME,
+                        help="seconds of repeated calls per timing (longer on noisy machines)")
     args = parser.parse_args(argv)
+    common.MIN_TIME = args.min_time
 
     families = list(FAMILIES) if args.family == "all" else [args.family]
     print(f"device: {device_name(args.device)}; torch {torch.__version__}")

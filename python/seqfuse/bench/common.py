@@ -17,15 +17,19 @@ from typing import Callable
 
 import torch
 
+# Seconds of repeated calls each timing takes at least (python -m seqfuse.bench --min-time).
+MIN_TIME = 0.3
+
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, *, min_time: float = 0.3, warmup: int = 2,
-            max_reps: int = 200) -> float:
-    """Median seconds per call of fn()."""
+def time_fn(fn: Callable[[], object], device: str, *, min_time: float | None = None,
+            warmup: int = 2, max_reps: int = 200) -> float:
+    """Median seconds per call of fn(), over at least `min_time` (default MIN_TIME) s."""
+    min_time = MIN_TIME if min_time is None else min_time
     for _ in range(warmup):
         fn()
     synchronize(device)
