@@ -225,6 +225,77 @@ def test_vocabulary_of_250k(device):
         assert_close(dx, dx_ref, dtype)
 
 
+# Row lengths and k that pick each CUDA top-k path (csrc/cuda/sparse_softmax.cu): one warp
+# per row (V <= 2048), the row staged in shared memory (float32 V <= 16k), the one-pass
+# candidate filter (longer rows; capacity max(4096, 2k, k + 2048) entries, so k = 2047,
+# 2048, 2049 sit at its edge), and the fallback that rereads the row (k too large for
+# the candidate buffer, or k >= V on a row too long to stage). On CPU they run the heap
+# kernel against the same references.
+TOPK_PATHS = [(9, 1000, 10), (9, 2048, 1024), (5, 10_000, 64), (3, 10_000, 1500),
+              (2, 40_000, 1), (2, 40_000, 2047), (2, 40_000, 2048), (2, 40_000, 2049),
+              (2, 100_000, 1024), (2, 60_000, 20_000), (2, 30_000, 30_000)]
+
+
+def _ordered_rows(R, V, order):
+    """float32-exact rows, as float64, in the given order."""
+    x = torch.randn(R, V).double()
+    if order == "ascending":
+        x = x.sort(-1).values
+    elif order == "descending":
+        x = x.sort(-1, descending=True).values
+    elif order == "constant":  # every entry ties (-0 equals +0): the lowest indices win
+        x = torch.zeros(R, V, dtype=torch.float64)
+        x[:, ::3] = -0.0
+    elif order == "special":   # nothing but -inf; NaNs; -inf scattered among finite values
+        x[0] = -math.inf
+        x[1, torch.randint(0, V, (3,))] = math.nan
+        x[2:, torch.randperm(V)[: V // 2]] = -math.inf
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "constant", "special"])
+@pytest.mark.parametrize("R,V,k", TOPK_PATHS)
+def test_every_topk_path(device, R, V, k, order):
+    x = _ordered_rows(R, V, order)
+    xd = x.to(device, torch.float32)
+    kk = min(k, V)
+    probs, idx = seqfuse.topk_softmax(xd, k)
+    probs_ref, idx_ref = reference.topk_softmax(x, k)
+    assert torch.equal(idx.cpu(), idx_ref)
+    assert_close(probs, probs_ref, torch.float32, equal_nan=True)
+    p = seqfuse.sparse_softmax(xd, k)
+    p_ref = reference.sparse_softmax(x, k)
+    assert_close(p, p_ref, torch.float32, equal_nan=True)
+    finite = ~torch.isnan(p_ref).any(-1)
+    assert torch.all((p.cpu()[finite] != 0).sum(-1) <= kk)
+    target = torch.randint(0, V, (R,))
+    target[0] = idx_ref[0, -1]  # the last kept entry: a tie with the first one left out
+    if R > 2:  # an ignored row gets a zero gradient; the reference's is NaN on NaN rows
+        target[-1] = -100
+    loss, dx, _ = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, xd, target.to(device), k,
+                           reduction="none", grad=torch.ones(R, device=device))
+    loss_ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, x, target, k,
+                                   reduction="none", grad=torch.ones(R, dtype=torch.float64))
+    assert_close(loss, loss_ref, torch.float32, equal_nan=True)
+    assert_close(dx, dx_ref, torch.float32, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("R,V,k", [(9, 1000, 10), (3, 30_000, 64), (2, 70_000, 1024)])
+def test_every_topk_path_in_half_types(device, dtype, R, V, k):
+    # 2-byte rows stage up to 32k entries: 30k is staged, 70k goes through the filter.
+    x = torch.randn(R, V).to(dtype)
+    probs, idx = seqfuse.topk_softmax(x.to(device), k)
+    probs_ref, idx_ref = reference.topk_softmax(x.double(), k)
+    assert probs.dtype == dtype
+    assert torch.equal(idx.cpu(), idx_ref)
+    assert_close(probs, probs_ref, dtype)
+    assert_close(seqfuse.sparse_softmax(x.to(device), k), reference.sparse_softmax(x.double(), k),
+                 dtype)
+
+
 # sparse_softmax_cross_entropy
 
 

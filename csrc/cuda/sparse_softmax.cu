@@ -1,20 +1,33 @@
-// CUDA row-wise normalisers: one block per row (maths: csrc/common/row_softmax.h).
+// CUDA row-wise normalisers (maths: csrc/common/row_softmax.h).
 //
-// Top-k is a radix select on the order keys of the row: three passes of 11, 11 and 10
-// bits narrow a block-wide histogram (2048 bins in shared memory) down to the key of
-// the k-th entry, stopping early once a bin holds exactly the entries still wanted.
-// The first pass streams the row from HBM and also finds its maximum; the later passes
-// rescan the row and count only entries whose high bits match, reading from L2 when the
-// rows in flight fit there (not yet measured: a shared-memory copy of short rows is the
-// next step towards reading HBM exactly once). The selection is then
+// Top-k. Every entry of a row gets a 64-bit composite key
 //
-//   Omega_k = { i : key_i > T } + the first `ties` entries (by index) with key_i == T,
+//   c_i = order_key(x_i) << 32  |  ~i        (i < 2^31, so ~i fits the low 32 bits)
 //
-// kept as (T, last_tie) so any later pass can test membership of an entry on its own.
-// Ties are ranked by an ordered block scan only when the threshold bin holds more
-// entries than are wanted. A pass over the row then sums exp(x - max) over Omega_k and
-// collects the kept entries; the compact top list (k <= 1024) is sorted in shared
-// memory by a bitonic network. Everything accumulates in float32.
+// Higher composites rank first: a higher value, then a lower index (the SPEC's tie
+// rule). Composites are all distinct, so the selection is a single threshold T with
+//
+//   Omega_k = { i : c_i >= T },   |Omega_k| = k exactly,
+//
+// found by a radix select (8-bit digits, high to low, stopping as soon as a bin holds
+// exactly the entries still wanted; ties in value resolve in the index bits). Every
+// pass runs on shared memory; the row is read from HBM once, by one of two paths
+// picked per launch from the row length and the device's shared memory:
+//
+//   staged   V * sizeof(scalar) <= kStageBytesMax: one block per row, the row staged in
+//            shared memory in its storage type;
+//   filter   longer rows: one block streams the row once and appends every entry whose
+//            composite reaches the running threshold to a candidate buffer in shared
+//            memory. When the next tile might not fit, the buffer is cut to its own top
+//            k by the same radix select and the threshold rises to the k-th composite:
+//            nothing below it can enter the top k of the row any more. Rows in
+//            ascending order keep every entry and compact often: slower, still exact.
+//
+// Only when none fits (k too large for the candidate buffer, or k >= V on a row too
+// long to stage) does the block read the row from global memory in every pass.
+// Then, over the kept entries: m = max, lse = m + log sum exp(x - m) (float32), and the
+// output (dense: fill, then scatter the kept; compact: sorted in shared memory by a
+// bitonic network when k <= kTopKSortedMax; loss: lse - x_t and the kept indices).
 #include <cstdint>
 #include <type_traits>
 
@@ -26,21 +39,24 @@ namespace seqfuse::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kBins = 2048;
-constexpr int kSmallThreads = 128;  // rows up to kSmallRow entries
-constexpr int kLargeThreads = 512;
-constexpr int64_t kSmallRow = 4096;
+constexpr int kBins = 256;  // 8-bit radix digits
+constexpr int kBlockThreads = 512;
+constexpr int64_t kStageBytesMax = 64 * 1024;  // keeps 3 staged blocks per SM on sm80
+constexpr int kPerThread = 4;                  // loads in flight per thread in the filter
+constexpr int kTile = kBlockThreads * kPerThread;
+constexpr int64_t kMinCandidates = 4096;
 constexpr int kRowThreads = 256;  // the dense normalisers
-constexpr int64_t kNoTieLimit = INT64_MAX;
 
-using Key = uint32_t;
-
-__device__ __forceinline__ Key key_of(float x) { return order_key(x); }
-
-// The value a key was made from (NaN for the NaN key).
-__device__ __forceinline__ float value_of(Key key) {
-  return __uint_as_float((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
-}
+// The threads that work on one row. sync() is the barrier of the group only (with the
+// memory ordering of shared and global writes among its threads); callers keep every
+// thread of a group on the same path to each sync().
+template <int kThreads>
+struct BlockGroup {
+  static constexpr int kSize = kThreads;
+  __device__ static int rank() { return int(threadIdx.x); }
+  __device__ static void sync() { __syncthreads(); }
+};
+using RowBlock = BlockGroup<kRowThreads>;
 
 struct Sum {
   __device__ float operator()(float a, float b) const { return a + b; }
@@ -48,73 +64,109 @@ struct Sum {
 struct NanMax {
   __device__ float operator()(float a, float b) const { return (b > a || b != b) ? b : a; }
 };
+struct UMax {
+  __device__ unsigned operator()(unsigned a, unsigned b) const { return a > b ? a : b; }
+};
 
-// All threads get the reduction of v over the block. scratch: kThreads / 32 entries.
-template <int kThreads, typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T* scratch) {
+// Every thread of the group gets the reduction of v. scratch: kSize / 32 entries
+// (unused by a warp).
+template <class G, typename T, typename Op>
+__device__ T group_reduce(T v, Op op, T* scratch) {
   for (int o = kWarp / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();  // a previous reduction may still be reading scratch
-  if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < kThreads / kWarp; ++w) v = op(v, scratch[w]);
+  if constexpr (G::kSize > kWarp) {
+    __syncthreads();  // a previous reduction may still be reading scratch
+    if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < G::kSize / kWarp; ++w) v = op(v, scratch[w]);
+  }
   return v;
 }
 
-// The sum of v over the threads below this one; `total` gets the block's sum.
-template <int kThreads>
-__device__ int block_exclusive_sum(int v, int* scratch, int& total) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+// The sum of v over the group's threads of lower rank; `total` gets the group's sum.
+template <class G>
+__device__ int group_exclusive_sum(int v, int* scratch, int& total) {
+  const int lane = threadIdx.x % kWarp;
   int inclusive = v;
   for (int o = 1; o < kWarp; o <<= 1) {
     const int n = __shfl_up_sync(0xffffffffu, inclusive, o);
     if (lane >= o) inclusive += n;
   }
-  __syncthreads();
-  if (lane == kWarp - 1) scratch[warp] = inclusive;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < kThreads / kWarp; ++w) {
-    if (w < warp) before += scratch[w];
-    total += scratch[w];
+  if constexpr (G::kSize == kWarp) {
+    total = __shfl_sync(0xffffffffu, inclusive, kWarp - 1);
+    return inclusive - v;
+  } else {
+    const int warp = threadIdx.x / kWarp;
+    __syncthreads();
+    if (lane == kWarp - 1) scratch[warp] = inclusive;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < G::kSize / kWarp; ++w) {
+      if (w < warp) before += scratch[w];
+      total += scratch[w];
+    }
+    return before + inclusive - v;
   }
-  return before + inclusive - v;
 }
 
-// Omega_k of one row (see the top of this file).
-struct Cut {
-  Key threshold;
-  int64_t last_tie;
-  __device__ bool keeps(Key key, int64_t i) const {
-    return key > threshold || (key == threshold && i <= last_tie);
-  }
+using Composite = uint64_t;
+// Below every real composite (real keys are at least order_key(-inf) > 0).
+constexpr Composite kNone = 0;
+
+__device__ __forceinline__ Composite composite(float x, int64_t i) {
+  return (Composite(order_key(x)) << 32) | Composite(~uint32_t(i));
+}
+__device__ __forceinline__ int64_t index_of(Composite c) { return int64_t(~uint32_t(c)); }
+// The value a composite was made from (NaN for NaN, +0 for -0).
+__device__ __forceinline__ float value_of(Composite c) {
+  const uint32_t key = uint32_t(c >> 32);
+  return __uint_as_float((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key);
+}
+
+// The entries of one row in shared or global memory, in index order.
+template <typename scalar_t>
+struct RowView {
+  const scalar_t* x;
+  int64_t n;
+  __device__ Composite at(int64_t j) const { return composite(to_acc(x[j]), j); }
+};
+// Candidate composites in shared memory, in any order.
+struct CandidateView {
+  const Composite* c;
+  int64_t n;
+  __device__ Composite at(int64_t j) const { return c[j]; }
 };
 
-template <int kThreads>
+// Shared state of one group's selection.
 struct SelectShared {
   unsigned hist[kBins];
-  float red[kThreads / kWarp];
-  int scan[kThreads / kWarp];
-  unsigned max_key;
+  float red[kBlockThreads / kWarp];
+  int scan[kBlockThreads / kWarp];
   unsigned digit;
   int remaining;
   int bin_count;
   int n_kept;
-  int64_t last_tie;
+  int n_candidates;
+  Composite threshold;
+  float target_value;
 };
 
-// Finds the bin holding the `remaining`-th highest key; sets sh.digit, sh.remaining
-// (wanted from that bin) and sh.bin_count.
-template <int kThreads>
-__device__ void find_digit(SelectShared<kThreads>& sh, int remaining) {
-  constexpr int kPer = kBins / kThreads;
-  const int top = kBins - 1 - int(threadIdx.x) * kPer;  // this thread's bins, descending
+// Finds the bin holding the `remaining`-th highest composite of the histogram; sets
+// sh.digit, sh.remaining (still wanted from that bin) and sh.bin_count.
+template <class G>
+__device__ void find_digit(SelectShared& sh, int remaining) {
+  constexpr int kPer = kBins > G::kSize ? kBins / G::kSize : 1;
+  // This thread's bins, descending from `top`; ranks past the last bin hold none.
+  const int top = kBins - 1 - G::rank() * kPer;
+  const bool has_bins = top >= 0;
   int local = 0;
-  for (int b = 0; b < kPer; ++b) local += sh.hist[top - b];
+  if (has_bins) {
+    for (int b = 0; b < kPer; ++b) local += sh.hist[top - b];
+  }
   int total;
-  const int above = block_exclusive_sum<kThreads>(local, sh.scan, total);
-  if (above < remaining && above + local >= remaining) {
+  const int above = group_exclusive_sum<G>(local, sh.scan, total);
+  if (has_bins && above < remaining && above + local >= remaining) {
     int acc = above;
     for (int b = 0; b < kPer; ++b) {
       const int c = sh.hist[top - b];
@@ -127,75 +179,50 @@ __device__ void find_digit(SelectShared<kThreads>& sh, int remaining) {
       acc += c;
     }
   }
-  __syncthreads();
+  G::sync();
 }
 
-// Radix-selects the top kk of row (kk < V) and returns its cut; max_key gets the
-// row's highest key. Every thread must call it.
-template <int kThreads, typename scalar_t>
-__device__ Cut select_top(const scalar_t* row, int64_t V, int64_t kk, SelectShared<kThreads>& sh,
-                          Key& max_key) {
-  Key prefix = 0, mask = 0;
+// The k-th highest composite of view (0 < kk <= view.n), so that exactly kk entries
+// reach it. Every thread of the group calls it and gets the same result.
+template <class G, class View>
+__device__ Composite select_threshold(const View& view, int64_t kk, SelectShared& sh) {
+  Composite prefix = 0;
   int remaining = int(kk);
 #pragma unroll 1
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);  // digits of 11, 11, 10 bits
-    const Key digit_mask = pass == 2 ? 0x3FFu : 0x7FFu;
-    for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
-    if (pass == 0 && threadIdx.x == 0) sh.max_key = 0;
-    __syncthreads();
-    Key local_max = 0;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const Key key = key_of(to_acc(row[i]));
-      if (pass == 0) local_max = max(local_max, key);
-      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & digit_mask], 1u);
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    // Only entries that share the digits already fixed are counted.
+    const Composite high = shift == 56 ? 0 : ~Composite(0) << (shift + 8);
+    for (int b = G::rank(); b < kBins; b += G::kSize) sh.hist[b] = 0;
+    G::sync();
+    for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
+      const Composite c = view.at(j);
+      if ((c & high) == prefix) atomicAdd(&sh.hist[(c >> shift) & (kBins - 1)], 1u);
     }
-    if (pass == 0) {
-      local_max = __reduce_max_sync(0xffffffffu, local_max);
-      if (threadIdx.x % kWarp == 0) atomicMax(&sh.max_key, local_max);
-    }
-    __syncthreads();
-    if (pass == 0) max_key = sh.max_key;
-    find_digit<kThreads>(sh, remaining);
-    prefix |= Key(sh.digit) << shift;
-    mask |= digit_mask << shift;
+    G::sync();
+    find_digit<G>(sh, remaining);
+    prefix |= Composite(sh.digit) << shift;
     remaining = sh.remaining;
-    // Every key with this prefix is wanted: the cut is the prefix itself.
-    if (sh.bin_count == remaining) return {prefix, kNoTieLimit};
+    // Every entry with this prefix is wanted, and only those and the ones above it.
+    if (sh.bin_count == remaining) break;
   }
-  // More entries equal the k-th key than are wanted: rank them by index.
-  int seen = 0;
-  if (threadIdx.x == 0) sh.last_tie = -1;
-  for (int64_t base = 0; base < V && seen < remaining; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    const int eq = i < V && key_of(to_acc(row[i])) == prefix;
-    int total;
-    const int rank = block_exclusive_sum<kThreads>(eq, sh.scan, total);
-    if (eq && seen + rank == remaining - 1) sh.last_tie = i;
-    seen += total;
-  }
-  __syncthreads();
-  return {prefix, sh.last_tie};
+  G::sync();  // sh is free for the caller's next use
+  return prefix;
 }
 
-// Sorts n (a power of two) entries best first: higher key, then lower index.
-template <int kThreads>
-__device__ void bitonic_sort(Key* keys, int64_t* idx, int n) {
+// Sorts n (a power of two) composites in shared memory, highest first.
+template <class G>
+__device__ void sort_descending(Composite* a, int n) {
   for (int size = 2; size <= n; size <<= 1) {
     for (int stride = size / 2; stride > 0; stride >>= 1) {
-      for (int t = threadIdx.x; t < n / 2; t += kThreads) {
+      for (int t = G::rank(); t < n / 2; t += G::kSize) {
         const int i = 2 * stride * (t / stride) + t % stride, j = i + stride;
-        const bool j_better = keys[j] > keys[i] || (keys[j] == keys[i] && idx[j] < idx[i]);
-        if (j_better == ((i & size) == 0)) {
-          const Key k = keys[i];
-          keys[i] = keys[j];
-          keys[j] = k;
-          const int64_t x = idx[i];
-          idx[i] = idx[j];
-          idx[j] = x;
+        if ((a[j] > a[i]) == ((i & size) == 0)) {
+          const Composite tmp = a[i];
+          a[i] = a[j];
+          a[j] = tmp;
         }
       }
-      __syncthreads();
+      G::sync();
     }
   }
 }
@@ -214,116 +241,274 @@ struct TopKArgs {
   float* lse;
 };
 
-template <int kThreads, typename scalar_t, Mode kMode>
-__global__ void __launch_bounds__(kThreads) topk_kernel(TopKArgs args) {
-  __shared__ SelectShared<kThreads> sh;
+SEQFUSE_HD int64_t sort_capacity(Mode mode, int64_t kk) {
+  if (mode != Mode::Compact || kk > kTopKSortedMax) return 0;
+  int64_t n = 1;
+  while (n < kk) n <<= 1;
+  return n;
+}
+SEQFUSE_HD int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+// Shared memory of one group: its SelectShared, the compact sort buffer, then `slots`
+// bytes of row or candidates.
+SEQFUSE_HD int64_t group_bytes(Mode mode, int64_t kk, int64_t slots) {
+  return align16(sizeof(SelectShared)) + sort_capacity(mode, kk) * 8 + align16(slots);
+}
+// Candidate buffer entries: room for kk survivors and a whole tile after each cut.
+SEQFUSE_HD int64_t filter_capacity(int64_t kk) {
+  const int64_t room = kk > kTile ? kk : kTile;
+  return kk + room > kMinCandidates ? kk + room : kMinCandidates;
+}
+
+// Given the group's Omega_k = {entries of view with composite >= T}: lse, then the
+// mode's output. x_t is the target logit (Loss mode; NaN when out of range).
+template <class G, typename scalar_t, Mode kMode, class View>
+__device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
+                           const TopKArgs& args, SelectShared& sh, Composite* sort_buf) {
   const int64_t V = args.shape.V, kk = args.kk;
-  const int64_t r = blockIdx.x;
-  const scalar_t* row = static_cast<const scalar_t*>(args.x) + r * V;
-  const bool whole_row = kk >= V;
-
-  Key max_key = 0;
-  Cut cut{0, kNoTieLimit};  // every real key is above 0: the whole row
-  if (!whole_row) {
-    cut = select_top<kThreads>(row, V, kk, sh, max_key);
-  } else {
-    Key local_max = 0;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      local_max = max(local_max, key_of(to_acc(row[i])));
-    }
-    local_max = __reduce_max_sync(0xffffffffu, local_max);
-    if (threadIdx.x == 0) sh.max_key = 0;
-    __syncthreads();
-    if (threadIdx.x % kWarp == 0) atomicMax(&sh.max_key, local_max);
-    __syncthreads();
-    max_key = sh.max_key;
+  // m is the top kept value, which is the row's maximum (the top entry is always kept).
+  unsigned top_key = 0;
+  for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
+    const Composite c = view.at(j);
+    if (c >= T) top_key = UMax{}(top_key, unsigned(c >> 32));
   }
-  const float m = value_of(max_key);
-
-  // The compact list, sorted in shared memory when short enough.
-  constexpr bool kCompact = kMode == Mode::Compact;
-  __shared__ Key s_keys[kCompact ? kTopKSortedMax : 1];
-  __shared__ int64_t s_idx[kCompact ? kTopKSortedMax : 1];
-  const bool in_shared = kCompact && kk <= kTopKSortedMax;
-  const bool collect = kMode == Mode::Compact || (kMode == Mode::Loss && !whole_row);
-  if (threadIdx.x == 0) sh.n_kept = 0;
-  __syncthreads();
-
+  top_key = group_reduce<G>(top_key, UMax{}, reinterpret_cast<unsigned*>(sh.scan));
+  const float m = value_of(Composite(top_key) << 32);
   float local = 0.f;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float v = to_acc(row[i]);
-    const Key key = key_of(v);
-    if (!cut.keeps(key, i)) continue;
-    local += expf(v - m);
-    if (collect) {
-      const int pos = atomicAdd(&sh.n_kept, 1);
-      if (pos >= kk) continue;
-      if (in_shared) {
-        s_keys[pos] = key;
-        s_idx[pos] = i;
-      } else {
-        args.indices[r * kk + pos] = i;
-      }
-    }
+  for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
+    const Composite c = view.at(j);
+    if (c >= T) local += expf(value_of(c) - m);
   }
-  const float lse = m + logf(block_reduce<kThreads>(local, Sum{}, sh.red));
+  const float lse = m + logf(group_reduce<G>(local, Sum{}, sh.red));
 
+  if (G::rank() == 0) sh.n_kept = 0;
+  G::sync();
   if constexpr (kMode == Mode::Dense) {
     scalar_t* out = static_cast<scalar_t*>(args.out) + r * V;
-    const bool poisoned = lse != lse;  // as the dense reference: NaN throughout
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float v = to_acc(row[i]);
-      const float p = poisoned ? lse : (cut.keeps(key_of(v), i) ? expf(v - lse) : 0.f);
-      out[i] = from_acc<scalar_t>(p);
+    // A NaN normaliser (NaN kept, +inf kept, or nothing kept above -inf) poisons the
+    // whole row, as the dense reference does.
+    const bool poisoned = lse != lse;
+    const scalar_t fill = from_acc<scalar_t>(poisoned ? lse : 0.f);
+    for (int64_t i = G::rank(); i < V; i += G::kSize) out[i] = fill;
+    G::sync();  // the fill lands before the kept entries are written over it
+    if (!poisoned) {
+      for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
+        const Composite c = view.at(j);
+        if (c >= T) out[index_of(c)] = from_acc<scalar_t>(expf(value_of(c) - lse));
+      }
     }
   } else if constexpr (kMode == Mode::Compact) {
     scalar_t* probs = static_cast<scalar_t*>(args.out) + r * kk;
     int64_t* indices = args.indices + r * kk;
-    if (in_shared) {
-      int n = 1;
-      while (n < kk) n <<= 1;
-      for (int j = int(kk) + int(threadIdx.x); j < n; j += kThreads) {
-        s_keys[j] = 0;  // below every real key
-        s_idx[j] = kNoTieLimit;
+    const int n_sort = int(sort_capacity(kMode, kk));
+    for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
+      const Composite c = view.at(j);
+      if (c < T) continue;
+      const int pos = atomicAdd(&sh.n_kept, 1);
+      if (n_sort > 0) {
+        sort_buf[pos] = c;
+      } else {  // long lists go out in any order; the binding sorts them
+        probs[pos] = from_acc<scalar_t>(expf(value_of(c) - lse));
+        indices[pos] = index_of(c);
       }
-      __syncthreads();
-      bitonic_sort<kThreads>(s_keys, s_idx, n);
-      for (int j = int(threadIdx.x); j < kk; j += kThreads) {
-        probs[j] = from_acc<scalar_t>(expf(value_of(s_keys[j]) - lse));
-        indices[j] = s_idx[j];
-      }
-    } else {
-      __syncthreads();  // the indices written above are visible to the whole block
-      for (int64_t j = threadIdx.x; j < kk; j += kThreads) {
-        probs[j] = from_acc<scalar_t>(expf(to_acc(row[indices[j]]) - lse));
+    }
+    if (n_sort > 0) {
+      for (int j = int(kk) + G::rank(); j < n_sort; j += G::kSize) sort_buf[j] = kNone;
+      G::sync();
+      sort_descending<G>(sort_buf, n_sort);
+      for (int j = G::rank(); j < kk; j += G::kSize) {
+        probs[j] = from_acc<scalar_t>(expf(value_of(sort_buf[j]) - lse));
+        indices[j] = index_of(sort_buf[j]);
       }
     }
   } else {
-    if (threadIdx.x == 0) {
+    if (kk < V) {
+      for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
+        const Composite c = view.at(j);
+        if (c >= T) args.indices[r * kk + atomicAdd(&sh.n_kept, 1)] = index_of(c);
+      }
+    }
+    if (G::rank() == 0) {
       const int64_t t = args.target[r];
-      args.loss[r] = t == args.ignore_index ? 0.f : lse - to_acc(row[t]);
+      args.loss[r] = t == args.ignore_index ? 0.f : lse - x_t;
       args.lse[r] = lse;
     }
   }
 }
 
+// Carves one group's shared memory (see group_bytes).
+struct GroupSmem {
+  SelectShared* sh;
+  Composite* sort_buf;
+  unsigned char* slots;
+};
+__device__ GroupSmem carve(unsigned char* base, Mode mode, int64_t kk) {
+  GroupSmem g;
+  g.sh = reinterpret_cast<SelectShared*>(base);
+  g.sort_buf = reinterpret_cast<Composite*>(base + align16(sizeof(SelectShared)));
+  g.slots = base + align16(sizeof(SelectShared)) + sort_capacity(mode, kk) * 8;
+  return g;
+}
+
+// The staged path (kStage) and the global fallback (!kStage): one group of G per row,
+// kThreads / G::kSize rows per block.
+template <class G, int kThreads, typename scalar_t, Mode kMode, bool kStage>
+__global__ void __launch_bounds__(kThreads) topk_row_kernel(TopKArgs args) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kGroups = kThreads / G::kSize;
+  const int64_t V = args.shape.V, kk = args.kk;
+  const int group = int(threadIdx.x) / G::kSize;
+  const int64_t r = int64_t(blockIdx.x) * kGroups + group;
+  // The last block may have groups past the last row: they leave as a whole, and no
+  // barrier below spans more than one group (block groups have kGroups == 1).
+  if (r >= args.shape.R) return;
+  const GroupSmem g =
+      carve(smem + group * group_bytes(kMode, kk, kStage ? V * int64_t(sizeof(scalar_t)) : 0),
+            kMode, kk);
+  const scalar_t* row = static_cast<const scalar_t*>(args.x) + r * V;
+  const scalar_t* src = row;
+  if constexpr (kStage) {
+    scalar_t* stage = reinterpret_cast<scalar_t*>(g.slots);
+    for (int64_t i = G::rank(); i < V; i += G::kSize) stage[i] = row[i];
+    G::sync();
+    src = stage;
+  }
+  const RowView<scalar_t> view{src, V};
+  const Composite T = kk < V ? select_threshold<G>(view, kk, *g.sh) : Composite(1);
+  float x_t = __int_as_float(0x7fc00000);  // NaN
+  if constexpr (kMode == Mode::Loss) {
+    const int64_t t = args.target[r];
+    if (t >= 0 && t < V) x_t = to_acc(src[t]);
+  }
+  finish_row<G, scalar_t, kMode>(view, T, x_t, r, args, *g.sh, g.sort_buf);
+}
+
+// Cuts the candidate buffer to its top kk and raises the threshold to the kk-th.
+template <class G>
+__device__ void cut_candidates(Composite* cand, int n, int64_t kk, SelectShared& sh) {
+  G::sync();  // every thread has read sh.n_candidates and sh.threshold
+  const Composite T = select_threshold<G>(CandidateView{cand, n}, kk, sh);
+  if (G::rank() == 0) sh.n_kept = 0;
+  G::sync();
+  // Survivors move to the front chunk by chunk: a chunk is read into registers before
+  // anyone writes, and the writes land below the end of the chunk (at most one
+  // survivor per entry read so far), so no unread entry is overwritten.
+  for (int base = 0; base < n; base += G::kSize) {
+    const int j = base + G::rank();
+    const Composite c = j < n ? cand[j] : kNone;
+    G::sync();
+    if (c >= T) cand[atomicAdd(&sh.n_kept, 1)] = c;
+  }
+  G::sync();
+  if (G::rank() == 0) {
+    sh.n_candidates = int(kk);
+    sh.threshold = T;
+  }
+  G::sync();
+}
+
+// The filter path (see the top of this file): one block per row, kk < V.
+template <typename scalar_t, Mode kMode>
+__global__ void __launch_bounds__(kBlockThreads) topk_filter_kernel(TopKArgs args, int capacity) {
+  using G = BlockGroup<kBlockThreads>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t V = args.shape.V, kk = args.kk;
+  const int64_t r = blockIdx.x;
+  const GroupSmem g = carve(smem, kMode, kk);
+  SelectShared& sh = *g.sh;
+  Composite* cand = reinterpret_cast<Composite*>(g.slots);
+  const scalar_t* row = static_cast<const scalar_t*>(args.x) + r * V;
+  const int64_t t = kMode == Mode::Loss ? args.target[r] : -1;
+  const int lane = int(threadIdx.x) % kWarp;
+  if (threadIdx.x == 0) {
+    sh.n_candidates = 0;
+    sh.threshold = kNone + 1;  // every real entry reaches it
+    sh.target_value = __int_as_float(0x7fc00000);
+  }
+  __syncthreads();
+  for (int64_t base = 0; base < V; base += kTile) {
+    scalar_t v[kPerThread];
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {  // the tile's loads go out before any wait
+      const int64_t i = base + e * kBlockThreads + threadIdx.x;
+      v[e] = i < V ? row[i] : from_acc<scalar_t>(0.f);
+    }
+    // Both were last written before the barrier that ended the previous tile.
+    const int n = sh.n_candidates;
+    if (n + kTile > capacity) cut_candidates<G>(cand, n, kk, sh);
+    const Composite threshold = sh.threshold;
+    __syncthreads();  // every thread has read the count before any appends to it
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t i = base + e * kBlockThreads + threadIdx.x;
+      const float x = to_acc(v[e]);
+      if (i == t) sh.target_value = x;
+      const Composite c = i < V ? composite(x, i) : kNone;
+      const bool take = c >= threshold;
+      // One atomic per warp: the taking lanes get consecutive slots by lane order.
+      const unsigned takers = __ballot_sync(0xffffffffu, take);
+      if (takers != 0) {
+        const int leader = __ffs(takers) - 1;
+        int first = 0;
+        if (lane == leader) first = atomicAdd(&sh.n_candidates, __popc(takers));
+        first = __shfl_sync(0xffffffffu, first, leader);
+        if (take) cand[first + __popc(takers & ((1u << lane) - 1u))] = c;
+      }
+    }
+    __syncthreads();  // the tile's appends are in before the next tile reads the count
+  }
+  const int n = sh.n_candidates;
+  const CandidateView view{cand, n};
+  const Composite T = select_threshold<G>(view, kk, sh);
+  finish_row<G, scalar_t, kMode>(view, T, sh.target_value, r, args, sh, g.sort_buf);
+}
+
+// Launches kernel with `bytes` of dynamic shared memory, opting in past the default
+// 48 KB; the caller has checked bytes against the device's limit.
+template <typename Kernel, typename... Args>
+cudaError_t launch_with_smem(Kernel kernel, unsigned grid, int threads, int64_t bytes,
+                             cudaStream_t stream, Args... args) {
+  if (bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(bytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, size_t(bytes), stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// Picks the path (see the top of this file) and launches it.
 template <Mode kMode>
 cudaError_t launch_topk(const TopKArgs& args, DType dtype, cudaStream_t stream) {
-  if (args.shape.R == 0 || args.shape.V == 0) return cudaSuccess;
-  if (args.shape.R >= (int64_t(1) << 31) || args.shape.V > INT32_MAX) {
-    return cudaErrorInvalidConfiguration;
+  const int64_t R = args.shape.R, V = args.shape.V, kk = args.kk;
+  if (R == 0 || V == 0) return cudaSuccess;
+  if (R >= (int64_t(1) << 31) || V > INT32_MAX) return cudaErrorInvalidConfiguration;
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  cudaError_t err = cudaErrorInvalidValue;
+  if (err != cudaSuccess) return err;
+  err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      const unsigned grid = unsigned(args.shape.R);
-      if (args.shape.V <= kSmallRow) {
-        topk_kernel<kSmallThreads, scalar_t, kMode><<<grid, kSmallThreads, 0, stream>>>(args);
+      const int64_t row_bytes = V * int64_t(sizeof(scalar_t));
+      const int64_t stage_bytes = group_bytes(kMode, kk, row_bytes);
+      const int64_t capacity = filter_capacity(kk);
+      const int64_t filter_bytes = group_bytes(kMode, kk, capacity * int64_t(sizeof(Composite)));
+      if (row_bytes <= kStageBytesMax && stage_bytes <= limit) {
+        err = launch_with_smem(
+            topk_row_kernel<BlockGroup<kBlockThreads>, kBlockThreads, scalar_t, kMode, true>,
+            unsigned(R), kBlockThreads, stage_bytes, stream, args);
+      } else if (kk < V && filter_bytes <= limit) {
+        err = launch_with_smem(topk_filter_kernel<scalar_t, kMode>, unsigned(R), kBlockThreads,
+                               filter_bytes, stream, args, int(capacity));
       } else {
-        topk_kernel<kLargeThreads, scalar_t, kMode><<<grid, kLargeThreads, 0, stream>>>(args);
+        err = launch_with_smem(
+            topk_row_kernel<BlockGroup<kBlockThreads>, kBlockThreads, scalar_t, kMode, false>,
+            unsigned(R), kBlockThreads, group_bytes(kMode, kk, 0), stream, args);
       }
-      err = cudaGetLastError();
     }
   });
   return err;
@@ -342,7 +527,7 @@ __global__ void __launch_bounds__(kRowThreads)
     const float p = to_acc(probs[o + i]);
     if (p != 0.f) local += p * to_acc(grad[o + i]);
   }
-  const float dot = block_reduce<kRowThreads>(local, Sum{}, red);
+  const float dot = group_reduce<RowBlock>(local, Sum{}, red);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     const float p = to_acc(probs[o + i]);
     grad_x[o + i] = from_acc<scalar_t>(p != 0.f ? p * (to_acc(grad[o + i]) - dot) : 0.f);
@@ -359,7 +544,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t j = threadIdx.x; j < kk; j += kRowThreads) {
     local += to_acc(probs[r * kk + j]) * to_acc(grad[r * kk + j]);
   }
-  const float dot = block_reduce<kRowThreads>(local, Sum{}, red);
+  const float dot = group_reduce<RowBlock>(local, Sum{}, red);
   scalar_t* dx = grad_x + r * V;
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) dx[i] = from_acc<scalar_t>(0.f);
   __syncthreads();  // the zeros land before the scatter
@@ -413,7 +598,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     local += Taylor<float>::at(to_acc(x[o + i]), order).f;
   }
-  const float S = block_reduce<kRowThreads>(local, Sum{}, red);
+  const float S = group_reduce<RowBlock>(local, Sum{}, red);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     out[o + i] = from_acc<scalar_t>(Taylor<float>::at(to_acc(x[o + i]), order).f / S);
   }
@@ -430,8 +615,8 @@ __global__ void __launch_bounds__(kRowThreads)
     s_local += Taylor<float>::at(to_acc(x[o + i]), order).f;
     dot_local += to_acc(grad[o + i]) * to_acc(out[o + i]);
   }
-  const float inv = 1.f / block_reduce<kRowThreads>(s_local, Sum{}, red);
-  const float dot = block_reduce<kRowThreads>(dot_local, Sum{}, red);
+  const float inv = 1.f / group_reduce<RowBlock>(s_local, Sum{}, red);
+  const float dot = group_reduce<RowBlock>(dot_local, Sum{}, red);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     const float df = Taylor<float>::at(to_acc(x[o + i]), order).df;
     grad_x[o + i] = from_acc<scalar_t>(df * inv * (to_acc(grad[o + i]) - dot));
@@ -461,8 +646,8 @@ __device__ TraceSlot entropy_trace(const scalar_t* p, int64_t V, float target, i
       qL += q * Lt;
       qL2 += q * Lt * Lt;
     }
-    qL = block_reduce<kRowThreads>(qL, Sum{}, red);
-    qL2 = block_reduce<kRowThreads>(qL2, Sum{}, red);
+    qL = group_reduce<RowBlock>(qL, Sum{}, red);
+    qL2 = group_reduce<RowBlock>(qL2, Sum{}, red);
     const EntropyStep<float> step = EntropyStep<float>::of(qL, qL2, target);
     s.H = step.H;
     s.D = step.D;
@@ -475,14 +660,14 @@ __device__ TraceSlot entropy_trace(const scalar_t* p, int64_t V, float target, i
       const float L = logf(to_acc(p[i]));
       if (on_support(L)) m = NanMax{}(m, g * L);
     }
-    m = block_reduce<kRowThreads>(m, NanMax{}, red);
+    m = group_reduce<RowBlock>(m, NanMax{}, red);
     float sum = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
       const float L = logf(to_acc(p[i]));
       if (on_support(L)) sum += expf(g * L - m);
     }
     s.G = g;
-    s.logZ = m + logf(block_reduce<kRowThreads>(sum, Sum{}, red));
+    s.logZ = m + logf(group_reduce<RowBlock>(sum, Sum{}, red));
   }
   if (trace && threadIdx.x == 0) trace[iters] = s;
   return s;
@@ -527,9 +712,9 @@ __global__ void __launch_bounds__(kRowThreads)
       mean_L += qn * Lt;
       gL += adj[i] * qn * Lt;
     }
-    c = block_reduce<kRowThreads>(c, Sum{}, red);
-    mean_L = block_reduce<kRowThreads>(mean_L, Sum{}, red);
-    gL = block_reduce<kRowThreads>(gL, Sum{}, red);
+    c = group_reduce<RowBlock>(c, Sum{}, red);
+    mean_L = group_reduce<RowBlock>(mean_L, Sum{}, red);
+    gL = group_reduce<RowBlock>(gL, Sum{}, red);
     const TraceSlot step = trace[t];
     const float gamma_bar = gL - c * mean_L;
     float H_bar = 0.f, M_bar = 0.f;
