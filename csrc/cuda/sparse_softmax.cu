@@ -11,11 +11,12 @@
 //
 // found by a radix select (8-bit digits, high to low, stopping as soon as a bin holds
 // exactly the entries still wanted; ties in value resolve in the index bits). Every
-// pass runs on shared memory; the row is read from HBM once, by one of two paths
+// pass runs on shared memory; the row is read from HBM once, by one of three paths
 // picked per launch from the row length and the device's shared memory:
 //
-//   staged   V * sizeof(scalar) <= kStageBytesMax: one block per row, the row staged in
-//            shared memory in its storage type;
+//   warp     V <= kWarpRowMax: one warp per row, kWarpsPerBlock rows per block, the row
+//            staged in shared memory in its storage type;
+//   staged   V * sizeof(scalar) <= kStageBytesMax: one block per row, staged likewise;
 //   filter   longer rows: one block streams the row once and appends every entry whose
 //            composite reaches the running threshold to a candidate buffer in shared
 //            memory. When the next tile might not fit, the buffer is cut to its own top
@@ -41,15 +42,22 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kBins = 256;  // 8-bit radix digits
 constexpr int kBlockThreads = 512;
+constexpr int kWarpsPerBlock = 4;
+constexpr int64_t kWarpRowMax = 2048;
 constexpr int64_t kStageBytesMax = 64 * 1024;  // keeps 3 staged blocks per SM on sm80
 constexpr int kPerThread = 4;                  // loads in flight per thread in the filter
 constexpr int kTile = kBlockThreads * kPerThread;
 constexpr int64_t kMinCandidates = 4096;
 constexpr int kRowThreads = 256;  // the dense normalisers
 
-// The threads that work on one row. sync() is the barrier of the group only (with the
-// memory ordering of shared and global writes among its threads); callers keep every
-// thread of a group on the same path to each sync().
+// Thread groups that work on one row: a warp, or a whole block. sync() is the barrier
+// of the group only (with the memory ordering of shared and global writes among its
+// threads); callers keep every thread of a group on the same path to each sync().
+struct WarpGroup {
+  static constexpr int kSize = kWarp;
+  __device__ static int rank() { return int(threadIdx.x) % kWarp; }
+  __device__ static void sync() { __syncwarp(); }
+};
 template <int kThreads>
 struct BlockGroup {
   static constexpr int kSize = kThreads;
@@ -349,8 +357,8 @@ __device__ GroupSmem carve(unsigned char* base, Mode mode, int64_t kk) {
   return g;
 }
 
-// The staged path (kStage) and the global fallback (!kStage): one group of G per row,
-// kThreads / G::kSize rows per block.
+// The warp and staged paths (kStage), and the global fallback (!kStage): one group of
+// G per row, kThreads / G::kSize rows per block.
 template <class G, int kThreads, typename scalar_t, Mode kMode, bool kStage>
 __global__ void __launch_bounds__(kThreads) topk_row_kernel(TopKArgs args) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -494,10 +502,16 @@ cudaError_t launch_topk(const TopKArgs& args, DType dtype, cudaStream_t stream) 
     using scalar_t = decltype(tag);
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const int64_t row_bytes = V * int64_t(sizeof(scalar_t));
+      const int64_t warp_bytes = kWarpsPerBlock * group_bytes(kMode, kk, row_bytes);
       const int64_t stage_bytes = group_bytes(kMode, kk, row_bytes);
       const int64_t capacity = filter_capacity(kk);
       const int64_t filter_bytes = group_bytes(kMode, kk, capacity * int64_t(sizeof(Composite)));
-      if (row_bytes <= kStageBytesMax && stage_bytes <= limit) {
+      if (V <= kWarpRowMax && warp_bytes <= limit) {
+        const unsigned grid = unsigned((R + kWarpsPerBlock - 1) / kWarpsPerBlock);
+        err = launch_with_smem(
+            topk_row_kernel<WarpGroup, kWarpsPerBlock * kWarp, scalar_t, kMode, true>, grid,
+            kWarpsPerBlock * kWarp, warp_bytes, stream, args);
+      } else if (row_bytes <= kStageBytesMax && stage_bytes <= limit) {
         err = launch_with_smem(
             topk_row_kernel<BlockGroup<kBlockThreads>, kBlockThreads, scalar_t, kMode, true>,
             unsigned(R), kBlockThreads, stage_bytes, stream, args);
