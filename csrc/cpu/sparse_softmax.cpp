@@ -7,14 +7,18 @@
 // entries all below the root's value are skipped by a vectorised comparison, so after
 // the first few thousand entries the pass runs at memory speed. Dense [R, V] outputs
 // and gradients are advised onto huge pages before their first write (huge_pages.h).
+// The dense sweeps (whole-row log-sum-exp, exp, the backward's dot and product) run on
+// at::vec::Vectorized lanes of the accumulation type; half rows are widened lane by lane.
 #include "sparse_softmax.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/row_softmax.h"
@@ -52,6 +56,74 @@ acc_t logsumexp(int64_t n, const Fn& value) {
   for (int64_t j = 0; j < n; ++j) m = nan_max(m, value(j));
   acc_t s = 0;
   for (int64_t j = 0; j < n; ++j) s += std::exp(value(j) - m);
+  return m + std::log(s);
+}
+
+template <typename scalar_t>
+using AccVec = at::vec::Vectorized<typename Types<scalar_t>::acc>;
+
+// n <= AccVec::size() entries of p as accumulation lanes; lanes past n are zero.
+template <typename scalar_t>
+AccVec<scalar_t> load_acc(const scalar_t* p, int64_t n) {
+  using Vec = AccVec<scalar_t>;
+  using acc_t = typename Types<scalar_t>::acc;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    acc_t lanes[Vec::size()] = {};
+    for (int64_t j = 0; j < n; ++j) lanes[j] = acc_t(p[j]);
+    return Vec::loadu(lanes);
+  }
+}
+
+// Stores the first n <= AccVec::size() lanes of v to p, rounded to scalar_t.
+template <typename scalar_t>
+void store_acc(const AccVec<scalar_t>& v, scalar_t* p, int64_t n) {
+  using Vec = AccVec<scalar_t>;
+  using acc_t = typename Types<scalar_t>::acc;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, int(n));
+  } else {
+    acc_t lanes[Vec::size()];
+    v.store(lanes);
+    for (int64_t j = 0; j < n; ++j) p[j] = scalar_t(lanes[j]);
+  }
+}
+
+// Calls fn(i, n) for the lane groups [i, i + n) of [0, V), n = AccVec::size() but at
+// the tail.
+template <typename scalar_t, typename Fn>
+void for_lanes(int64_t V, const Fn& fn) {
+  constexpr int64_t kLanes = AccVec<scalar_t>::size();
+  for (int64_t i = 0; i < V; i += kLanes) fn(i, std::min(kLanes, V - i));
+}
+
+// logsumexp of a whole row; NaN in, NaN out (as logsumexp above).
+template <typename scalar_t>
+typename Types<scalar_t>::acc row_logsumexp(const scalar_t* row, int64_t V) {
+  using acc_t = typename Types<scalar_t>::acc;
+  using Vec = AccVec<scalar_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  Vec m_lanes(kNegInf);
+  for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
+    // Tail lanes load as 0: they must not raise the maximum, so -inf takes their place.
+    Vec x = load_acc(row + i, n);
+    if (n < Vec::size()) x = Vec::set(Vec(kNegInf), x, n);
+    m_lanes = at::vec::maximum(m_lanes, x);  // propagates NaN
+  });
+  acc_t m = kNegInf;
+  acc_t lanes[Vec::size()];
+  m_lanes.store(lanes);
+  for (int64_t j = 0; j < Vec::size(); ++j) m = nan_max(m, lanes[j]);
+  Vec s_lanes(acc_t(0));
+  const Vec mv(m);
+  for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
+    const Vec e = (load_acc(row + i, n) - mv).exp();
+    s_lanes += n < Vec::size() ? Vec::set(Vec(acc_t(0)), e, n) : e;
+  });
+  s_lanes.store(lanes);
+  acc_t s = 0;
+  for (int64_t j = 0; j < Vec::size(); ++j) s += lanes[j];
   return m + std::log(s);
 }
 
@@ -115,8 +187,10 @@ void sparse_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t k, s
       const scalar_t* row = x + r * V;
       scalar_t* o = out + r * V;
       if (k >= V) {
-        const acc_t lse = logsumexp<acc_t>(V, [&](int64_t i) { return acc_t(row[i]); });
-        for (int64_t i = 0; i < V; ++i) o[i] = scalar_t(std::exp(acc_t(row[i]) - lse));
+        const AccVec<scalar_t> lse(row_logsumexp(row, V));
+        for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
+          store_acc((load_acc(row + i, n) - lse).exp(), o + i, n);
+        });
         continue;
       }
       const auto& top = topk.select(row, V, k);
@@ -139,14 +213,23 @@ void softmax_backward_kernel(const scalar_t* grad, const scalar_t* probs, int64_
       const scalar_t* g = grad + r * V;
       const scalar_t* p = probs + r * V;
       scalar_t* dx = grad_x + r * V;
-      acc_t dot = 0;
-      for (int64_t i = 0; i < V; ++i) {
-        if (acc_t(p[i]) != acc_t(0)) dot += acc_t(p[i]) * acc_t(g[i]);
-      }
-      for (int64_t i = 0; i < V; ++i) {
-        const acc_t pi = acc_t(p[i]);
-        dx[i] = scalar_t(pi != acc_t(0) ? pi * (acc_t(g[i]) - dot) : acc_t(0));
-      }
+      // Entries outside Omega_k (p = 0) take no part, even where g is inf or NaN.
+      using Vec = AccVec<scalar_t>;
+      const Vec zero(acc_t(0));
+      Vec dot_lanes = zero;
+      for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
+        const Vec pi = load_acc(p + i, n);
+        dot_lanes += Vec::blendv(zero, pi * load_acc(g + i, n), pi != zero);
+      });
+      acc_t lanes[Vec::size()];
+      dot_lanes.store(lanes);
+      acc_t dot_sum = 0;
+      for (int64_t j = 0; j < Vec::size(); ++j) dot_sum += lanes[j];
+      const Vec dot(dot_sum);
+      for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
+        const Vec pi = load_acc(p + i, n);
+        store_acc(Vec::blendv(zero, pi * (load_acc(g + i, n) - dot), pi != zero), dx + i, n);
+      });
     }
   });
 }
@@ -201,7 +284,7 @@ void cross_entropy_kernel(const scalar_t* logits, const int64_t* target, int64_t
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = logits + r * V;
       if (k >= V) {
-        lse[r] = logsumexp<acc_t>(V, [&](int64_t i) { return acc_t(row[i]); });
+        lse[r] = row_logsumexp(row, V);
       } else {
         const auto& top = topk.select(row, V, k);
         lse[r] = logsumexp<acc_t>(k, [&](int64_t j) { return acc_t(row[top[j].index]); });
@@ -232,7 +315,10 @@ void cross_entropy_backward_kernel(const typename Types<scalar_t>::acc* grad_los
       const acc_t gl = grad_loss[r];
       // Only the k selected logits are read: the rest of the gradient is zero.
       if (kk == 0) {
-        for (int64_t i = 0; i < V; ++i) g[i] = scalar_t(gl * std::exp(acc_t(row[i]) - lse[r]));
+        const AccVec<scalar_t> glv(gl), lsev(lse[r]);
+        for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
+          store_acc(glv * (load_acc(row + i, n) - lsev).exp(), g + i, n);
+        });
       } else {
         std::fill_n(g, V, scalar_t(0));
         for (int64_t j = 0; j < kk; ++j) {
