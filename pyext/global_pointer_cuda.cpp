@@ -172,7 +172,8 @@ at::Tensor sparse_mce_cuda(const at::Tensor& scores, const at::Tensor& pos_index
   at::Tensor positives = sorted_positives(idx, mask_zero);
   at::Tensor terms = at::empty({s.size(0), 2}, s.options());
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
-                            positives.data_ptr<int64_t>(), nullptr, nullptr, terms.data_ptr()};
+                            positives.data_ptr<int64_t>(), nullptr, nullptr, terms.data_ptr(),
+                            mask_zero};
   C10_CUDA_CHECK(cuda::sparse_mce_forward(a, dtype, current_stream()));
   return terms_shape(scores, terms);
 }
@@ -192,7 +193,7 @@ at::Tensor sparse_mce_backward_cuda(const at::Tensor& grad_terms, const at::Tens
   at::Tensor grad = at::empty_like(s);
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
                             positives.data_ptr<int64_t>(), gt.data_ptr(), tt.data_ptr(),
-                            grad.data_ptr()};
+                            grad.data_ptr(), mask_zero};
   C10_CUDA_CHECK(cuda::sparse_mce_backward(a, dtype, current_stream()));
   return grad.view(scores.sizes());
 }
@@ -216,6 +217,7 @@ at::Tensor global_pointer_loss_cuda(const at::Tensor& q, const at::Tensor& k,
   cuda::GPArgs a = gp_args(in, workspace);
   a.positives = positives.data_ptr<int64_t>();
   a.P = positives.size(1);
+  a.mask_zero = mask_zero;
   a.out = terms.data_ptr();
   C10_CUDA_CHECK(cuda::global_pointer_loss_forward(a, dtype, current_stream()));
   return terms;
@@ -241,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   cuda::GPArgs a = gp_args(in, workspace);
   a.positives = positives.data_ptr<int64_t>();
   a.P = positives.size(1);
+  a.mask_zero = mask_zero;
   a.grad = gt.data_ptr();
   a.terms = tt.data_ptr();
   const GradBuffers gb = grad_buffers(g, q, a);

@@ -15,6 +15,9 @@
 //   own entries (Log1pSumExp), never as a difference of two sums, so it cannot cancel.
 //   Gradients, with g_neg, g_pos the upstream gradients of the terms:
 //     d/ds_i = g_neg (1 - t_i) e^{s_i - neg} - g_pos t_i e^{-s_i - pos}.
+//   mask_zero (sparse labels, as bert4keras): flat index 0 is a padding slot, so
+//   pos_index entries 0 are no positives AND score 0 (span (0, 0)) is left out of the
+//   negative sum too, exactly as if s_0 were -inf; its gradient is 0.
 #pragma once
 
 #include <cmath>
@@ -105,6 +108,9 @@ struct Log1pSumExp {
     return y > acc_t(0) ? y + log1p(exp(-y)) : log1p(exp(y));
   }
 };
+
+// Whether flat entry n of a sparse-loss row is the padding slot that mask_zero ignores.
+SEQFUSE_HD bool padding_slot(int64_t n, bool mask_zero) { return mask_zero && n == 0; }
 
 // d/ds of the two terms at one entry, given the terms' values and upstream gradients.
 // t_neg = 1 - t and t_pos = t (hard/sparse labels: 0 or 1). Masked entries (s = -inf)

@@ -263,7 +263,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int c = 0; c < P; ++c) {
         const int64_t j = j0 + tx + kSide * c;
-        if (i >= g.L || j >= g.L || g.masked(a.mask, b, i, j)) continue;
+        if (i >= g.L || j >= g.L || g.masked(a.mask, b, i, j) ||
+            padding_slot(i * g.L + j, a.mask_zero)) {
+          continue;
+        }
         const acc_t s = acc[r][c] + bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i)) +
                         bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
         if (s == acc_t(-INFINITY)) continue;
@@ -369,7 +372,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int c = 0; c < P; ++c) {
           const int64_t j = j0 + tx + kSide * c;
           acc_t d = acc_t(0);
-          if (i < g.L && j < g.L && !g.masked(a.mask, b, i, j)) {
+          if (i < g.L && j < g.L && !g.masked(a.mask, b, i, j) &&
+              !(LOSS && padding_slot(i * g.L + j, a.mask_zero))) {
             if constexpr (LOSS) {
               const acc_t s = prod[r][c] + bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i)) +
                               bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
@@ -473,7 +477,7 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_forward_kernel(const Row
   Log1pSumExp<acc_t> neg, pos;
   for (int64_t n = threadIdx.x; n < a.N; n += blockDim.x) {
     const acc_t x = to_acc(s[n]);
-    if (x == acc_t(-INFINITY)) continue;
+    if (x == acc_t(-INFINITY) || (SPARSE && padding_slot(n, a.mask_zero))) continue;
     if constexpr (SPARSE) {
       if (contains(a.positives + r * a.P, 0, a.P, n)) {
         pos.add(-x);
@@ -510,7 +514,10 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_backward_kernel(const Ro
     } else {
       t = to_acc(static_cast<const scalar_t*>(a.labels)[e]);
     }
-    const acc_t d = mce_grad(to_acc(static_cast<const scalar_t*>(a.scores)[e]), acc_t(1) - t, t,
+    const acc_t s = SPARSE && padding_slot(n, a.mask_zero)
+                        ? acc_t(-INFINITY)
+                        : to_acc(static_cast<const scalar_t*>(a.scores)[e]);
+    const acc_t d = mce_grad(s, acc_t(1) - t, t,
                              to_acc(terms[2 * r]), to_acc(terms[2 * r + 1]),
                              to_acc(grad_terms[2 * r]), to_acc(grad_terms[2 * r + 1]));
     static_cast<scalar_t*>(a.out)[e] = from_acc<scalar_t>(d);
