@@ -612,25 +612,49 @@ def test_decode():
 
 # ---- CUDA half precision ------------------------------------------------------------
 
+# float16/bfloat16 tiles run on tensor cores (wmma), float32 on CUDA cores; RoPE is
+# applied as tiles are loaded. Shapes: L not a multiple of the 64 tile, L = 1, odd D
+# without rope, Efficient GlobalPointer's shared q/k with per-head biases.
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_low_precision(dtype):
-    B, L, H, D = 2, 150, 3, 64
-    q, k = qk(B, L, H, D, "cuda", dtype, requires_grad=False)
+@pytest.mark.parametrize("B, L, Hqk, H, D, rope", [
+    (2, 150, 3, 3, 64, True),
+    (2, 1, 2, 2, 64, True),
+    (2, 37, 2, 2, 5, False),
+    (2, 70, 1, 6, 64, True),
+])
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_cuda_low_precision(dtype, B, L, Hqk, H, D, rope, mask_zero):
+    q, k = qk(B, L, Hqk, D, "cuda", dtype, requires_grad=False)
     q, k = (q / 2).requires_grad_(), (k / 2).requires_grad_()
+    bs = be = None
+    if Hqk == 1:
+        bs = torch.randn(B, H, L, device="cuda", dtype=dtype, requires_grad=True)
+        be = torch.randn(B, H, L, device="cuda", dtype=dtype, requires_grad=True)
     mask = padding_mask(B, L, "cuda")
-    idx = positives(B, H, L, 6, "cuda")
-    out = seqfuse.global_pointer_scores(q, k, mask=mask)
-    expected = reference.global_pointer_scores(q.double(), k.double(), mask=mask)
-    assert out.dtype == dtype
+    mask[0] = 1  # token 0 real in one sentence, so span (0, 0) matters under mask_zero
+    idx = positives(B, H, L, 6, "cuda", mask_zero)
+    kw = dict(mask=mask, rope=rope)
+    leaves = [t for t in (q, k, bs, be) if t is not None]
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    kw64 = dict(kw, bias_start=wide[2] if bs is not None else None,
+                bias_end=wide[3] if be is not None else None)
+    kw = dict(kw, bias_start=bs, bias_end=be)
+
+    out = seqfuse.global_pointer_scores(q, k, **kw)
+    expected = reference.global_pointer_scores(wide[0], wide[1], **kw64)
+    assert out.dtype == dtype and out.shape == (B, H, L, L)
     assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
     assert_close(finite(out), finite(expected), dtype=dtype)
-    loss = seqfuse.global_pointer_loss(q, k, idx, mask=mask, reduction="none")
-    want = reference.global_pointer_loss(q.double(), k.double(), idx, mask=mask, reduction="none")
+    up = torch.randn(out.shape, device="cuda", dtype=F64)
+    for got, want in zip(torch.autograd.grad(out, leaves, up.to(dtype)),
+                         torch.autograd.grad(expected, wide, up)):
+        assert_close(got, want, dtype=dtype, rtol=5e-2, atol=5e-2)
+
+    loss = seqfuse.global_pointer_loss(q, k, idx, mask_zero=mask_zero, reduction="none", **kw)
+    want = reference.global_pointer_loss(wide[0], wide[1], idx, mask_zero=mask_zero,
+                                         reduction="none", **kw64)
     assert_close(loss, want, dtype=dtype, rtol=3e-2, atol=3e-2)
-    gq, gk = torch.autograd.grad(loss.sum(), (q, k))
-    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    wq, wk = torch.autograd.grad(reference.global_pointer_loss(q64, k64, idx, mask=mask,
-                                                               reduction="sum"), (q64, k64))
-    assert_close(gq, wq, dtype=dtype, rtol=5e-2, atol=5e-2)
-    assert_close(gk, wk, dtype=dtype, rtol=5e-2, atol=5e-2)
+    for got, ref in zip(torch.autograd.grad(loss.sum(), leaves),
+                        torch.autograd.grad(want.sum(), wide)):
+        assert_close(got, ref, dtype=dtype, rtol=5e-2, atol=5e-2)

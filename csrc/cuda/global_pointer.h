@@ -29,7 +29,7 @@ struct GPArgs {
   void* grad_k;                 // backward: acc [B, Hqk, L, D], zeroed
   void* grad_bias_start;        // backward: acc [B, H, L], zeroed
   void* grad_bias_end;          // backward: acc [B, H, L], zeroed
-  void* workspace;              // global_pointer_workspace_bytes(geom, dtype), any contents
+  void* workspace;              // loss forward: global_pointer_workspace_bytes(geom, dtype)
 };
 
 size_t global_pointer_workspace_bytes(const GPGeometry& geom, DType dtype);
