@@ -18,7 +18,7 @@ at::Tensor sorted_positives(const at::Tensor& idx, bool mask_zero) {
   return std::get<0>(p.sort(-1)).contiguous();
 }
 
-cuda::GPArgs gp_args(const GPInputs& in, const at::Tensor& workspace) {
+cuda::GPArgs gp_args(const GPInputs& in) {
   cuda::GPArgs a{};
   a.geom = in.geom;
   a.q = in.q.data_ptr();
@@ -26,7 +26,6 @@ cuda::GPArgs gp_args(const GPInputs& in, const at::Tensor& workspace) {
   a.mask = in.mask.defined() ? in.mask.data_ptr<uint8_t>() : nullptr;
   a.bias_start = ptr_or_null(in.bias_start);
   a.bias_end = ptr_or_null(in.bias_end);
-  a.workspace = workspace.data_ptr();
   return a;
 }
 
@@ -79,8 +78,7 @@ at::Tensor global_pointer_scores_cuda(const at::Tensor& q, const at::Tensor& k,
   const GPGeometry& g = in.geom;
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor scores = at::empty({g.B, g.H, g.L, g.L}, q.options());
-  at::Tensor workspace = workspace_for(g, dtype, q);
-  cuda::GPArgs a = gp_args(in, workspace);
+  cuda::GPArgs a = gp_args(in);
   a.out = scores.data_ptr();
   C10_CUDA_CHECK(cuda::global_pointer_scores_forward(a, dtype, current_stream()));
   return scores;
@@ -117,8 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
                     "], got shape ", shape_str(grad));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor upstream = grad.to(q.scalar_type()).contiguous();
-  at::Tensor workspace = workspace_for(g, dtype, q);
-  cuda::GPArgs a = gp_args(in, workspace);
+  cuda::GPArgs a = gp_args(in);
   a.grad = upstream.data_ptr();
   const GradBuffers gb = grad_buffers(g, q, a);
   C10_CUDA_CHECK(cuda::global_pointer_scores_backward(a, dtype, current_stream()));
@@ -172,7 +169,8 @@ at::Tensor sparse_mce_cuda(const at::Tensor& scores, const at::Tensor& pos_index
   at::Tensor positives = sorted_positives(idx, mask_zero);
   at::Tensor terms = at::empty({s.size(0), 2}, s.options());
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
-                            positives.data_ptr<int64_t>(), nullptr, nullptr, terms.data_ptr()};
+                            positives.data_ptr<int64_t>(), nullptr, nullptr, terms.data_ptr(),
+                            mask_zero};
   C10_CUDA_CHECK(cuda::sparse_mce_forward(a, dtype, current_stream()));
   return terms_shape(scores, terms);
 }
@@ -192,7 +190,7 @@ at::Tensor sparse_mce_backward_cuda(const at::Tensor& grad_terms, const at::Tens
   at::Tensor grad = at::empty_like(s);
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
                             positives.data_ptr<int64_t>(), gt.data_ptr(), tt.data_ptr(),
-                            grad.data_ptr()};
+                            grad.data_ptr(), mask_zero};
   C10_CUDA_CHECK(cuda::sparse_mce_backward(a, dtype, current_stream()));
   return grad.view(scores.sizes());
 }
@@ -212,11 +210,13 @@ at::Tensor global_pointer_loss_cuda(const at::Tensor& q, const at::Tensor& k,
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
   at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options());
-  at::Tensor workspace = workspace_for(g, dtype, q);
-  cuda::GPArgs a = gp_args(in, workspace);
+  at::Tensor workspace = workspace_for(g, dtype, q);  // the per-tile partial sums
+  cuda::GPArgs a = gp_args(in);
   a.positives = positives.data_ptr<int64_t>();
   a.P = positives.size(1);
+  a.mask_zero = mask_zero;
   a.out = terms.data_ptr();
+  a.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::global_pointer_loss_forward(a, dtype, current_stream()));
   return terms;
 }
@@ -237,10 +237,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   at::Tensor tt = prepare_terms(op, "terms", terms, {g.B, g.H}, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
-  at::Tensor workspace = workspace_for(g, dtype, q);
-  cuda::GPArgs a = gp_args(in, workspace);
+  cuda::GPArgs a = gp_args(in);
   a.positives = positives.data_ptr<int64_t>();
   a.P = positives.size(1);
+  a.mask_zero = mask_zero;
   a.grad = gt.data_ptr();
   a.terms = tt.data_ptr();
   const GradBuffers gb = grad_buffers(g, q, a);

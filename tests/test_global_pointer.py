@@ -171,9 +171,102 @@ def test_sparse_loss_matches_reference(device, mask_zero, reduction):
     assert_close(out, expected)
     up = torch.randn_like(out)
     assert_close(grads_with(out, up, s)[0], grads_with(expected, up, s)[0])
-    # the same as the dense loss on the scattered labels
+    # the same as the dense loss on the scattered labels (mask_zero: slot 0 masked too)
     labels = sparse_labels(s, idx, mask_zero)
-    assert_close(out, seqfuse.multilabel_categorical_crossentropy(s, labels, reduction))
+    dense_scores = s.detach().clone()
+    if mask_zero:
+        dense_scores[..., 0] = -INF
+    assert_close(out, seqfuse.multilabel_categorical_crossentropy(dense_scores, labels, reduction))
+
+
+def bert4keras_sparse_mce(y_pred, y_true, mask_zero):
+    """bert4keras' sparse_multilabel_categorical_crossentropy restated line by line in
+    torch: an appended 0 for the "1 +", and with mask_zero slot 0 set to +inf for the
+    positives' gather and to -inf for the all-term, so index 0 is ignored entirely."""
+    zeros = torch.zeros_like(y_pred[..., :1])
+    y_pred = torch.cat([y_pred, zeros], -1)
+    if mask_zero:
+        infs = zeros + INF
+        y_pred = torch.cat([infs, y_pred[..., 1:]], -1)
+    y_pos_2 = torch.gather(y_pred, -1, y_true)
+    y_pos_1 = torch.cat([y_pos_2, zeros], -1)
+    if mask_zero:
+        y_pred = torch.cat([-infs, y_pred[..., 1:]], -1)
+        y_pos_2 = torch.gather(y_pred, -1, y_true)
+    pos_loss = torch.logsumexp(-y_pos_1, -1)
+    all_loss = torch.logsumexp(y_pred, -1)
+    aux_loss = torch.logsumexp(y_pos_2, -1) - all_loss
+    aux_loss = torch.clamp(1 - torch.exp(aux_loss), 1e-7, 1)
+    return pos_loss + all_loss + torch.log(aux_loss)
+
+
+def distinct_positives(rows, N, P, mask_zero, pad, device):
+    """P distinct positives per row (never 0 under mask_zero), then `pad` padding zeros."""
+    first = 1 if mask_zero else 0
+    idx = torch.stack([torch.randperm(N - first, device=device)[:P] + first for _ in range(rows)])
+    return torch.cat([idx, idx.new_zeros(rows, pad)], -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_sparse_loss_mask_zero_matches_bert4keras(device, mask_zero):
+    # Scores of moderate size, so bert4keras' cancelling formula is still exact in
+    # float64; slot 0 scores high, so counting it as a negative would show.
+    s = torch.randn(6, 40, device=device, dtype=F64)
+    s[:, 0] = 8.0
+    s.requires_grad_()
+    idx = distinct_positives(6, 40, 4, mask_zero, 2 if mask_zero else 0, device)
+    if not mask_zero:
+        idx[0, 0] = 0  # without mask_zero, index 0 is an ordinary positive
+    expected = bert4keras_sparse_mce(s, idx, mask_zero)
+    up = torch.randn_like(expected)
+    (want,) = grads_with(expected, up, s)
+    for fn in (reference.sparse_multilabel_categorical_crossentropy,
+               seqfuse.sparse_multilabel_categorical_crossentropy):
+        out = fn(s, idx, mask_zero, "none")
+        assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        (got,) = grads_with(out, up, s)
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+        if mask_zero:
+            assert (got[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_zero", [False, True])
+@pytest.mark.parametrize("L, shared", [(9, False), (70, True)])
+def test_fused_loss_mask_zero_ignores_span_00(device, mask_zero, L, shared):
+    # Span (0, 0) scores high; under mask_zero it is neither positive nor negative.
+    B, H, D = 2, 3, 8
+    q, k = qk(B, L, 1 if shared else H, D, device)
+    bs = torch.randn(B, H, L, device=device, dtype=F64)
+    bs[:, :, 0] = 10.0
+    bs.requires_grad_()
+    be = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True)
+    mask = torch.ones(B, L, dtype=torch.int64, device=device)
+    mask[1, L // 2:] = 0
+    idx = positives(B, H, L, 4, device, mask_zero)
+    kw = dict(mask=mask, bias_start=bs, bias_end=be)
+    out = seqfuse.global_pointer_loss(q, k, idx, mask_zero=mask_zero, reduction="none", **kw)
+    scores = seqfuse.global_pointer_scores(q, k, **kw).flatten(-2)
+    assert (scores[..., 0] > 5).all()
+    via = seqfuse.sparse_multilabel_categorical_crossentropy(scores, idx, mask_zero, "none")
+    expected = reference.global_pointer_loss(q, k, idx, mask_zero=mask_zero, reduction="none",
+                                             **kw)
+    assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert_close(via, expected, rtol=1e-10, atol=1e-10)
+    up = torch.randn_like(out)
+    for got, want in zip(grads_with(out, up, q, k, bs, be), grads_with(expected, up, q, k, bs, be)):
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+    (grad_scores,) = torch.autograd.grad(via, scores, up)
+    if mask_zero:
+        assert (grad_scores[..., 0] == 0).all()
+        # dropping the high (0, 0) score entirely gives the same loss
+        dropped = scores.detach().clone()
+        dropped[..., 0] = -INF
+        assert_close(out, seqfuse.sparse_multilabel_categorical_crossentropy(
+            dropped, idx, True, "none"), rtol=1e-10, atol=1e-10)
+    else:
+        assert (grad_scores[..., 0] != 0).all()
 
 
 def test_losses_gradcheck():
@@ -519,25 +612,49 @@ def test_decode():
 
 # ---- CUDA half precision ------------------------------------------------------------
 
+# float16/bfloat16 tiles run on tensor cores (wmma), float32 on CUDA cores; RoPE is
+# applied as tiles are loaded. Shapes: L not a multiple of the 64 tile, L = 1, odd D
+# without rope, Efficient GlobalPointer's shared q/k with per-head biases.
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_low_precision(dtype):
-    B, L, H, D = 2, 150, 3, 64
-    q, k = qk(B, L, H, D, "cuda", dtype, requires_grad=False)
+@pytest.mark.parametrize("B, L, Hqk, H, D, rope", [
+    (2, 150, 3, 3, 64, True),
+    (2, 1, 2, 2, 64, True),
+    (2, 37, 2, 2, 5, False),
+    (2, 70, 1, 6, 64, True),
+])
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_cuda_low_precision(dtype, B, L, Hqk, H, D, rope, mask_zero):
+    q, k = qk(B, L, Hqk, D, "cuda", dtype, requires_grad=False)
     q, k = (q / 2).requires_grad_(), (k / 2).requires_grad_()
+    bs = be = None
+    if Hqk == 1:
+        bs = torch.randn(B, H, L, device="cuda", dtype=dtype, requires_grad=True)
+        be = torch.randn(B, H, L, device="cuda", dtype=dtype, requires_grad=True)
     mask = padding_mask(B, L, "cuda")
-    idx = positives(B, H, L, 6, "cuda")
-    out = seqfuse.global_pointer_scores(q, k, mask=mask)
-    expected = reference.global_pointer_scores(q.double(), k.double(), mask=mask)
-    assert out.dtype == dtype
+    mask[0] = 1  # token 0 real in one sentence, so span (0, 0) matters under mask_zero
+    idx = positives(B, H, L, 6, "cuda", mask_zero)
+    kw = dict(mask=mask, rope=rope)
+    leaves = [t for t in (q, k, bs, be) if t is not None]
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    kw64 = dict(kw, bias_start=wide[2] if bs is not None else None,
+                bias_end=wide[3] if be is not None else None)
+    kw = dict(kw, bias_start=bs, bias_end=be)
+
+    out = seqfuse.global_pointer_scores(q, k, **kw)
+    expected = reference.global_pointer_scores(wide[0], wide[1], **kw64)
+    assert out.dtype == dtype and out.shape == (B, H, L, L)
     assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
     assert_close(finite(out), finite(expected), dtype=dtype)
-    loss = seqfuse.global_pointer_loss(q, k, idx, mask=mask, reduction="none")
-    want = reference.global_pointer_loss(q.double(), k.double(), idx, mask=mask, reduction="none")
+    up = torch.randn(out.shape, device="cuda", dtype=F64)
+    for got, want in zip(torch.autograd.grad(out, leaves, up.to(dtype)),
+                         torch.autograd.grad(expected, wide, up)):
+        assert_close(got, want, dtype=dtype, rtol=5e-2, atol=5e-2)
+
+    loss = seqfuse.global_pointer_loss(q, k, idx, mask_zero=mask_zero, reduction="none", **kw)
+    want = reference.global_pointer_loss(wide[0], wide[1], idx, mask_zero=mask_zero,
+                                         reduction="none", **kw64)
     assert_close(loss, want, dtype=dtype, rtol=3e-2, atol=3e-2)
-    gq, gk = torch.autograd.grad(loss.sum(), (q, k))
-    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    wq, wk = torch.autograd.grad(reference.global_pointer_loss(q64, k64, idx, mask=mask,
-                                                               reduction="sum"), (q64, k64))
-    assert_close(gq, wq, dtype=dtype, rtol=5e-2, atol=5e-2)
-    assert_close(gk, wk, dtype=dtype, rtol=5e-2, atol=5e-2)
+    for got, ref in zip(torch.autograd.grad(loss.sum(), leaves),
+                        torch.autograd.grad(want.sum(), wide)):
+        assert_close(got, ref, dtype=dtype, rtol=5e-2, atol=5e-2)

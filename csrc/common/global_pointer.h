@@ -15,6 +15,9 @@
 //   own entries (Log1pSumExp), never as a difference of two sums, so it cannot cancel.
 //   Gradients, with g_neg, g_pos the upstream gradients of the terms:
 //     d/ds_i = g_neg (1 - t_i) e^{s_i - neg} - g_pos t_i e^{-s_i - pos}.
+//   mask_zero (sparse labels, as bert4keras): flat index 0 is a padding slot, so
+//   pos_index entries 0 are no positives AND score 0 (span (0, 0)) is left out of the
+//   negative sum too, exactly as if s_0 were -inf; its gradient is 0.
 #pragma once
 
 #include <cmath>
@@ -51,17 +54,39 @@ struct GPGeometry {
 // global_pointer_scores and global_pointer_loss rotate by positions 0..L-1 with this base.
 constexpr double kScoresRopeBase = 10000.0;
 
-// cos and sin of the RoPE angle of pair i at position pos. The angle is formed and
-// reduced to [-pi, pi] in double, so float kernels lose nothing at long positions.
+// theta_i = base^(-2i/D), the frequency of pair i, in double.
+SEQFUSE_HD double rope_theta(int64_t i, int64_t D, double log_base) {
+  return exp(-double(2 * i) / double(D) * log_base);
+}
+
+// cos and sin of the angle pos * theta. The angle is formed and reduced to [-pi, pi]
+// in double, so float kernels lose nothing at long positions.
+#ifdef __CUDA_ARCH__
+// sin and cos of pi * t. Their argument reduction is exact, so unlike sin/cos they carry
+// no slow path through local memory, which would spill the kernels that rotate tiles.
+__device__ __forceinline__ void sincospi_of(float t, float& s, float& c) { sincospif(t, &s, &c); }
+__device__ __forceinline__ void sincospi_of(double t, double& s, double& c) { sincospi(t, &s, &c); }
+#endif
+
+template <typename acc_t>
+SEQFUSE_HD void rope_cos_sin_at(double pos, double theta, bool inverse, acc_t& c, acc_t& s) {
+  constexpr double kPi = 3.1415926535897932384626433832795;
+  double a = pos * theta;
+  a -= 2 * kPi * rint(a / (2 * kPi));
+  if (inverse) a = -a;
+#ifdef __CUDA_ARCH__
+  sincospi_of(acc_t(a / kPi), s, c);
+#else
+  c = cos(acc_t(a));
+  s = sin(acc_t(a));
+#endif
+}
+
+// cos and sin of the RoPE angle of pair i at position pos.
 template <typename acc_t>
 SEQFUSE_HD void rope_cos_sin(double pos, int64_t i, int64_t D, double log_base, bool inverse,
                              acc_t& c, acc_t& s) {
-  constexpr double kTwoPi = 6.283185307179586476925286766559;
-  double a = pos * exp(-double(2 * i) / double(D) * log_base);
-  a -= kTwoPi * rint(a / kTwoPi);
-  const acc_t r = acc_t(inverse ? -a : a);
-  c = cos(r);
-  s = sin(r);
+  rope_cos_sin_at(pos, rope_theta(i, D, log_base), inverse, c, s);
 }
 
 // Rotates one pair in place.
@@ -105,6 +130,9 @@ struct Log1pSumExp {
     return y > acc_t(0) ? y + log1p(exp(-y)) : log1p(exp(y));
   }
 };
+
+// Whether flat entry n of a sparse-loss row is the padding slot that mask_zero ignores.
+SEQFUSE_HD bool padding_slot(int64_t n, bool mask_zero) { return mask_zero && n == 0; }
 
 // d/ds of the two terms at one entry, given the terms' values and upstream gradients.
 // t_neg = 1 - t and t_pos = t (hard/sparse labels: 0 or 1). Masked entries (s = -inf)

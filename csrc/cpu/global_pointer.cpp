@@ -288,7 +288,7 @@ void sparse_forward_kernel(const acc_t* x, const int64_t* idx, int64_t R, int64_
       Log1pSumExp<acc_t> neg, pos;
       const acc_t* row = x + r * N;
       for (int64_t n = 0; n < N; ++n) {
-        if (row[n] == neg_inf<acc_t>()) continue;
+        if (row[n] == neg_inf<acc_t>() || padding_slot(n, mask_zero)) continue;
         if (cursor.is_positive(n)) {
           pos.add(-row[n]);
         } else {
@@ -312,7 +312,8 @@ void sparse_backward_kernel(const acc_t* grad_terms, const acc_t* terms, const a
       PositiveCursor cursor{&positives};
       for (int64_t n = 0; n < N; ++n) {
         const acc_t t = cursor.is_positive(n) ? acc_t(1) : acc_t(0);
-        grad[r * N + n] = mce_grad(x[r * N + n], acc_t(1) - t, t, terms[2 * r], terms[2 * r + 1],
+        const acc_t s = padding_slot(n, mask_zero) ? neg_inf<acc_t>() : x[r * N + n];
+        grad[r * N + n] = mce_grad(s, acc_t(1) - t, t, terms[2 * r], terms[2 * r + 1],
                                    grad_terms[2 * r], grad_terms[2 * r + 1]);
       }
     }
@@ -322,11 +323,12 @@ void sparse_backward_kernel(const acc_t* grad_terms, const acc_t* terms, const a
 // ---- the fused loss ----------------------------------------------------------------
 
 // Visits the unmasked entries of one row tile of every head served by (b, hq):
-// fn(head offset, i, j, s) with s the score; columns start at j0.
+// fn(head offset, i, j, s) with s the score; columns start at j0. With mask_zero the
+// padding slot (0, 0) counts as masked.
 template <typename acc_t, typename Fn>
 void for_each_entry(const GPGeometry& g, const uint8_t* mask, const acc_t* bs, const acc_t* be,
-                    int64_t b, HeadRange heads, int64_t i0, int64_t i1, int64_t j0,
-                    const acc_t* tile, const Fn& fn) {
+                    bool mask_zero, int64_t b, HeadRange heads, int64_t i0, int64_t i1,
+                    int64_t j0, const acc_t* tile, const Fn& fn) {
   const int64_t w = g.L - j0;
   for (int64_t hh = 0; hh < heads.count; ++hh) {
     const int64_t h = heads.first + hh;
@@ -335,7 +337,7 @@ void for_each_entry(const GPGeometry& g, const uint8_t* mask, const acc_t* bs, c
       if (mask && !mask[b * g.L + i]) continue;
       const acc_t bi = bs ? bs[g.bias_offset(b, h, i)] : acc_t(0);
       for (int64_t j = g.tril ? std::max(i, j0) : j0; j < g.L; ++j) {
-        if (mask && !mask[b * g.L + j]) continue;
+        if ((mask && !mask[b * g.L + j]) || padding_slot(i * g.L + j, mask_zero)) continue;
         fn(hh, i, j, tile[(i - i0) * w + (j - j0)] + bi + (ber ? ber[j] : acc_t(0)));
       }
     }
@@ -378,7 +380,7 @@ void loss_forward_kernel(const GPGeometry& g, const acc_t* q, const acc_t* k, co
       for (int64_t i0 = 0; i0 < g.L; i0 += kRowTile) {
         const int64_t i1 = std::min(g.L, i0 + kRowTile), j0 = g.tril ? i0 : 0;
         r.product(i0, i1, j0, tile.data());
-        for_each_entry(g, mask, bs, be, b, heads, i0, i1, j0, tile.data(),
+        for_each_entry(g, mask, bs, be, mask_zero, b, heads, i0, i1, j0, tile.data(),
                        [&](int64_t hh, int64_t i, int64_t j, acc_t s) {
                          if (s == neg_inf<acc_t>()) return;
                          if (rows.cursors[hh].is_positive(i * g.L + j)) {
@@ -418,7 +420,7 @@ void loss_backward_kernel(const GPGeometry& g, const acc_t* grad_terms, const ac
         const int64_t i1 = std::min(g.L, i0 + kRowTile), j0 = g.tril ? i0 : 0, w = g.L - j0;
         r.product(i0, i1, j0, tile.data());
         std::fill(ds.begin(), ds.end(), acc_t(0));
-        for_each_entry(g, mask, bs, be, b, heads, i0, i1, j0, tile.data(),
+        for_each_entry(g, mask, bs, be, mask_zero, b, heads, i0, i1, j0, tile.data(),
                        [&](int64_t hh, int64_t i, int64_t j, acc_t s) {
                          const int64_t row = g.row(b, heads.first + hh);
                          const acc_t t = rows.cursors[hh].is_positive(i * g.L + j) ? 1 : 0;

@@ -1,25 +1,34 @@
-// CUDA GlobalPointer kernels: exact tiled products on CUDA cores, accumulated in fp32
-// (fp64 for fp64 inputs). Tensor cores are not used yet.
+// CUDA GlobalPointer kernels, accumulated in fp32 (fp64 for fp64 inputs):
 //
-//   s[b,h,i,j] = (scale R_i q) . (R_j k) + bs[b,h,i] + be[b,h,j],  -inf where masked
-//   loss terms and gradients: csrc/common/global_pointer.h
+//   s[b,h,i,j] = scale * (R_i q[b,i,h]) . (R_j k[b,j,h]) + bs[b,h,i] + be[b,h,j],  -inf where masked
+//   R_l: RoPE at position l (pairs (2i, 2i+1), angle l * 10000^(-2i/D)); loss terms and
+//   gradients: csrc/common/global_pointer.h
 //
-// A prologue rotates q (times scale) and k once into acc-typed workspace [B, L, Hqk, D].
-// A block then owns a T x T score tile (T = 64; 32 for fp64): 256 threads, thread
-// (ty, tx) holding rows ty + 16 r and columns tx + 16 c, the head dim staged through
-// shared memory 16 columns at a time.
-// - scores: one block per (b, h, tile i, tile j) writes its tile once, -inf included.
-// - loss forward: one block per (b, h, tile i) sweeps the column tiles, merging each
-//   entry into the negative or positive log-sum (membership by binary search in the
-//   row's sorted positives), and leaves a partial per block; a second kernel merges them.
+// q and k are read straight from the inputs: every tile loader rotates the rows it
+// stages into shared memory (the angle reduced in double, cos/sin in acc precision), so
+// there is no rotated copy of q and k and the scores are written once.
+// A block owns a T x T score tile (T = 64; 32 for fp64): 256 threads, thread (ty, tx)
+// holding rows ty + 16 r and columns tx + 16 c, the head dim staged 16 columns at a time.
+// float16/bfloat16 tiles are multiplied on tensor cores with nvcuda::wmma (16x16x16
+// fragments, float accumulators, operands and results passed through shared memory in
+// the layouts wmma defines); float32/float64 tiles on CUDA cores, exactly.
+// - scores: one block per (b, q/k head, tile i, tile j) forms the product once and writes
+//   the tile of every head it serves (all heads for Efficient GlobalPointer's shared q/k,
+//   which then differ only by their biases).
+// - loss forward: the same blocks merge each entry into the negative or positive
+//   log-sum (membership by binary search in the row's sorted positives) and leave one
+//   partial per (row, tile); a second kernel merges them.
 // - backward (scores and loss): the "rows" kernel, one block per (b, q/k head, tile i),
 //   forms dS tiles (loaded, or recomputed from q and k for the loss), summed over the
-//   heads sharing q/k, and adds scale * dS @ Rk into grad_q and row sums into
-//   grad_bias_start; the "columns" kernel does the transpose for grad_k and
-//   grad_bias_end. Every output row is owned by one block: no atomics, deterministic.
-//   An epilogue rotates grad_q and grad_k back (R^T).
+//   heads sharing q/k, and adds scale * dS @ (R k) into grad (R q) and row sums into
+//   grad_bias_start; the "columns" kernel does the transpose for grad (R k) and
+//   grad_bias_end. Every output row is owned by one block (no atomics, deterministic),
+//   which finally rotates its rows back by R^T into grad q / grad k.
+#include <mma.h>
+
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "dtype.cuh"
 #include "global_pointer.h"
@@ -29,116 +38,54 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSide = 16;   // threads along each side of a tile
-constexpr int kChunk = 16;  // head-dim columns staged per product step
+constexpr int kChunk = 16;  // head-dim columns staged per product step (wmma's K)
 constexpr int kRowThreads = 256;
 
-template <typename acc_t>
+template <typename scalar_t>
 struct Tile {
+  using acc_t = acc_of<scalar_t>;
+  static constexpr bool kTensorCores = !std::is_same_v<scalar_t, acc_t>;  // the half types
   static constexpr int T = sizeof(acc_t) == 8 ? 32 : 64;
   static constexpr int P = T / kSide;  // rows (and columns) per thread
+  // Staged operands: the element type for wmma, acc_t for the exact path. Pitches: wmma
+  // wants rows 32-byte aligned (a multiple of 8 halves); the CUDA-core path pads by one
+  // against bank conflicts.
+  using stage_t = std::conditional_t<kTensorCores, scalar_t, acc_t>;
+  static constexpr int kPitch = kTensorCores ? kChunk + 8 : kChunk + 1;
 };
 
-template <typename acc_t>
+template <typename scalar_t>
 struct ProductSmem {
-  acc_t a[Tile<acc_t>::T][kChunk + 1];
-  acc_t b[Tile<acc_t>::T][kChunk + 1];
+  using K = Tile<scalar_t>;
+  alignas(32) typename K::stage_t a[K::T][K::kPitch];
+  alignas(32) typename K::stage_t b[K::T][K::kPitch];
+  // wmma accumulators on their way to the threads' (ty, tx) layout; unused otherwise.
+  alignas(32) typename K::acc_t out[K::kTensorCores ? K::T : 1][K::T + 4];
+  double theta[kChunk / 2];  // frequencies of the staged pairs
 };
 
-template <typename acc_t>
+template <typename scalar_t>
 struct BackwardSmem {
-  static constexpr int T = Tile<acc_t>::T;
-  ProductSmem<acc_t> product;
-  acc_t ds[T][T + 1];     // dS summed over heads, [own axis][other axis]
-  acc_t v[T][T + 1];      // the other operand, [other axis][head-dim chunk]
-  acc_t sums[kSide][T];   // column sums across ty
-};
-
-// ---- rotation ------------------------------------------------------------------------
-
-struct RotateArgs {
-  const void* x;
-  void* y;                   // may alias x
-  const int64_t* positions;  // [B, L], or null for 0..L-1
-  int64_t B, L, H, D;
-  double log_base, mult;
-  bool rotate, inverse, heads_major;  // heads_major: [B, H, L, D], else [B, L, H, D]
-};
-
-// y = mult * R x (R^T with inverse), one pair per thread. Without rotation D may be odd:
-// the last "pair" of a row is then the single element D - 1.
-template <typename scalar_t, typename In, typename Out>
-__global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateArgs a) {
   using acc_t = acc_of<scalar_t>;
-  const int64_t half = (a.D + 1) / 2, pairs = a.B * a.L * a.H * half;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < pairs;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = e % half, row = e / half;
-    const int64_t b = row / (a.L * a.H), l = a.heads_major ? row % a.L : row / a.H % a.L;
-    const In* x = static_cast<const In*>(a.x) + row * a.D + 2 * i;
-    const bool single = 2 * i + 1 == a.D;
-    acc_t x0 = acc_t(a.mult) * to_acc(x[0]);
-    acc_t x1 = single ? acc_t(0) : acc_t(a.mult) * to_acc(x[1]);
-    if (a.rotate) {
-      const double pos = a.positions ? double(a.positions[b * a.L + l]) : double(l);
-      acc_t c, s;
-      rope_cos_sin<acc_t>(pos, i, a.D, a.log_base, a.inverse, c, s);
-      rope_rotate(x0, x1, c, s);
-    }
-    Out* y = static_cast<Out*>(a.y) + row * a.D + 2 * i;
-    y[0] = from_acc<Out>(x0);
-    if (!single) y[1] = from_acc<Out>(x1);
-  }
-}
+  static constexpr int T = Tile<scalar_t>::T;
+  union {  // the product is read out into registers before v is staged
+    ProductSmem<scalar_t> product;
+    acc_t v[T][T + 1];  // the other operand, [other axis][head-dim chunk]
+  };
+  acc_t ds[T][T + 1];     // dS summed over heads, [own axis][other axis]
+  acc_t sums[kSide][T];   // column sums across ty
+  double theta[T / 2];
+};
 
-template <typename scalar_t, typename In, typename Out>
-cudaError_t rotate(const RotateArgs& a, cudaStream_t stream) {
-  const int64_t pairs = a.B * a.L * a.H * ((a.D + 1) / 2);
-  if (pairs == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>((pairs + kThreads - 1) / kThreads, 1 << 20);
-  rotate_kernel<scalar_t, In, Out><<<unsigned(blocks), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
-}
+__device__ __forceinline__ double scores_log_base() { return log(kScoresRopeBase); }
 
-// ---- tiles ---------------------------------------------------------------------------
-
-// acc[r][c] += A[ty + 16 r] . Bm[tx + 16 c] over the head dim; A and Bm point at the
-// tile's first row, rows `ld` apart, with a_rows / b_rows valid rows. Block-uniform.
-template <typename acc_t>
-__device__ void tile_product(const acc_t* A, int a_rows, const acc_t* Bm, int b_rows,
-                             int64_t ld, int64_t D, ProductSmem<acc_t>& sm,
-                             acc_t (&acc)[Tile<acc_t>::P][Tile<acc_t>::P]) {
-  constexpr int T = Tile<acc_t>::T, P = Tile<acc_t>::P;
-  const int tid = threadIdx.x, ty = tid / kSide, tx = tid % kSide;
-  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-    __syncthreads();
-    for (int e = tid; e < T * kChunk; e += kThreads) {
-      const int r = e / kChunk, d = e % kChunk;
-      const bool in_d = d0 + d < D;
-      sm.a[r][d] = r < a_rows && in_d ? A[r * ld + d0 + d] : acc_t(0);
-      sm.b[r][d] = r < b_rows && in_d ? Bm[r * ld + d0 + d] : acc_t(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int d = 0; d < kChunk; ++d) {
-      acc_t av[P], bv[P];
-#pragma unroll
-      for (int r = 0; r < P; ++r) av[r] = sm.a[ty + kSide * r][d];
-#pragma unroll
-      for (int c = 0; c < P; ++c) bv[c] = sm.b[tx + kSide * c][d];
-#pragma unroll
-      for (int r = 0; r < P; ++r) {
-#pragma unroll
-        for (int c = 0; c < P; ++c) acc[r][c] += av[r] * bv[c];
-      }
-    }
-  }
-}
+// ---- helpers -------------------------------------------------------------------------
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
-template <typename acc_t>
+template <typename scalar_t>
 __device__ int tile_rows(const GPGeometry& g, int64_t start) {
-  return int(min64(Tile<acc_t>::T, g.L - start));
+  return int(min64(Tile<scalar_t>::T, g.L - start));
 }
 
 // The first index in sorted list[0, n) not below key.
@@ -192,110 +139,292 @@ __device__ Log1pSumExp<acc_t> block_merge(Log1pSumExp<acc_t> x, acc_t* sm_m, acc
   return x;
 }
 
-// ---- scores --------------------------------------------------------------------------
+// ---- the rope op -----------------------------------------------------------------------
+
+struct RotateArgs {
+  const void* x;
+  void* y;
+  const int64_t* positions;  // [B, L], or null for 0..L-1
+  int64_t B, L, H, D;        // x, y: [B, L, H, D], D even
+  double log_base;
+  bool inverse;
+};
+
+// y = R x (R^T with inverse), one pair per thread.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateArgs a) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t half = a.D / 2, pairs = a.B * a.L * a.H * half;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < pairs;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e % half, row = e / half;
+    const int64_t b = row / (a.L * a.H), l = row / a.H % a.L;
+    const scalar_t* x = static_cast<const scalar_t*>(a.x) + row * a.D + 2 * i;
+    acc_t x0 = to_acc(x[0]), x1 = to_acc(x[1]);
+    const double pos = a.positions ? double(a.positions[b * a.L + l]) : double(l);
+    acc_t c, s;
+    rope_cos_sin<acc_t>(pos, i, a.D, a.log_base, a.inverse, c, s);
+    rope_rotate(x0, x1, c, s);
+    scalar_t* y = static_cast<scalar_t*>(a.y) + row * a.D + 2 * i;
+    y[0] = from_acc<scalar_t>(x0);
+    y[1] = from_acc<scalar_t>(x1);
+  }
+}
+
+// ---- tiles ---------------------------------------------------------------------------
+
+// theta[p] = frequency of pair d0 / 2 + p, for the W / 2 pairs of columns [d0, d0 + W).
+// Followed by a barrier; callers start it after the previous readers' barrier.
+template <int W>
+__device__ void stage_thetas(const GPGeometry& g, int64_t d0, double* theta) {
+  if (g.rope && threadIdx.x < W / 2) {
+    theta[threadIdx.x] = rope_theta(d0 / 2 + threadIdx.x, g.D, scores_log_base());
+  }
+  __syncthreads();
+}
+
+// dst[r][c] = (R_{l0 + r} x[l0 + r])[d0 + c] for r < rows, c < W (R = 1 without rope),
+// zeros outside the tile or past D (so odd D without rope is exact). x points at row
+// l0, rows `ld` apart; dst rows are `pitch` apart. One pair per thread and step: d0 is
+// even, so a pair never straddles two chunks.
+template <typename scalar_t, int W, typename stage_t>
+__device__ void stage_rows(const GPGeometry& g, const scalar_t* x, int64_t ld, int64_t l0,
+                           int rows, int64_t d0, const double* theta, stage_t* dst, int pitch) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int T = Tile<scalar_t>::T;
+  for (int e = threadIdx.x; e < T * (W / 2); e += kThreads) {
+    const int r = e / (W / 2), p = e % (W / 2);
+    const int64_t d = d0 + 2 * p;
+    acc_t x0 = acc_t(0), x1 = acc_t(0);
+    if (r < rows && d < g.D) {
+      const scalar_t* src = x + r * ld + d;
+      x0 = to_acc(src[0]);
+      if (d + 1 < g.D) x1 = to_acc(src[1]);
+      if (g.rope) {
+        acc_t c, s;
+        rope_cos_sin_at<acc_t>(double(l0 + r), theta[p], false, c, s);
+        rope_rotate(x0, x1, c, s);
+      }
+    }
+    dst[r * pitch + 2 * p] = from_acc<stage_t>(x0);
+    dst[r * pitch + 2 * p + 1] = from_acc<stage_t>(x1);
+  }
+}
+
+// Stages chunk d0 of the q rows from i0 and the k rows from j0 into sm.a and sm.b.
+template <typename scalar_t>
+__device__ void stage_chunk(const GPGeometry& g, const scalar_t* q, const scalar_t* k,
+                            int64_t b, int64_t hq, int64_t i0, int64_t j0, int64_t d0,
+                            ProductSmem<scalar_t>& sm) {
+  using K = Tile<scalar_t>;
+  const int64_t ld = g.Hqk * g.D;
+  __syncthreads();  // the previous chunk's readers are done
+  stage_thetas<kChunk>(g, d0, sm.theta);
+  stage_rows<scalar_t, kChunk>(g, q + g.qk_offset(b, i0, hq), ld, i0, tile_rows<scalar_t>(g, i0),
+                               d0, sm.theta, &sm.a[0][0], K::kPitch);
+  stage_rows<scalar_t, kChunk>(g, k + g.qk_offset(b, j0, hq), ld, j0, tile_rows<scalar_t>(g, j0),
+                               d0, sm.theta, &sm.b[0][0], K::kPitch);
+  __syncthreads();
+}
+
+// acc[r][c] = scale * (R_i q_i) . (R_j k_j) for i = i0 + ty + 16 r, j = j0 + tx + 16 c
+// (0 outside the sequence). Block-uniform.
+template <typename scalar_t>
+__device__ void tile_product(const GPGeometry& g, const scalar_t* q, const scalar_t* k,
+                             int64_t b, int64_t hq, int64_t i0, int64_t j0,
+                             ProductSmem<scalar_t>& sm,
+                             acc_of<scalar_t> (&acc)[Tile<scalar_t>::P][Tile<scalar_t>::P]) {
+  using K = Tile<scalar_t>;
+  using acc_t = acc_of<scalar_t>;
+  constexpr int T = K::T, P = K::P;
+  const int ty = threadIdx.x / kSide, tx = threadIdx.x % kSide;
+  if constexpr (K::kTensorCores) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(T == 64 && kThreads == 256 && kChunk == 16, "8 warps x 2 fragments of 4 x 4");
+    // Warp w computes the fragments (w / 2, 2 (w % 2)) and (w / 2, 2 (w % 2) + 1).
+    const int warp = threadIdx.x / 32, fr = warp / 2, fc = (warp % 2) * 2;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c0, c1;
+    wmma::fill_fragment(c0, 0.0f);
+    wmma::fill_fragment(c1, 0.0f);
+    for (int64_t d0 = 0; d0 < g.D; d0 += kChunk) {
+      stage_chunk(g, q, k, b, hq, i0, j0, d0, sm);
+      // A = q rows (row-major [m][k]); B[k][n] = k row n, i.e. k rows read column-major.
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, scalar_t, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, scalar_t, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, &sm.a[16 * fr][0], K::kPitch);
+      wmma::load_matrix_sync(fb, &sm.b[16 * fc][0], K::kPitch);
+      wmma::mma_sync(c0, fa, fb, c0);
+      wmma::load_matrix_sync(fb, &sm.b[16 * (fc + 1)][0], K::kPitch);
+      wmma::mma_sync(c1, fa, fb, c1);
+    }
+    __syncthreads();  // earlier readers of sm.out (D = 0 runs no chunk barrier)
+    wmma::store_matrix_sync(&sm.out[16 * fr][16 * fc], c0, T + 4, wmma::mem_row_major);
+    wmma::store_matrix_sync(&sm.out[16 * fr][16 * (fc + 1)], c1, T + 4, wmma::mem_row_major);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < P; ++r) {
+#pragma unroll
+      for (int c = 0; c < P; ++c) acc[r][c] = sm.out[ty + kSide * r][tx + kSide * c];
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < P; ++r) {
+#pragma unroll
+      for (int c = 0; c < P; ++c) acc[r][c] = acc_t(0);
+    }
+    for (int64_t d0 = 0; d0 < g.D; d0 += kChunk) {
+      stage_chunk(g, q, k, b, hq, i0, j0, d0, sm);
+#pragma unroll
+      for (int d = 0; d < kChunk; ++d) {
+        acc_t av[P], bv[P];
+#pragma unroll
+        for (int r = 0; r < P; ++r) av[r] = sm.a[ty + kSide * r][d];
+#pragma unroll
+        for (int c = 0; c < P; ++c) bv[c] = sm.b[tx + kSide * c][d];
+#pragma unroll
+        for (int r = 0; r < P; ++r) {
+#pragma unroll
+          for (int c = 0; c < P; ++c) acc[r][c] += av[r] * bv[c];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < P; ++r) {
+#pragma unroll
+    for (int c = 0; c < P; ++c) acc[r][c] *= acc_t(g.scale);
+  }
+}
+
+// The output heads served by q/k head hq: all of them when q and k are shared.
+struct HeadRange {
+  int64_t first, count;
+};
+__device__ HeadRange heads_of(const GPGeometry& g, int64_t hq) {
+  return g.Hqk == 1 ? HeadRange{0, g.H} : HeadRange{hq, 1};
+}
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    scores_forward_kernel(const GPArgs a, const acc_of<scalar_t>* rq, const acc_of<scalar_t>* rk) {
+__host__ __device__ int64_t tiles_of(const GPGeometry& g) {
+  return (g.L + Tile<scalar_t>::T - 1) / Tile<scalar_t>::T;
+}
+
+// ---- scores --------------------------------------------------------------------------
+
+// Block (b, hq, tile i, tile j).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) scores_forward_kernel(const GPArgs a) {
   using acc_t = acc_of<scalar_t>;
-  constexpr int T = Tile<acc_t>::T, P = Tile<acc_t>::P;
-  __shared__ ProductSmem<acc_t> sm;
+  constexpr int T = Tile<scalar_t>::T, P = Tile<scalar_t>::P;
+  __shared__ ProductSmem<scalar_t> sm;
   const GPGeometry& g = a.geom;
-  const int64_t tiles = (g.L + T - 1) / T;
-  int64_t blk = blockIdx.x;
-  const int64_t tj = blk % tiles, ti = blk / tiles % tiles, bh = blk / (tiles * tiles);
-  const int64_t b = bh / g.H, h = bh % g.H, hq = g.Hqk == 1 ? 0 : h;
+  const int64_t tiles = tiles_of<scalar_t>(g);
+  const int64_t blk = blockIdx.x;
+  const int64_t tj = blk % tiles, ti = blk / tiles % tiles, bq = blk / (tiles * tiles);
+  const int64_t b = bq / g.Hqk, hq = bq % g.Hqk;
   const int64_t i0 = ti * T, j0 = tj * T;
   acc_t acc[P][P] = {};
   if (!(g.tril && i0 > j0 + T - 1)) {  // a tile wholly below the diagonal is all -inf
-    tile_product(rq + g.qk_offset(b, i0, hq), tile_rows<acc_t>(g, i0),
-                 rk + g.qk_offset(b, j0, hq), tile_rows<acc_t>(g, j0), g.Hqk * g.D, g.D, sm,
-                 acc);
+    tile_product(g, static_cast<const scalar_t*>(a.q), static_cast<const scalar_t*>(a.k), b, hq,
+                 i0, j0, sm, acc);
   }
   const int ty = threadIdx.x / kSide, tx = threadIdx.x % kSide;
   scalar_t* out = static_cast<scalar_t*>(a.out);
+  const HeadRange heads = heads_of(g, hq);
+  for (int64_t h = heads.first; h < heads.first + heads.count; ++h) {
 #pragma unroll
-  for (int r = 0; r < P; ++r) {
-    const int64_t i = i0 + ty + kSide * r;
-    if (i >= g.L) continue;
-    const acc_t bi = bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i));
+    for (int r = 0; r < P; ++r) {
+      const int64_t i = i0 + ty + kSide * r;
+      if (i >= g.L) continue;
+      const acc_t bi = bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i));
 #pragma unroll
-    for (int c = 0; c < P; ++c) {
-      const int64_t j = j0 + tx + kSide * c;
-      if (j >= g.L) continue;
-      const acc_t s = g.masked(a.mask, b, i, j)
-                          ? acc_t(-INFINITY)
-                          : acc[r][c] + bi + bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
-      out[g.score_offset(b, h, i, j)] = from_acc<scalar_t>(s);
+      for (int c = 0; c < P; ++c) {
+        const int64_t j = j0 + tx + kSide * c;
+        if (j >= g.L) continue;
+        const acc_t s = g.masked(a.mask, b, i, j)
+                            ? acc_t(-INFINITY)
+                            : acc[r][c] + bi + bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
+        out[g.score_offset(b, h, i, j)] = from_acc<scalar_t>(s);
+      }
     }
   }
 }
 
 // ---- the fused loss, forward ---------------------------------------------------------
 
+// Block (b, hq, tile i, tile j): for every head served, the tile's (neg, pos) partial
+// sums, as (m, z) pairs, at partials[((row * tiles + ti) * tiles + tj) * 4].
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    loss_forward_kernel(const GPArgs a, const acc_of<scalar_t>* rq, const acc_of<scalar_t>* rk,
-                        acc_of<scalar_t>* partials) {
+__global__ void __launch_bounds__(kThreads, 1)
+    loss_forward_kernel(const GPArgs a, acc_of<scalar_t>* partials) {
   using acc_t = acc_of<scalar_t>;
-  constexpr int T = Tile<acc_t>::T, P = Tile<acc_t>::P;
-  __shared__ ProductSmem<acc_t> sm;
+  constexpr int T = Tile<scalar_t>::T, P = Tile<scalar_t>::P;
+  __shared__ ProductSmem<scalar_t> sm;
   __shared__ acc_t red_m[kThreads / 32], red_z[kThreads / 32];
   const GPGeometry& g = a.geom;
-  const int64_t tiles = (g.L + T - 1) / T;
-  const int64_t ti = blockIdx.x % tiles, bh = blockIdx.x / tiles;
-  const int64_t b = bh / g.H, h = bh % g.H, hq = g.Hqk == 1 ? 0 : h;
-  const int64_t i0 = ti * T;
-  const int64_t* pos = a.positives + bh * a.P;
-  const int64_t lo = lower_bound(pos, a.P, i0 * g.L);
-  const int64_t hi = lower_bound(pos, a.P, min64(i0 + T, g.L) * g.L);
+  const int64_t tiles = tiles_of<scalar_t>(g);
+  const int64_t blk = blockIdx.x;
+  const int64_t tj = blk % tiles, ti = blk / tiles % tiles, bq = blk / (tiles * tiles);
+  const int64_t b = bq / g.Hqk, hq = bq % g.Hqk;
+  const int64_t i0 = ti * T, j0 = tj * T;
+  const bool empty = g.tril && i0 > j0 + T - 1;  // wholly below the diagonal
+  acc_t acc[P][P] = {};
+  if (!empty) {
+    tile_product(g, static_cast<const scalar_t*>(a.q), static_cast<const scalar_t*>(a.k), b, hq,
+                 i0, j0, sm, acc);
+  }
   const int ty = threadIdx.x / kSide, tx = threadIdx.x % kSide;
-  Log1pSumExp<acc_t> neg, posv;
-  for (int64_t tj = g.tril ? ti : 0; tj < tiles; ++tj) {
-    const int64_t j0 = tj * T;
-    acc_t acc[P][P] = {};
-    tile_product(rq + g.qk_offset(b, i0, hq), tile_rows<acc_t>(g, i0),
-                 rk + g.qk_offset(b, j0, hq), tile_rows<acc_t>(g, j0), g.Hqk * g.D, g.D, sm,
-                 acc);
+  const HeadRange heads = heads_of(g, hq);
+  for (int64_t h = heads.first; h < heads.first + heads.count; ++h) {
+    const int64_t row = g.row(b, h);
+    Log1pSumExp<acc_t> neg, posv;
+    if (!empty) {
+      const int64_t* pos = a.positives + row * a.P;
+      const int64_t lo = lower_bound(pos, a.P, i0 * g.L);
+      const int64_t hi = lower_bound(pos, a.P, min64(i0 + T, g.L) * g.L);
 #pragma unroll
-    for (int r = 0; r < P; ++r) {
-      const int64_t i = i0 + ty + kSide * r;
+      for (int r = 0; r < P; ++r) {
+        const int64_t i = i0 + ty + kSide * r;
 #pragma unroll
-      for (int c = 0; c < P; ++c) {
-        const int64_t j = j0 + tx + kSide * c;
-        if (i >= g.L || j >= g.L || g.masked(a.mask, b, i, j)) continue;
-        const acc_t s = acc[r][c] + bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i)) +
-                        bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
-        if (s == acc_t(-INFINITY)) continue;
-        if (contains(pos, lo, hi, i * g.L + j)) {
-          posv.add(-s);
-        } else {
-          neg.add(s);
+        for (int c = 0; c < P; ++c) {
+          const int64_t j = j0 + tx + kSide * c;
+          if (i >= g.L || j >= g.L || g.masked(a.mask, b, i, j) ||
+              padding_slot(i * g.L + j, a.mask_zero)) {
+            continue;
+          }
+          const acc_t s = acc[r][c] + bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i)) +
+                          bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
+          if (s == acc_t(-INFINITY)) continue;
+          if (contains(pos, lo, hi, i * g.L + j)) {
+            posv.add(-s);
+          } else {
+            neg.add(s);
+          }
         }
       }
+      neg = block_merge(neg, red_m, red_z);
+      posv = block_merge(posv, red_m, red_z);
     }
-  }
-  neg = block_merge(neg, red_m, red_z);
-  posv = block_merge(posv, red_m, red_z);
-  if (threadIdx.x == 0) {
-    acc_t* p = partials + int64_t(blockIdx.x) * 4;
-    p[0] = neg.m;
-    p[1] = neg.z;
-    p[2] = posv.m;
-    p[3] = posv.z;
+    if (threadIdx.x == 0) {
+      acc_t* p = partials + ((row * tiles + ti) * tiles + tj) * 4;
+      p[0] = neg.m;
+      p[1] = neg.z;
+      p[2] = posv.m;
+      p[3] = posv.z;
+    }
   }
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    loss_finish_kernel(int64_t rows, int64_t tiles, const acc_of<scalar_t>* partials,
+    loss_finish_kernel(int64_t rows, int64_t parts, const acc_of<scalar_t>* partials,
                        scalar_t* terms) {
   using acc_t = acc_of<scalar_t>;
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= rows) return;
   Log1pSumExp<acc_t> neg, pos;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const acc_t* p = partials + (row * tiles + t) * 4;
+  for (int64_t t = 0; t < parts; ++t) {
+    const acc_t* p = partials + (row * parts + t) * 4;
     Log1pSumExp<acc_t> n, q;
     n.m = p[0];
     n.z = p[1];
@@ -314,23 +443,22 @@ __global__ void __launch_bounds__(kThreads)
 // COLUMNS = true:  block (b, hq, tile j) -> grad_k rows, grad_bias_end.
 // LOSS: dS from the loss terms (scores recomputed), else the scores' upstream gradient.
 template <typename scalar_t, bool LOSS, bool COLUMNS>
-__global__ void __launch_bounds__(kThreads)
-    backward_kernel(const GPArgs a, const acc_of<scalar_t>* rq, const acc_of<scalar_t>* rk) {
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
   using acc_t = acc_of<scalar_t>;
-  constexpr int T = Tile<acc_t>::T, P = Tile<acc_t>::P;
-  __shared__ BackwardSmem<acc_t> sm;
+  constexpr int T = Tile<scalar_t>::T, P = Tile<scalar_t>::P;
+  __shared__ BackwardSmem<scalar_t> sm;
   const GPGeometry& g = a.geom;
-  const int64_t tiles = (g.L + T - 1) / T;
+  const scalar_t* q = static_cast<const scalar_t*>(a.q);
+  const scalar_t* k = static_cast<const scalar_t*>(a.k);
+  const int64_t tiles = tiles_of<scalar_t>(g);
   const int64_t own = blockIdx.x % tiles, bq = blockIdx.x / tiles;
   const int64_t b = bq / g.Hqk, hq = bq % g.Hqk;
-  const int64_t h_first = g.Hqk == 1 ? 0 : hq, h_count = g.Hqk == 1 ? g.H : 1;
+  const HeadRange heads = heads_of(g, hq);
   const int tid = threadIdx.x, ty = tid / kSide, tx = tid % kSide;
-  const int64_t ld = g.Hqk * g.D;
-  // The other operand of dS's product and where it lands: rows of Rk into grad (R q)
-  // times scale; columns: rows of scale * R q into grad (R k).
-  const acc_t* other = COLUMNS ? rq : rk;
+  // dS's product partner and where it lands: rows of R k into grad (R q), rows of R q
+  // into grad (R k), both times scale.
+  const scalar_t* other = COLUMNS ? q : k;
   acc_t* grad_out = static_cast<acc_t*>(COLUMNS ? a.grad_k : a.grad_q) + bq * g.L * g.D;
-  const acc_t mult = COLUMNS ? acc_t(1) : acc_t(g.scale);
   acc_t* grad_bias = static_cast<acc_t*>(COLUMNS ? a.grad_bias_end : a.grad_bias_start);
 
   const int64_t u_begin = COLUMNS ? 0 : (g.tril ? own : 0);
@@ -339,13 +467,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t ti = COLUMNS ? u : own, tj = COLUMNS ? own : u;
     const int64_t i0 = ti * T, j0 = tj * T;
     acc_t prod[P][P] = {};
-    if constexpr (LOSS) {
-      tile_product(rq + g.qk_offset(b, i0, hq), tile_rows<acc_t>(g, i0),
-                   rk + g.qk_offset(b, j0, hq), tile_rows<acc_t>(g, j0), ld, g.D, sm.product,
-                   prod);
-    }
+    if constexpr (LOSS) tile_product(g, q, k, b, hq, i0, j0, sm.product, prod);
     acc_t dsum[P][P] = {};
-    for (int64_t h = h_first; h < h_first + h_count; ++h) {
+    for (int64_t h = heads.first; h < heads.first + heads.count; ++h) {
       const int64_t row = g.row(b, h);
       acc_t ds[P][P];
       acc_t neg = 0, pos = 0, g_neg = 0, g_pos = 0;
@@ -369,7 +493,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int c = 0; c < P; ++c) {
           const int64_t j = j0 + tx + kSide * c;
           acc_t d = acc_t(0);
-          if (i < g.L && j < g.L && !g.masked(a.mask, b, i, j)) {
+          if (i < g.L && j < g.L && !g.masked(a.mask, b, i, j) &&
+              !(LOSS && padding_slot(i * g.L + j, a.mask_zero))) {
             if constexpr (LOSS) {
               const acc_t s = prod[r][c] + bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i)) +
                               bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
@@ -412,6 +537,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    __syncthreads();  // the product's staging area is v's storage
     // dS (summed over heads) with the block's own axis first.
 #pragma unroll
     for (int r = 0; r < P; ++r) {
@@ -424,16 +550,13 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    // grad_out[own rows, d] += mult * sum_y ds[x][y] * other[y rows, d]
+    // grad_out[own rows, d] += scale * sum_y ds[x][y] * (R other)[y rows, d]
     const int64_t x0 = COLUMNS ? j0 : i0, y0 = COLUMNS ? i0 : j0;
-    const int y_rows = tile_rows<acc_t>(g, y0);
     for (int64_t d0 = 0; d0 < g.D; d0 += T) {
       __syncthreads();
-      for (int e = tid; e < T * T; e += kThreads) {
-        const int y = e / T, d = e % T;
-        sm.v[y][d] = y < y_rows && d0 + d < g.D ? other[g.qk_offset(b, y0 + y, hq) + d0 + d]
-                                                : acc_t(0);
-      }
+      stage_thetas<T>(g, d0, sm.theta);
+      stage_rows<scalar_t, T>(g, other + g.qk_offset(b, y0, hq), g.Hqk * g.D, y0,
+                              tile_rows<scalar_t>(g, y0), d0, sm.theta, &sm.v[0][0], T + 1);
       __syncthreads();
       acc_t o[P][P] = {};
       for (int y = 0; y < T; ++y) {
@@ -454,11 +577,23 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int c = 0; c < P; ++c) {
           const int64_t d = d0 + tx + kSide * c;
-          if (x < g.L && d < g.D) grad_out[x * g.D + d] += mult * o[r][c];
+          if (x < g.L && d < g.D) grad_out[x * g.D + d] += acc_t(g.scale) * o[r][c];
         }
       }
     }
     __syncthreads();
+  }
+  if (!g.rope) return;
+  // grad (R x) -> grad x = R^T grad (R x), on the rows this block owns (its own global
+  // writes are visible to it after the barrier).
+  const int64_t x0 = own * T;
+  const int rows = tile_rows<scalar_t>(g, x0);
+  for (int64_t e = tid; e < int64_t(rows) * (g.D / 2); e += kThreads) {
+    const int64_t x = x0 + e / (g.D / 2), i = e % (g.D / 2);
+    acc_t* p = grad_out + x * g.D + 2 * i;
+    acc_t c, s;
+    rope_cos_sin<acc_t>(double(x), i, g.D, scores_log_base(), true, c, s);
+    rope_rotate(p[0], p[1], c, s);
   }
 }
 
@@ -473,7 +608,7 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_forward_kernel(const Row
   Log1pSumExp<acc_t> neg, pos;
   for (int64_t n = threadIdx.x; n < a.N; n += blockDim.x) {
     const acc_t x = to_acc(s[n]);
-    if (x == acc_t(-INFINITY)) continue;
+    if (x == acc_t(-INFINITY) || (SPARSE && padding_slot(n, a.mask_zero))) continue;
     if constexpr (SPARSE) {
       if (contains(a.positives + r * a.P, 0, a.P, n)) {
         pos.add(-x);
@@ -510,7 +645,10 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_backward_kernel(const Ro
     } else {
       t = to_acc(static_cast<const scalar_t*>(a.labels)[e]);
     }
-    const acc_t d = mce_grad(to_acc(static_cast<const scalar_t*>(a.scores)[e]), acc_t(1) - t, t,
+    const acc_t s = SPARSE && padding_slot(n, a.mask_zero)
+                        ? acc_t(-INFINITY)
+                        : to_acc(static_cast<const scalar_t*>(a.scores)[e]);
+    const acc_t d = mce_grad(s, acc_t(1) - t, t,
                              to_acc(terms[2 * r]), to_acc(terms[2 * r + 1]),
                              to_acc(grad_terms[2 * r]), to_acc(grad_terms[2 * r + 1]));
     static_cast<scalar_t*>(a.out)[e] = from_acc<scalar_t>(d);
@@ -519,69 +657,36 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_backward_kernel(const Ro
 
 // ---- launches ------------------------------------------------------------------------
 
-template <typename acc_t>
-struct Workspace {
-  acc_t *rq, *rk, *partials;
-};
-
-template <typename acc_t>
-Workspace<acc_t> workspace_of(const GPGeometry& g, void* base) {
-  acc_t* p = static_cast<acc_t*>(base);
-  const int64_t n = g.B * g.L * g.Hqk * g.D;
-  return {p, p + n, p + 2 * n};
-}
-
-template <typename acc_t>
-size_t workspace_bytes(const GPGeometry& g) {
-  const int64_t tiles = (g.L + Tile<acc_t>::T - 1) / Tile<acc_t>::T;
-  return sizeof(acc_t) * size_t(2 * g.B * g.L * g.Hqk * g.D + 4 * g.B * g.H * tiles);
-}
-
-// rq = scale * R q and rk = R k into the workspace.
-template <typename scalar_t>
-cudaError_t rotate_inputs(const GPArgs& a, const Workspace<acc_of<scalar_t>>& w,
-                          cudaStream_t stream) {
-  const GPGeometry& g = a.geom;
-  RotateArgs r{a.q, w.rq, nullptr, g.B, g.L, g.Hqk, g.D, std::log(kScoresRopeBase), g.scale,
-               g.rope, false, false};
-  cudaError_t err = rotate<scalar_t, scalar_t, acc_of<scalar_t>>(r, stream);
-  if (err != cudaSuccess) return err;
-  r.x = a.k;
-  r.y = w.rk;
-  r.mult = 1.0;
-  return rotate<scalar_t, scalar_t, acc_of<scalar_t>>(r, stream);
-}
-
 bool grid_fits(int64_t blocks) { return blocks < (int64_t(1) << 31); }
+
+// The prologue every GlobalPointer launcher shares: nothing to do for empty inputs,
+// dispatch on dtype, the grid size checked. launch(tag, tiles, grid) does the rest.
+template <typename Blocks, typename Launch>
+cudaError_t launch_gp(const GPArgs& a, DType dtype, Blocks blocks_of, Launch launch) {
+  const GPGeometry& g = a.geom;
+  if (g.B * g.Hqk * g.H * g.L == 0) return cudaSuccess;
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_float_types(dtype, [&](auto tag) {
+    const int64_t tiles = tiles_of<decltype(tag)>(g);
+    const int64_t blocks = blocks_of(tiles);
+    err = grid_fits(blocks) ? launch(tag, tiles, unsigned(blocks)) : cudaErrorInvalidConfiguration;
+  });
+  return err;
+}
 
 template <bool LOSS>
 cudaError_t launch_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
   const GPGeometry& g = a.geom;
-  if (g.B * g.Hqk * g.L == 0) return cudaSuccess;  // no block to launch
-  cudaError_t err = cudaErrorInvalidValue;
-  dispatch_float_types(dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = acc_of<scalar_t>;
-    const auto w = workspace_of<acc_t>(g, a.workspace);
-    const int64_t blocks = g.B * g.Hqk * ((g.L + Tile<acc_t>::T - 1) / Tile<acc_t>::T);
-    if (!grid_fits(blocks)) {
-      err = cudaErrorInvalidConfiguration;
-      return;
-    }
-    if ((err = rotate_inputs<scalar_t>(a, w, stream)) != cudaSuccess) return;
-    const unsigned grid = unsigned(blocks);
-    backward_kernel<scalar_t, LOSS, false><<<grid, kThreads, 0, stream>>>(a, w.rq, w.rk);
-    if ((err = cudaGetLastError()) != cudaSuccess) return;
-    backward_kernel<scalar_t, LOSS, true><<<grid, kThreads, 0, stream>>>(a, w.rq, w.rk);
-    if ((err = cudaGetLastError()) != cudaSuccess || !g.rope) return;
-    // grad (R q) -> grad q, in place in the [B, Hqk, L, D] gradient layout.
-    RotateArgs r{a.grad_q, a.grad_q, nullptr, g.B, g.L, g.Hqk, g.D, std::log(kScoresRopeBase), 1.0,
-                 true, true, true};
-    if ((err = rotate<scalar_t, acc_t, acc_t>(r, stream)) != cudaSuccess) return;
-    r.x = r.y = a.grad_k;
-    err = rotate<scalar_t, acc_t, acc_t>(r, stream);
-  });
-  return err;
+  return launch_gp(
+      a, dtype, [&](int64_t tiles) { return g.B * g.Hqk * tiles; },
+      [&](auto tag, int64_t, unsigned grid) {
+        using scalar_t = decltype(tag);
+        backward_kernel<scalar_t, LOSS, false><<<grid, kThreads, 0, stream>>>(a);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+        backward_kernel<scalar_t, LOSS, true><<<grid, kThreads, 0, stream>>>(a);
+        return cudaGetLastError();
+      });
 }
 
 template <bool SPARSE>
@@ -612,10 +717,12 @@ cudaError_t launch_row_backward(const RowLossArgs& a, DType dtype, cudaStream_t 
 
 }  // namespace
 
-size_t global_pointer_workspace_bytes(const GPGeometry& geom, DType dtype) {
+size_t global_pointer_workspace_bytes(const GPGeometry& g, DType dtype) {
   size_t bytes = 0;
   dispatch_float_types(dtype, [&](auto tag) {
-    bytes = workspace_bytes<acc_of<decltype(tag)>>(geom);
+    using scalar_t = decltype(tag);
+    const int64_t tiles = tiles_of<scalar_t>(g);
+    bytes = sizeof(acc_of<scalar_t>) * size_t(4 * g.B * g.H * tiles * tiles);
   });
   return bytes;
 }
@@ -623,34 +730,26 @@ size_t global_pointer_workspace_bytes(const GPGeometry& geom, DType dtype) {
 cudaError_t rope(const void* x, const int64_t* positions, int64_t B, int64_t L, int64_t H,
                  int64_t D, double base, bool inverse, void* out, DType dtype,
                  cudaStream_t stream) {
+  const int64_t pairs = B * L * H * (D / 2);
+  if (pairs == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((pairs + kThreads - 1) / kThreads, 1 << 20);
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const RotateArgs r{x, out, positions, B, L, H, D, std::log(base), 1.0, true, inverse, false};
-    err = rotate<scalar_t, scalar_t, scalar_t>(r, stream);
+    const RotateArgs r{x, out, positions, B, L, H, D, std::log(base), inverse};
+    rotate_kernel<decltype(tag)><<<unsigned(blocks), kThreads, 0, stream>>>(r);
+    err = cudaGetLastError();
   });
   return err;
 }
 
 cudaError_t global_pointer_scores_forward(const GPArgs& a, DType dtype, cudaStream_t stream) {
   const GPGeometry& g = a.geom;
-  if (g.B * g.H * g.L == 0) return cudaSuccess;
-  cudaError_t err = cudaErrorInvalidValue;
-  dispatch_float_types(dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = acc_of<scalar_t>;
-    const auto w = workspace_of<acc_t>(g, a.workspace);
-    const int64_t tiles = (g.L + Tile<acc_t>::T - 1) / Tile<acc_t>::T;
-    const int64_t blocks = g.B * g.H * tiles * tiles;
-    if (!grid_fits(blocks)) {
-      err = cudaErrorInvalidConfiguration;
-      return;
-    }
-    if ((err = rotate_inputs<scalar_t>(a, w, stream)) != cudaSuccess) return;
-    scores_forward_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(a, w.rq, w.rk);
-    err = cudaGetLastError();
-  });
-  return err;
+  return launch_gp(
+      a, dtype, [&](int64_t tiles) { return g.B * g.Hqk * tiles * tiles; },
+      [&](auto tag, int64_t, unsigned grid) {
+        scores_forward_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(a);
+        return cudaGetLastError();
+      });
 }
 
 cudaError_t global_pointer_scores_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
@@ -659,28 +758,20 @@ cudaError_t global_pointer_scores_backward(const GPArgs& a, DType dtype, cudaStr
 
 cudaError_t global_pointer_loss_forward(const GPArgs& a, DType dtype, cudaStream_t stream) {
   const GPGeometry& g = a.geom;
-  if (g.B * g.H * g.L == 0) return cudaSuccess;
-  cudaError_t err = cudaErrorInvalidValue;
-  dispatch_float_types(dtype, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = acc_of<scalar_t>;
-    const auto w = workspace_of<acc_t>(g, a.workspace);
-    const int64_t tiles = (g.L + Tile<acc_t>::T - 1) / Tile<acc_t>::T;
-    const int64_t rows = g.B * g.H;
-    if (!grid_fits(rows * tiles)) {
-      err = cudaErrorInvalidConfiguration;
-      return;
-    }
-    if ((err = rotate_inputs<scalar_t>(a, w, stream)) != cudaSuccess) return;
-    loss_forward_kernel<scalar_t><<<unsigned(rows * tiles), kThreads, 0, stream>>>(a, w.rq, w.rk,
-                                                                                  w.partials);
-    if ((err = cudaGetLastError()) != cudaSuccess) return;
-    loss_finish_kernel<scalar_t><<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0,
-                                   stream>>>(rows, tiles, w.partials,
-                                             static_cast<scalar_t*>(a.out));
-    err = cudaGetLastError();
-  });
-  return err;
+  return launch_gp(
+      a, dtype, [&](int64_t tiles) { return g.B * g.Hqk * tiles * tiles; },
+      [&](auto tag, int64_t tiles, unsigned grid) {
+        using scalar_t = decltype(tag);
+        auto* partials = static_cast<acc_of<scalar_t>*>(a.workspace);
+        loss_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(a, partials);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+        const int64_t rows = g.B * g.H;
+        loss_finish_kernel<scalar_t><<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0,
+                                       stream>>>(rows, tiles * tiles, partials,
+                                                 static_cast<scalar_t*>(a.out));
+        return cudaGetLastError();
+      });
 }
 
 cudaError_t global_pointer_loss_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {

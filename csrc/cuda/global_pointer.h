@@ -21,6 +21,7 @@ struct GPArgs {
   const void* bias_end;         // acc [B, H, L], or null
   const int64_t* positives;     // loss: [B, H, P] sorted ascending, -1 for none
   int64_t P;
+  bool mask_zero;               // loss: flat index 0 (span (0, 0)) ignored entirely
   const void* grad;             // scores backward: elem [B, H, L, L]; loss backward: elem [B, H, 2]
   const void* terms;            // loss backward: elem [B, H, 2]
   void* out;                    // scores: elem [B, H, L, L]; loss: elem [B, H, 2]
@@ -28,7 +29,7 @@ struct GPArgs {
   void* grad_k;                 // backward: acc [B, Hqk, L, D], zeroed
   void* grad_bias_start;        // backward: acc [B, H, L], zeroed
   void* grad_bias_end;          // backward: acc [B, H, L], zeroed
-  void* workspace;              // global_pointer_workspace_bytes(geom, dtype), any contents
+  void* workspace;              // loss forward: global_pointer_workspace_bytes(geom, dtype)
 };
 
 size_t global_pointer_workspace_bytes(const GPGeometry& geom, DType dtype);
@@ -52,6 +53,7 @@ struct RowLossArgs {
   const void* grad_terms;
   const void* terms;  // backward input
   void* out;          // forward: terms; backward: elem [R, N] grad of the scores
+  bool mask_zero;     // sparse: flat index 0 ignored as a positive and as a negative
 };
 cudaError_t mce_forward(const RowLossArgs& args, DType dtype, cudaStream_t stream);
 cudaError_t mce_backward(const RowLossArgs& args, DType dtype, cudaStream_t stream);

@@ -106,7 +106,9 @@ def sparse_multilabel_categorical_crossentropy(
         scores: ``[..., N]`` float.
         pos_index: integer ``[..., P]`` (same leading dims), flat indices in ``[0, N)``
             (``i * L + j`` for GlobalPointer scores flattened over the last two dims).
-        mask_zero: index 0 is padding and is ignored.
+        mask_zero: flat index 0 is a padding slot and is ignored entirely, as in
+            bert4keras: entries 0 of ``pos_index`` are no positives, and score 0 (span
+            (0, 0) for GlobalPointer) is left out of the negatives too (zero gradient).
         reduction: ``"none"`` (``[...]``), ``"mean"`` or ``"sum"`` over rows.
     """
     _check_reduction("sparse_multilabel_categorical_crossentropy", reduction)
@@ -132,7 +134,8 @@ def global_pointer_loss(
     Args:
         q, k, mask, rope, tril, scale, bias_start, bias_end: as global_pointer_scores.
         pos_index: integer ``[B, H, P]`` of flat span indices ``i * L + j``.
-        mask_zero: index 0 is padding (as bert4keras pads its sparse labels).
+        mask_zero: flat index 0 is padding (as bert4keras pads its sparse labels) and is
+            ignored entirely: no positive, and span (0, 0) is no negative either.
         reduction: ``"none"`` (``[B, H]``), ``"mean"`` or ``"sum"`` over (b, h).
     """
     _check_reduction("global_pointer_loss", reduction)

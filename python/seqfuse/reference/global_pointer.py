@@ -75,8 +75,14 @@ def sparse_labels(scores, pos_index, mask_zero=False):
 
 def sparse_multilabel_categorical_crossentropy(scores, pos_index, mask_zero=False,
                                                reduction="mean"):
-    """Exact sparse loss: the dense loss on the scattered labels."""
+    """Exact sparse loss: the dense loss on the scattered labels. With ``mask_zero``,
+    flat index 0 is bert4keras' padding slot: no positive, and its score is masked
+    (-inf) so it is no negative either."""
     labels = sparse_labels(scores, pos_index, mask_zero)
+    if mask_zero and scores.shape[-1] > 0:
+        slot = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        slot[0] = True
+        scores = scores.masked_fill(slot, float("-inf"))
     return multilabel_categorical_crossentropy(scores, labels, reduction)
 
 
