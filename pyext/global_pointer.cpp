@@ -128,7 +128,7 @@ at::Tensor prepare_terms(const char* op, const char* name, const at::Tensor& t,
                         t.sizes().slice(0, rows.size()) == rows && t.size(-1) == 2,
                     op, ": ", name, " must be [rows..., 2] with rows ", rows, ", got shape ",
                     shape_str(t));
-  return t.to(like.scalar_type()).contiguous().view({c10::multiply_integers(rows), 2});
+  return t.to(acc_dtype(like.scalar_type())).contiguous().view({c10::multiply_integers(rows), 2});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_global_pointer_backward(
@@ -221,7 +221,7 @@ at::Tensor mce_cpu(const at::Tensor& scores, const at::Tensor& labels) {
   at::Tensor s = prepare_loss_scores(op, scores);
   check_cpu_dtype(op, "scores", scores);
   at::Tensor t = prepare_labels(op, labels, scores);
-  at::Tensor terms = at::empty({s.size(0), 2}, s.options());
+  at::Tensor terms = at::empty({s.size(0), 2}, s.options().dtype(acc_dtype(s.scalar_type())));
   if (s.size(0) > 0) cpu::mce_forward(s, t, terms);
   auto shape = scores.sizes().vec();
   shape.back() = 2;
@@ -248,7 +248,7 @@ at::Tensor sparse_mce_cpu(const at::Tensor& scores, const at::Tensor& pos_index,
   check_cpu_dtype(op, "scores", scores);
   at::Tensor idx = prepare_pos_index(op, pos_index, scores.sizes().slice(0, scores.dim() - 1),
                                      scores.size(-1), mask_zero, scores);
-  at::Tensor terms = at::empty({s.size(0), 2}, s.options());
+  at::Tensor terms = at::empty({s.size(0), 2}, s.options().dtype(acc_dtype(s.scalar_type())));
   if (s.size(0) > 0) cpu::sparse_mce_forward(s, idx, mask_zero, terms);
   auto shape = scores.sizes().vec();
   shape.back() = 2;
@@ -282,7 +282,7 @@ at::Tensor global_pointer_loss_cpu(const at::Tensor& q, const at::Tensor& k,
   check_cpu_dtype(op, "q", q);
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
-  at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options());
+  at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (g.B * g.Hqk * g.L > 0) {  // the kernels divide by Hqk
     cpu::global_pointer_loss_forward(g, in.q, in.k, in.mask, in.bias_start, in.bias_end,
                                      idx.view({g.B, g.H, -1}), mask_zero, terms);

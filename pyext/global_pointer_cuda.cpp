@@ -135,7 +135,7 @@ at::Tensor mce_cuda(const at::Tensor& scores, const at::Tensor& labels) {
   const auto dtype = cuda_dtype(op, scores);
   at::Tensor t = prepare_labels(op, labels, scores);
   const c10::cuda::CUDAGuard guard(scores.device());
-  at::Tensor terms = at::empty({s.size(0), 2}, s.options());
+  at::Tensor terms = at::empty({s.size(0), 2}, s.options().dtype(acc_dtype(s.scalar_type())));
   const cuda::RowLossArgs a{s.size(0), s.size(1), 0, s.data_ptr(), t.data_ptr(), nullptr,
                             nullptr, nullptr, terms.data_ptr()};
   C10_CUDA_CHECK(cuda::mce_forward(a, dtype, current_stream()));
@@ -167,7 +167,7 @@ at::Tensor sparse_mce_cuda(const at::Tensor& scores, const at::Tensor& pos_index
                                      scores.size(-1), mask_zero, scores);
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
-  at::Tensor terms = at::empty({s.size(0), 2}, s.options());
+  at::Tensor terms = at::empty({s.size(0), 2}, s.options().dtype(acc_dtype(s.scalar_type())));
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
                             positives.data_ptr<int64_t>(), nullptr, nullptr, terms.data_ptr(),
                             mask_zero};
@@ -209,7 +209,7 @@ at::Tensor global_pointer_loss_cuda(const at::Tensor& q, const at::Tensor& k,
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
-  at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options());
+  at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options().dtype(acc_dtype(q.scalar_type())));
   at::Tensor workspace = workspace_for(g, dtype, q);  // the per-tile partial sums
   cuda::GPArgs a = gp_args(in);
   a.positives = positives.data_ptr<int64_t>();

@@ -654,6 +654,10 @@ def test_cuda_low_precision(dtype, B, L, Hqk, H, D, rope, mask_zero):
     loss = seqfuse.global_pointer_loss(q, k, idx, mask_zero=mask_zero, reduction="none", **kw)
     want = reference.global_pointer_loss(wide[0], wide[1], idx, mask_zero=mask_zero,
                                          reduction="none", **kw64)
+    # The backward's normalisers stay in float32; only the loss itself is rounded.
+    terms = torch.ops.seqfuse.global_pointer_loss(q, k, idx, mask, rope, True, None, bs, be,
+                                                  mask_zero)
+    assert terms.dtype == torch.float32 and loss.dtype == dtype
     assert_close(loss, want, dtype=dtype, rtol=3e-2, atol=3e-2)
     for got, ref in zip(torch.autograd.grad(loss.sum(), leaves),
                         torch.autograd.grad(want.sum(), wide)):

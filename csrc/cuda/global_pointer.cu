@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     loss_finish_kernel(int64_t rows, int64_t parts, const acc_of<scalar_t>* partials,
-                       scalar_t* terms) {
+                       acc_of<scalar_t>* terms) {
   using acc_t = acc_of<scalar_t>;
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= rows) return;
@@ -433,8 +433,8 @@ __global__ void __launch_bounds__(kThreads)
     neg.merge(n);
     pos.merge(q);
   }
-  terms[2 * row] = from_acc<scalar_t>(neg.value());
-  terms[2 * row + 1] = from_acc<scalar_t>(pos.value());
+  terms[2 * row] = neg.value();
+  terms[2 * row + 1] = pos.value();
 }
 
 // ---- backward (scores and loss) --------------------------------------------------------
@@ -476,12 +476,12 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
       int64_t lo = 0, hi = 0;
       const int64_t* positives = nullptr;
       if constexpr (LOSS) {
-        const scalar_t* terms = static_cast<const scalar_t*>(a.terms);
-        const scalar_t* grad_terms = static_cast<const scalar_t*>(a.grad);
-        neg = to_acc(terms[2 * row]);
-        pos = to_acc(terms[2 * row + 1]);
-        g_neg = to_acc(grad_terms[2 * row]);
-        g_pos = to_acc(grad_terms[2 * row + 1]);
+        const acc_t* terms = static_cast<const acc_t*>(a.terms);
+        const acc_t* grad_terms = static_cast<const acc_t*>(a.grad);
+        neg = terms[2 * row];
+        pos = terms[2 * row + 1];
+        g_neg = grad_terms[2 * row];
+        g_pos = grad_terms[2 * row + 1];
         positives = a.positives + row * a.P;
         lo = lower_bound(positives, a.P, i0 * g.L);
         hi = lower_bound(positives, a.P, min64(i0 + T, g.L) * g.L);
@@ -624,17 +624,17 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_forward_kernel(const Row
   neg = block_merge(neg, red_m, red_z);
   pos = block_merge(pos, red_m, red_z);
   if (threadIdx.x == 0) {
-    scalar_t* terms = static_cast<scalar_t*>(a.out);
-    terms[2 * r] = from_acc<scalar_t>(neg.value());
-    terms[2 * r + 1] = from_acc<scalar_t>(pos.value());
+    acc_t* terms = static_cast<acc_t*>(a.out);
+    terms[2 * r] = neg.value();
+    terms[2 * r + 1] = pos.value();
   }
 }
 
 template <typename scalar_t, bool SPARSE>
 __global__ void __launch_bounds__(kRowThreads) row_loss_backward_kernel(const RowLossArgs a) {
   using acc_t = acc_of<scalar_t>;
-  const scalar_t* terms = static_cast<const scalar_t*>(a.terms);
-  const scalar_t* grad_terms = static_cast<const scalar_t*>(a.grad_terms);
+  const acc_t* terms = static_cast<const acc_t*>(a.terms);
+  const acc_t* grad_terms = static_cast<const acc_t*>(a.grad_terms);
   const int64_t total = a.R * a.N;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
@@ -649,8 +649,8 @@ __global__ void __launch_bounds__(kRowThreads) row_loss_backward_kernel(const Ro
                         ? acc_t(-INFINITY)
                         : to_acc(static_cast<const scalar_t*>(a.scores)[e]);
     const acc_t d = mce_grad(s, acc_t(1) - t, t,
-                             to_acc(terms[2 * r]), to_acc(terms[2 * r + 1]),
-                             to_acc(grad_terms[2 * r]), to_acc(grad_terms[2 * r + 1]));
+                             terms[2 * r], terms[2 * r + 1], grad_terms[2 * r],
+                             grad_terms[2 * r + 1]);
     static_cast<scalar_t*>(a.out)[e] = from_acc<scalar_t>(d);
   }
 }
@@ -769,7 +769,7 @@ cudaError_t global_pointer_loss_forward(const GPArgs& a, DType dtype, cudaStream
         const int64_t rows = g.B * g.H;
         loss_finish_kernel<scalar_t><<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0,
                                        stream>>>(rows, tiles * tiles, partials,
-                                                 static_cast<scalar_t*>(a.out));
+                                                 static_cast<acc_of<scalar_t>*>(a.out));
         return cudaGetLastError();
       });
 }

@@ -23,8 +23,8 @@ struct GPArgs {
   int64_t P;
   bool mask_zero;               // loss: flat index 0 (span (0, 0)) ignored entirely
   const void* grad;             // scores backward: elem [B, H, L, L]; loss backward: elem [B, H, 2]
-  const void* terms;            // loss backward: elem [B, H, 2]
-  void* out;                    // scores: elem [B, H, L, L]; loss: elem [B, H, 2]
+  const void* terms;            // loss backward: acc [B, H, 2]
+  void* out;                    // scores: elem [B, H, L, L]; loss: acc [B, H, 2]
   void* grad_q;                 // backward: acc [B, Hqk, L, D], zeroed
   void* grad_k;                 // backward: acc [B, Hqk, L, D], zeroed
   void* grad_bias_start;        // backward: acc [B, H, L], zeroed
@@ -43,7 +43,8 @@ cudaError_t rope(const void* x, const int64_t* positions, int64_t B, int64_t L, 
                  int64_t D, double base, bool inverse, void* out, DType dtype,
                  cudaStream_t stream);
 
-// Losses of R rows of N scores (elem); terms, grad_terms: elem [R, 2] (neg, pos).
+// Losses of R rows of N scores (elem); terms, grad_terms: acc [R, 2] (neg, pos),
+// kept in the accumulation type: the backward divides by e^neg, e^pos.
 // labels: elem [R, N]. positives: [R, P] sorted ascending, -1 for none.
 struct RowLossArgs {
   int64_t R, N, P;

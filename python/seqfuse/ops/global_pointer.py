@@ -5,7 +5,8 @@
                  (-inf where a token is padding or, with tril, i > j)
     loss(row)  = log(1 + sum_{neg} e^{s}) + log(1 + sum_{pos} e^{-s})   (s = -inf ignored)
 
-The loss ops return the two terms (neg, pos) of every row, [..., 2]; the wrappers sum
+The loss ops return the two terms (neg, pos) of every row, [..., 2], in the accumulation
+type (float32 for half inputs: they are the normalisers of the backward); the wrappers sum
 them and apply the reduction, so autograd of the reduction is plain PyTorch.
 """
 
@@ -18,11 +19,13 @@ from seqfuse._extension import check_backend
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(terms: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    # The terms come in the accumulation type (float32 for half inputs): they are the
+    # normalisers of the backward, so they are rounded to the input's dtype only here.
     loss = terms.sum(-1)
-    if reduction == "none":
-        return loss
-    return loss.mean() if reduction == "mean" else loss.sum()
+    if reduction != "none":
+        loss = loss.mean() if reduction == "mean" else loss.sum()
+    return loss.to(dtype)
 
 
 def _check_reduction(op: str, reduction: str) -> None:
@@ -89,7 +92,7 @@ def multilabel_categorical_crossentropy(scores: torch.Tensor, labels: torch.Tens
     _check_reduction("multilabel_categorical_crossentropy", reduction)
     check_backend("multilabel_categorical_crossentropy", scores, labels)
     terms = torch.ops.seqfuse.multilabel_categorical_crossentropy(scores, labels)
-    return _reduce(terms, reduction)
+    return _reduce(terms, reduction, scores.dtype)
 
 
 def sparse_multilabel_categorical_crossentropy(
@@ -115,7 +118,7 @@ def sparse_multilabel_categorical_crossentropy(
     check_backend("sparse_multilabel_categorical_crossentropy", scores, pos_index)
     terms = torch.ops.seqfuse.sparse_multilabel_categorical_crossentropy(scores, pos_index,
                                                                          mask_zero)
-    return _reduce(terms, reduction)
+    return _reduce(terms, reduction, scores.dtype)
 
 
 def global_pointer_loss(
@@ -142,7 +145,7 @@ def global_pointer_loss(
     check_backend("global_pointer_loss", q, k, pos_index, mask, bias_start, bias_end)
     terms = torch.ops.seqfuse.global_pointer_loss(q, k, pos_index, mask, rope, tril, scale,
                                                   bias_start, bias_end, mask_zero)
-    return _reduce(terms, reduction)
+    return _reduce(terms, reduction, q.dtype)
 
 
 # ---- fake kernels -------------------------------------------------------------------
@@ -186,7 +189,7 @@ def _scores_backward_fake(grad, q, k, mask, rope, tril, scale, bias_start, bias_
 
 @torch.library.register_fake("seqfuse::multilabel_categorical_crossentropy")
 def _mce_fake(scores, labels):
-    return scores.new_empty((*scores.shape[:-1], 2))
+    return scores.new_empty((*scores.shape[:-1], 2), dtype=_acc_dtype(scores.dtype))
 
 
 @torch.library.register_fake("seqfuse::multilabel_categorical_crossentropy_backward")
@@ -196,7 +199,7 @@ def _mce_backward_fake(grad_terms, terms, scores, labels):
 
 @torch.library.register_fake("seqfuse::sparse_multilabel_categorical_crossentropy")
 def _sparse_fake(scores, pos_index, mask_zero=False):
-    return scores.new_empty((*scores.shape[:-1], 2))
+    return scores.new_empty((*scores.shape[:-1], 2), dtype=_acc_dtype(scores.dtype))
 
 
 @torch.library.register_fake("seqfuse::sparse_multilabel_categorical_crossentropy_backward")
@@ -207,7 +210,8 @@ def _sparse_backward_fake(grad_terms, terms, scores, pos_index, mask_zero):
 @torch.library.register_fake("seqfuse::global_pointer_loss")
 def _loss_fake(q, k, pos_index, mask=None, rope=True, tril=True, scale=None, bias_start=None,
                bias_end=None, mask_zero=True):
-    return q.new_empty((q.shape[0], _heads(q, bias_start, bias_end), 2))
+    return q.new_empty((q.shape[0], _heads(q, bias_start, bias_end), 2),
+                       dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("seqfuse::global_pointer_loss_backward")
