@@ -66,7 +66,8 @@ GRADCHECK_CASES = [(f, n, d, s) for f in FEATURE_MAPS for n in (True, False)
 
 @pytest.mark.parametrize("feature_map,normalize,decay,state", GRADCHECK_CASES)
 def test_gradcheck_cpu_kernel(feature_map, normalize, decay, state):
-    # T = 67 crosses a chunk boundary of the CPU kernel (64 steps).
+    # T = 67 crosses a chunk boundary of the CPU forward (64 steps); the backward's
+    # chunks are 128 steps, crossed by the T = 131 and T = 150 cases above.
     B, T, H, Dk, Dv = 1, 67, 2, 3, 2
     inputs = make_inputs(B, T, H, Dk, Dv, feature_map=feature_map, normalize=normalize,
                          state=state, requires_grad=True)
@@ -114,6 +115,21 @@ def test_odd_sizes(device, shape):
     want_grads = torch.autograd.grad(want, (q, k, v, S0, z0), g)
     for got, ref in zip(got_grads, want_grads):
         assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_long_sequence_crosses_cpu_forward_segments():
+    # The CPU forward batches its chunk products over segments of a bounded scratch
+    # (64 Mi elements; about 7900 steps at Dk = Dv = 256 and one head): T = 8200 takes
+    # two, the carried state crossing between them.
+    B, T, H, D = 1, 8200, 1, 256
+    q, k, v, S0, z0 = make_inputs(B, T, H, D, D, feature_map="elu1", state=True)
+    kw = dict(feature_map="elu1", decay=torch.tensor([0.999], dtype=torch.float64),
+              initial_state=(S0, z0), return_state=True)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, **kw)
+    want, (S_ref, z_ref) = reference.causal_linear_attention_recurrent(q, k, v, **kw)
+    assert_close(o, want, rtol=1e-9, atol=1e-9)
+    assert_close(S, S_ref, rtol=1e-9, atol=1e-9)
+    assert_close(z, z_ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
