@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "dtype.h"
+#include "huge_pages.h"
 
 namespace seqfuse::cpu {
 namespace {
@@ -210,11 +211,25 @@ struct Kernel {
     const int64_t per_chunk = BH * (C * (2 * Dk + 2 * Dv1 + C) + Dk * Dv1);
     const int64_t max_chunks = std::max<int64_t>(1, kSegmentElements / per_chunk);
     const int64_t nc = std::min(max_chunks, (T + C - 1) / C);
-    const auto opt_acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor qf = at::empty({nc * BH, C, Dk}, opt_acc), kf = at::empty({nc * BH, C, Dk}, opt_acc);
-    const at::Tensor vp = at::empty({nc * BH, C, Dv1}, opt_acc), p = at::empty({nc * BH, C, C}, opt_acc);
-    const at::Tensor num = at::empty({nc * BH, C, Dv1}, opt_acc), upd = at::empty({nc * BH, Dk, Dv1}, opt_acc);
-    const at::Tensor state = at::empty({BH, Dk, Dv1}, opt_acc);
+    // One allocation carved into the tiles (64-byte aligned), advised onto huge pages
+    // before its first touch: at tens of MB, first-touch faults of 4 KiB pages cost
+    // about as much as the products themselves.
+    const int64_t items_max = nc * BH, align = 64 / int64_t(sizeof(acc_t));
+    const std::array<std::array<int64_t, 3>, 7> shapes = {{{items_max, C, Dk}, {items_max, C, Dk},
+        {items_max, C, Dv1}, {items_max, C, C}, {items_max, C, Dv1}, {items_max, Dk, Dv1}, {BH, Dk, Dv1}}};
+    int64_t total = 0;
+    for (const auto& sh : shapes) total += (sh[0] * sh[1] * sh[2] + align - 1) / align * align;
+    const at::Tensor scratch = at::empty({total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    advise_huge_pages(scratch);
+    int64_t used = 0;
+    auto carve = [&](int which) {
+      const auto& sh = shapes[which];
+      at::Tensor t = scratch.narrow(0, used, sh[0] * sh[1] * sh[2]).view({sh[0], sh[1], sh[2]});
+      used += (sh[0] * sh[1] * sh[2] + align - 1) / align * align;
+      return t;
+    };
+    const at::Tensor qf = carve(0), kf = carve(1), vp = carve(2), p = carve(3), num = carve(4);
+    const at::Tensor upd = carve(5), state = carve(6);
     for (int64_t bh = 0; bh < BH; ++bh) load_state(S0, z0, bh, state[bh]);
     // Chunk tiles are a few tens of kFLOP to a few MFLOP each.
     const int64_t grain = std::max<int64_t>(1, 4096 / (C * (Dk + Dv1)));
