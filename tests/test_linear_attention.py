@@ -282,6 +282,8 @@ def test_gradients_with_create_graph_work_and_double_backward_refuses():
      "initial_state S must be a floating point"),
 ])
 def test_bad_inputs(device, bad, match):
+    if device == "cuda" and match == "decay must lie in":
+        pytest.skip("CUDA checks the decay range on the device: test_cuda_bad_decay_gives_nan")
     args = dict(q=torch.zeros(2, 5, 2, 4), k=torch.zeros(2, 5, 2, 4), v=torch.zeros(2, 5, 2, 4))
     args.update(bad)
     args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()}
@@ -289,6 +291,19 @@ def test_bad_inputs(device, bad, match):
         args["initial_state"] = tuple(s.to(device) for s in args["initial_state"])
     with pytest.raises((RuntimeError, ValueError), match=match):
         seqfuse.causal_linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 70])  # the decoding kernel and the chunked one
+def test_cuda_bad_decay_gives_nan_in_its_head_only(T):
+    q, k, v, S0, z0 = make_inputs(2, T, 3, 16, 8, device="cuda", feature_map="elu1", state=True,
+                                  dtype=torch.float32)
+    decay = torch.tensor([0.9, 1.5, 0.0], device="cuda")
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", decay=decay,
+                                                initial_state=(S0.float(), z0.float()),
+                                                return_state=True)
+    assert torch.isnan(o[:, :, 1:]).all() and torch.isnan(S[:, 1:]).all() and torch.isnan(z[:, 1:]).all()
+    assert torch.isfinite(o[:, :, 0]).all() and torch.isfinite(S[:, 0]).all()
 
 
 @pytest.mark.cuda
