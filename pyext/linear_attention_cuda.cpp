@@ -10,29 +10,27 @@
 namespace seqfuse {
 namespace {
 
-// S' = [S, z] ([B, H, Dk, Dv+1]) from the two halves of a state, either of which may be
-// undefined (zeros); undefined when both are.
-at::Tensor joined_state(const at::Tensor& S, const at::Tensor& z, const LinearAttentionGeometry& g,
-                        const at::TensorOptions& acc) {
-  if (!S.defined() && !z.defined()) return {};
-  at::Tensor s = S.defined() ? S : at::zeros({g.B, g.H, g.Dk, g.Dv}, acc);
-  at::Tensor c = z.defined() ? z.unsqueeze(-1) : at::zeros({g.B, g.H, g.Dk, 1}, acc);
-  return at::cat({s, c}, -1).contiguous();
+const void* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr() : nullptr;
 }
 
+// The kernels read the state's two halves S and z in place and write them as two
+// outputs: no joined copy, and no host synchronisation anywhere in a call (the decay
+// range is checked on the device), so a decoding step is a single kernel launch.
 cuda::LinearAttentionArgs base_args(const LinearAttentionInputs& in, bool normalize, double scale,
-                                    double eps, const at::Tensor& state_in) {
+                                    double eps) {
   cuda::LinearAttentionArgs args{};
   args.geom = in.geom;
   args.feature_map = in.feature_map;
   args.normalize = normalize;
   args.scale = scale;
   args.eps = eps;
-  args.decay = in.decay.defined() ? in.decay.data_ptr() : nullptr;
+  args.decay = ptr_or_null(in.decay);
   args.q = in.q.data_ptr();
   args.k = in.k.data_ptr();
   args.v = in.v.data_ptr();
-  args.state_in = state_in.defined() ? state_in.data_ptr() : nullptr;
+  args.S_in = ptr_or_null(in.S0);
+  args.z_in = ptr_or_null(in.z0);
   return args;
 }
 
@@ -47,17 +45,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attenti
   const LinearAttentionGeometry& g = in.geom;
   const auto dtype = cuda_dtype(op, in.q);
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
-  const at::Tensor state_in = joined_state(in.S0, in.z0, g, acc);
   at::Tensor o = at::empty_like(in.v);
-  at::Tensor state_out = at::empty({g.B, g.H, g.Dk, g.Dv + 1}, acc);
+  at::Tensor S_T = at::empty({g.B, g.H, g.Dk, g.Dv}, acc);
+  at::Tensor z_T = at::empty({g.B, g.H, g.Dk}, acc);
   at::Tensor den = at::empty({g.B, g.H, g.T}, acc);
-  cuda::LinearAttentionArgs args = base_args(in, normalize, scale, eps, state_in);
+  cuda::LinearAttentionArgs args = base_args(in, normalize, scale, eps);
   args.o = o.data_ptr();
-  args.state_out = state_out.data_ptr();
+  args.S_out = S_T.data_ptr();
+  args.z_out = z_T.data_ptr();
   args.den = den.data_ptr();
   C10_CUDA_CHECK(cuda::linear_attention_forward(args, dtype, current_stream()));
-  return {o, state_out.narrow(-1, 0, g.Dv).contiguous(), state_out.select(-1, g.Dv).contiguous(),
-          den};
+  return {o, S_T, z_T, den};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -75,26 +73,26 @@ causal_linear_attention_backward_cuda(
   const LinearAttentionGeometry& g = in.geom;
   const auto dtype = cuda_dtype(op, in.q);
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
-  const at::Tensor state_in = joined_state(in.S0, in.z0, g, acc);
-  const at::Tensor grad_state = joined_state(gr.grad_S, gr.grad_z, g, acc);
   at::Tensor dq = at::empty_like(in.q), dk = at::empty_like(in.k), dv = at::empty_like(in.v);
-  at::Tensor grad_state_in = at::empty({g.B, g.H, g.Dk, g.Dv + 1}, acc);
+  at::Tensor dS0 = at::empty({g.B, g.H, g.Dk, g.Dv}, acc);
+  at::Tensor dz0 = at::empty({g.B, g.H, g.Dk}, acc);
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(cuda::linear_attention_workspace_bytes(g, dtype))},
       q.options().dtype(at::kByte));
-  cuda::LinearAttentionArgs args = base_args(in, normalize, scale, 0.0, state_in);
+  cuda::LinearAttentionArgs args = base_args(in, normalize, scale, 0.0);
   args.o = gr.o.data_ptr();
   args.den = gr.den.data_ptr();
   args.grad_o = gr.grad_o.data_ptr();
-  args.grad_state = grad_state.defined() ? grad_state.data_ptr() : nullptr;
+  args.grad_S = ptr_or_null(gr.grad_S);
+  args.grad_z = ptr_or_null(gr.grad_z);
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();
-  args.grad_state_in = grad_state_in.data_ptr();
+  args.grad_S_in = dS0.data_ptr();
+  args.grad_z_in = dz0.data_ptr();
   args.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::linear_attention_backward(args, dtype, current_stream()));
-  return {dq, dk, dv, grad_state_in.narrow(-1, 0, g.Dv).contiguous(),
-          grad_state_in.select(-1, g.Dv).contiguous()};
+  return {dq, dk, dv, dS0, dz0};
 }
 
 }  // namespace

@@ -66,7 +66,8 @@ GRADCHECK_CASES = [(f, n, d, s) for f in FEATURE_MAPS for n in (True, False)
 
 @pytest.mark.parametrize("feature_map,normalize,decay,state", GRADCHECK_CASES)
 def test_gradcheck_cpu_kernel(feature_map, normalize, decay, state):
-    # T = 67 crosses a chunk boundary of the CPU kernel (64 steps).
+    # T = 67 crosses a chunk boundary of the CPU forward (64 steps); the backward's
+    # chunks are 128 steps, crossed by the T = 131 and T = 150 cases above.
     B, T, H, Dk, Dv = 1, 67, 2, 3, 2
     inputs = make_inputs(B, T, H, Dk, Dv, feature_map=feature_map, normalize=normalize,
                          state=state, requires_grad=True)
@@ -114,6 +115,21 @@ def test_odd_sizes(device, shape):
     want_grads = torch.autograd.grad(want, (q, k, v, S0, z0), g)
     for got, ref in zip(got_grads, want_grads):
         assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_long_sequence_crosses_cpu_forward_segments():
+    # The CPU forward batches its chunk products over segments of a bounded scratch
+    # (64 Mi elements; about 7900 steps at Dk = Dv = 256 and one head): T = 8200 takes
+    # two, the carried state crossing between them.
+    B, T, H, D = 1, 8200, 1, 256
+    q, k, v, S0, z0 = make_inputs(B, T, H, D, D, feature_map="elu1", state=True)
+    kw = dict(feature_map="elu1", decay=torch.tensor([0.999], dtype=torch.float64),
+              initial_state=(S0, z0), return_state=True)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, **kw)
+    want, (S_ref, z_ref) = reference.causal_linear_attention_recurrent(q, k, v, **kw)
+    assert_close(o, want, rtol=1e-9, atol=1e-9)
+    assert_close(S, S_ref, rtol=1e-9, atol=1e-9)
+    assert_close(z, z_ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -266,6 +282,8 @@ def test_gradients_with_create_graph_work_and_double_backward_refuses():
      "initial_state S must be a floating point"),
 ])
 def test_bad_inputs(device, bad, match):
+    if device == "cuda" and match == "decay must lie in":
+        pytest.skip("CUDA checks the decay range on the device: test_cuda_bad_decay_gives_nan")
     args = dict(q=torch.zeros(2, 5, 2, 4), k=torch.zeros(2, 5, 2, 4), v=torch.zeros(2, 5, 2, 4))
     args.update(bad)
     args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()}
@@ -273,6 +291,19 @@ def test_bad_inputs(device, bad, match):
         args["initial_state"] = tuple(s.to(device) for s in args["initial_state"])
     with pytest.raises((RuntimeError, ValueError), match=match):
         seqfuse.causal_linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 70])  # the decoding kernel and the chunked one
+def test_cuda_bad_decay_gives_nan_in_its_head_only(T):
+    q, k, v, S0, z0 = make_inputs(2, T, 3, 16, 8, device="cuda", feature_map="elu1", state=True,
+                                  dtype=torch.float32)
+    decay = torch.tensor([0.9, 1.5, 0.0], device="cuda")
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", decay=decay,
+                                                initial_state=(S0.float(), z0.float()),
+                                                return_state=True)
+    assert torch.isnan(o[:, :, 1:]).all() and torch.isnan(S[:, 1:]).all() and torch.isnan(z[:, 1:]).all()
+    assert torch.isfinite(o[:, :, 0]).all() and torch.isfinite(S[:, 0]).all()
 
 
 @pytest.mark.cuda

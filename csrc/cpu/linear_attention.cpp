@@ -1,12 +1,24 @@
 // CPU causal linear attention, chunked (maths: csrc/common/linear_attention.h).
 //
-// Work items are (batch, head) pairs, run in parallel. Each walks its chunks of
-// kChunk steps carrying S' = [S, z] ([Dk, Dv+1]) in a scratch tile. A chunk's operands
-// (phi(Q), phi(K), V' = [V, 1], G) are gathered once into contiguous tiles in the
-// accumulation type, with the feature map applied on the way in; the tile products go
-// to ATen's matrix multiply (BLAS), the masks, decays and normaliser are plain loops.
-// The backward is a forward sweep (G and dq, re-deriving the carried state) followed
-// by a reverse sweep carrying W (dk, dv, and the gradient of the initial state).
+// Forward (T > 1), chunk-parallel: the intra-chunk products of every (batch, head,
+// chunk) do not depend on the carried state, so they run as a few batched matrix
+// products over all chunks at once (ATen's bmm: BLAS, threaded), and only the state
+// itself is carried, by a cheap elementwise scan over the chunk increments:
+//
+//   P_c = (phi(Q_c) phi(K_c)^T . M)      U_c = (diag(gamma^(n_c-1-s)) phi(K_c))^T V'_c
+//   X_0 = S'_0,   X_{c+1} = gamma^(n_c) X_c + U_c
+//   n'_c = scale (P_c V'_c + diag(gamma^(r+1)) phi(Q_c) X_c)
+//
+// Operands are gathered once into chunk tiles in the accumulation type, the feature
+// map and V' = [V, 1] applied on the way in; long sequences go through in segments
+// so the scratch stays bounded. This replaced one BLAS call per tile per head, whose
+// fixed cost dominated at D = 64. A decoding step (T = 1) is a plain loop per head.
+//
+// Backward: work items are (batch, head) pairs, run in parallel. Each walks its chunks
+// of kChunk steps carrying S' = [S, z] ([Dk, Dv+1]) in a scratch tile, with tile
+// products on ATen's matrix multiply: a forward sweep (G and dq, re-deriving the
+// carried state) then a reverse sweep carrying W (dk, dv, and the initial state's
+// gradient).
 #include "linear_attention.h"
 
 #include <ATen/ATen.h>
@@ -15,10 +27,11 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
-#include <vector>
 
 #include "dtype.h"
+#include "huge_pages.h"
 
 namespace seqfuse::cpu {
 namespace {
@@ -32,6 +45,14 @@ constexpr int64_t kChunk = 128;
 at::Tensor tile(const at::Tensor& buf, int64_t rows, int64_t cols, int64_t start = 0) {
   return buf.narrow(0, start, rows * cols).view({rows, cols});
 }
+
+// Forward chunk length: 64 rather than 128 halves the intra-chunk FLOPs per step
+// (2 C (Dk + Dv) of the 2 C (Dk + Dv) + 4 Dk Dv), now that the products are batched
+// and cost no fixed overhead per tile.
+constexpr int64_t kForwardChunk = 64;
+// Elements of forward scratch per segment (64 MiB in float): bounds the memory of long
+// sequences while keeping the batched products large.
+constexpr int64_t kSegmentElements = int64_t(1) << 24;
 
 // Scratch tiles of one thread, reused across its work items.
 struct Scratch {
@@ -60,38 +81,47 @@ struct Kernel {
   const scalar_t *q, *k, *v;
   const acc_t *decay, *S0, *z0;
 
+  // gamma^0 .. gamma^(kChunk + 1): every exponent a chunk of either pass uses.
+  using Powers = std::array<acc_t, kChunk + 2>;
+
   int64_t dv1() const { return geo.Dv + 1; }
 
   // phi(x) for n steps of one head, from [B, T, H, D] rows into a contiguous [n, D] tile.
-  void gather_feature(const scalar_t* x, int64_t D, int64_t n, const at::Tensor& out) const {
-    acc_t* dst = out.data_ptr<acc_t>();
+  void gather_feature(const scalar_t* x, int64_t D, int64_t n, acc_t* dst) const {
     for (int64_t r = 0; r < n; ++r, x += geo.H * D, dst += D) {
       for (int64_t d = 0; d < D; ++d) dst[d] = feature<F>(acc_t(x[d]));
     }
   }
+  void gather_feature(const scalar_t* x, int64_t D, int64_t n, const at::Tensor& out) const {
+    gather_feature(x, D, n, out.data_ptr<acc_t>());
+  }
 
   // V' = [V, 1] for n steps starting at v_row.
-  void gather_values(const scalar_t* v_row, int64_t n, const at::Tensor& out) const {
-    acc_t* dst = out.data_ptr<acc_t>();
+  void gather_values(const scalar_t* v_row, int64_t n, acc_t* dst) const {
     for (int64_t r = 0; r < n; ++r, v_row += geo.H * geo.Dv, dst += dv1()) {
       for (int64_t c = 0; c < geo.Dv; ++c) dst[c] = acc_t(v_row[c]);
       dst[geo.Dv] = acc_t(1);
     }
   }
+  void gather_values(const scalar_t* v_row, int64_t n, const at::Tensor& out) const {
+    gather_values(v_row, n, out.data_ptr<acc_t>());
+  }
 
-  // The intra-chunk mask M_rs = gamma^(r-s) for s <= r, 0 above the diagonal.
-  static void mask(const at::Tensor& p, const std::vector<acc_t>& gpow) {
-    const int64_t n = p.size(0);
-    acc_t* x = p.data_ptr<acc_t>();
+  // The intra-chunk mask M_rs = gamma^(r-s) for s <= r, 0 above the diagonal, on an
+  // [n, n] tile.
+  void mask(acc_t* x, int64_t n, const Powers& gpow) const {
     for (int64_t r = 0; r < n; ++r) {
-      for (int64_t s = 0; s <= r; ++s) x[r * n + s] *= gpow[r - s];
+      if (decay) {
+        for (int64_t s = 0; s <= r; ++s) x[r * n + s] *= gpow[r - s];
+      }
       std::fill(x + r * n + r + 1, x + (r + 1) * n, acc_t(0));
     }
   }
+  void mask(const at::Tensor& p, const Powers& gpow) const { mask(p.data_ptr<acc_t>(), p.size(0), gpow); }
 
   // diag(gamma^(e_r)) X with e_r = r + 1 (reading the carried state) or n - 1 - r
   // (writing it); X itself when there is no decay.
-  at::Tensor decayed(const at::Tensor& x, bool into_state, const std::vector<acc_t>& gpow,
+  at::Tensor decayed(const at::Tensor& x, bool into_state, const Powers& gpow,
                      const at::Tensor& buf) const {
     if (!decay) return x;
     const int64_t n = x.size(0), cols = x.size(1);
@@ -105,8 +135,9 @@ struct Kernel {
     return out;
   }
 
-  std::vector<acc_t> powers(int64_t h) const {
-    std::vector<acc_t> gpow(kChunk + 2, acc_t(1));
+  Powers powers(int64_t h) const {
+    Powers gpow;
+    gpow[0] = acc_t(1);
     const acc_t gamma = decay ? decay[h] : acc_t(1);
     for (size_t i = 1; i < gpow.size(); ++i) gpow[i] = gpow[i - 1] * gamma;
     return gpow;
@@ -135,7 +166,7 @@ struct Kernel {
 
   // S' <- gamma^n S' + (diag(gamma^(n-1-s)) phi(K))^T V'
   void advance_state(at::Tensor& state, const at::Tensor& kf, const at::Tensor& vp,
-                     const std::vector<acc_t>& gpow, Scratch& s) const {
+                     const Powers& gpow, Scratch& s) const {
     state.addmm_(decayed(kf, true, gpow, s.rows).t(), vp, gpow[kf.size(0)], 1);
   }
 
@@ -170,35 +201,123 @@ struct Kernel {
     store_state(state, bh, S_T, z_T);
   }
 
-  void forward(int64_t bh, Scratch& s, scalar_t* o, at::Tensor& S_T, at::Tensor& z_T,
-               acc_t* den) const {
-    if (geo.T == 1) return forward_step(bh, s, o, S_T, z_T, den);
-    const int64_t b = bh / geo.H, h = bh % geo.H, Dk = geo.Dk, Dv = geo.Dv;
-    const auto gpow = powers(h);
-    at::Tensor state = tile(s.state, Dk, dv1());
-    load_state(S0, z0, bh, state);
-    for (int64_t t0 = 0; t0 < geo.T; t0 += kChunk) {
-      const int64_t n = std::min(kChunk, geo.T - t0);
-      at::Tensor qf = tile(s.qf, n, Dk), kf = tile(s.kf, n, Dk), vp = tile(s.vp, n, dv1());
-      at::Tensor p = tile(s.p, n, n), num = tile(s.n, n, dv1());
-      gather_feature(q + geo.qk_offset(b, t0, h), Dk, n, qf);
-      gather_feature(k + geo.qk_offset(b, t0, h), Dk, n, kf);
-      gather_values(v + geo.v_offset(b, t0, h), n, vp);
-      at::mm_out(p, qf, kf.t());
-      mask(p, gpow);
-      at::mm_out(num, p, vp);
-      num.addmm_(decayed(qf, false, gpow, s.rows), state);
-      const acc_t* nr = num.data_ptr<acc_t>();
-      for (int64_t r = 0; r < n; ++r, nr += dv1()) {
-        const acc_t d = acc_t(opt.scale) * nr[Dv] + acc_t(opt.eps);
-        den[bh * geo.T + t0 + r] = d;
-        const acc_t f = opt.normalize ? acc_t(opt.scale) / d : acc_t(opt.scale);
-        scalar_t* out = o + geo.v_offset(b, t0 + r, h);
-        for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(nr[c] * f);
-      }
-      advance_state(state, kf, vp, gpow, s);
+  // The forward for T > 1 over all (batch, head) pairs: see the top of this file.
+  // Chunk tiles are laid out chunk-major, [chunks][B * H][rows][cols], so that a
+  // shorter last segment is a prefix of the buffers.
+  void forward_chunked(scalar_t* o, at::Tensor& S_T, at::Tensor& z_T, acc_t* den) const {
+    const int64_t BH = geo.B * geo.H, Dk = geo.Dk, Dv1 = dv1(), T = geo.T;
+    if (BH == 0) return;
+    const int64_t C = std::max<int64_t>(1, std::min(kForwardChunk, T));
+    const int64_t per_chunk = BH * (C * (2 * Dk + 2 * Dv1 + C) + Dk * Dv1);
+    const int64_t max_chunks = std::max<int64_t>(1, kSegmentElements / per_chunk);
+    const int64_t nc = std::min(max_chunks, (T + C - 1) / C);
+    // One allocation carved into the tiles (64-byte aligned), advised onto huge pages
+    // before its first touch: at tens of MB, first-touch faults of 4 KiB pages cost
+    // about as much as the products themselves.
+    const int64_t items_max = nc * BH, align = 64 / int64_t(sizeof(acc_t));
+    const std::array<std::array<int64_t, 3>, 7> shapes = {{{items_max, C, Dk}, {items_max, C, Dk},
+        {items_max, C, Dv1}, {items_max, C, C}, {items_max, C, Dv1}, {items_max, Dk, Dv1}, {BH, Dk, Dv1}}};
+    int64_t total = 0;
+    for (const auto& sh : shapes) total += (sh[0] * sh[1] * sh[2] + align - 1) / align * align;
+    const at::Tensor scratch = at::empty({total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    advise_huge_pages(scratch);
+    int64_t used = 0;
+    auto carve = [&](int which) {
+      const auto& sh = shapes[which];
+      at::Tensor t = scratch.narrow(0, used, sh[0] * sh[1] * sh[2]).view({sh[0], sh[1], sh[2]});
+      used += (sh[0] * sh[1] * sh[2] + align - 1) / align * align;
+      return t;
+    };
+    const at::Tensor qf = carve(0), kf = carve(1), vp = carve(2), p = carve(3), num = carve(4);
+    const at::Tensor upd = carve(5), state = carve(6);
+    for (int64_t bh = 0; bh < BH; ++bh) load_state(S0, z0, bh, state[bh]);
+    // Chunk tiles are a few tens of kFLOP to a few MFLOP each.
+    const int64_t grain = std::max<int64_t>(1, 4096 / (C * (Dk + Dv1)));
+
+    for (int64_t t0 = 0; t0 < T; t0 += nc * C) {
+      const int64_t chunks = std::min(nc, (T - t0 + C - 1) / C), items = chunks * BH;
+      // Steps of chunk c of this segment (the last one may be short; rows past it are
+      // zero, so they add nothing to any product).
+      auto steps = [&](int64_t c) { return std::min(C, T - t0 - c * C); };
+      acc_t *qf_p = qf.data_ptr<acc_t>(), *kf_p = kf.data_ptr<acc_t>(), *vp_p = vp.data_ptr<acc_t>();
+      acc_t *p_p = p.data_ptr<acc_t>(), *num_p = num.data_ptr<acc_t>(), *upd_p = upd.data_ptr<acc_t>();
+
+      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = i / BH, bh = i % BH, b = bh / geo.H, h = bh % geo.H, n = steps(c);
+          const int64_t t = t0 + c * C;
+          gather_feature(q + geo.qk_offset(b, t, h), Dk, n, qf_p + i * C * Dk);
+          gather_feature(k + geo.qk_offset(b, t, h), Dk, n, kf_p + i * C * Dk);
+          gather_values(v + geo.v_offset(b, t, h), n, vp_p + i * C * Dv1);
+          std::fill(qf_p + (i * C + n) * Dk, qf_p + (i + 1) * C * Dk, acc_t(0));
+          std::fill(kf_p + (i * C + n) * Dk, kf_p + (i + 1) * C * Dk, acc_t(0));
+          std::fill(vp_p + (i * C + n) * Dv1, vp_p + (i + 1) * C * Dv1, acc_t(0));
+        }
+      });
+      const at::Tensor qf_s = qf.narrow(0, 0, items), kf_s = kf.narrow(0, 0, items);
+      const at::Tensor vp_s = vp.narrow(0, 0, items);
+      at::Tensor p_s = p.narrow(0, 0, items), num_s = num.narrow(0, 0, items), upd_s = upd.narrow(0, 0, items);
+      at::bmm_out(p_s, qf_s, kf_s.transpose(1, 2));
+
+      // The mask on P; with decay, phi(Q) and phi(K) then take the factors of the
+      // carry-in read and of the state update (P has been formed from them already).
+      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const auto gpow = powers(i % BH % geo.H);
+          mask(p_p + i * C * C, C, gpow);
+          if (!decay) continue;
+          const int64_t n = steps(i / BH);
+          for (int64_t r = 0; r < n; ++r) {
+            scale_row(qf_p + (i * C + r) * Dk, Dk, gpow[r + 1]);
+            scale_row(kf_p + (i * C + r) * Dk, Dk, gpow[n - 1 - r]);
+          }
+        }
+      });
+      at::bmm_out(num_s, p_s, vp_s);
+      at::bmm_out(upd_s, kf_s.transpose(1, 2), vp_s);
+
+      // The scan: U_c becomes X_c, the carry-in of chunk c, and the state moves on.
+      at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const auto gpow = powers(bh % geo.H);
+          acc_t* x = state.data_ptr<acc_t>() + bh * Dk * Dv1;
+          for (int64_t c = 0; c < chunks; ++c) {
+            const acc_t g = gpow[steps(c)];
+            acc_t* u = upd_p + (c * BH + bh) * Dk * Dv1;
+            for (int64_t e = 0; e < Dk * Dv1; ++e) {
+              const acc_t inc = u[e];
+              u[e] = x[e];
+              x[e] = g * x[e] + inc;
+            }
+          }
+        }
+      });
+      num_s.baddbmm_(qf_s, upd_s);
+
+      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = i / BH, bh = i % BH;
+          write_outputs(num_p + i * C * Dv1, bh, t0 + c * C, steps(c), o, den);
+        }
+      });
     }
-    store_state(state, bh, S_T, z_T);
+    for (int64_t bh = 0; bh < BH; ++bh) store_state(state[bh], bh, S_T, z_T);
+  }
+
+  // o and den of n steps from t0 out of their rows n' = [num, den - eps] / scale.
+  void write_outputs(const acc_t* nr, int64_t bh, int64_t t0, int64_t n, scalar_t* o, acc_t* den) const {
+    const int64_t b = bh / geo.H, h = bh % geo.H, Dv = geo.Dv;
+    for (int64_t r = 0; r < n; ++r, nr += dv1()) {
+      const acc_t d = acc_t(opt.scale) * nr[Dv] + acc_t(opt.eps);
+      den[bh * geo.T + t0 + r] = d;
+      const acc_t f = opt.normalize ? acc_t(opt.scale) / d : acc_t(opt.scale);
+      scalar_t* out = o + geo.v_offset(b, t0 + r, h);
+      for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(nr[c] * f);
+    }
+  }
+
+  static void scale_row(acc_t* x, int64_t n, acc_t f) {
+    for (int64_t j = 0; j < n; ++j) x[j] *= f;
   }
 
   // G rows for n steps from t0: [do / den, -(do . o) / den] or [do, 0].
@@ -306,6 +425,25 @@ void dispatch_feature_map(FeatureMap f, Fn&& fn) {
   }
 }
 
+// Calls fn(kernel) with the kernel for the runtime dtype and feature map.
+template <typename Fn>
+void with_kernel(const LinearAttentionGeometry& geo, const LinearAttentionOptions& opt,
+                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_cpu", [&] {
+    using storage_t = typename Types<scalar_t>::storage;
+    using acc_t = typename Types<scalar_t>::acc;
+    dispatch_feature_map(opt.feature_map, [&](auto fm) {
+      fn(Kernel<decltype(fm)::value, storage_t, acc_t>{
+          geo, opt,
+          reinterpret_cast<const storage_t*>(q.data_ptr()),
+          reinterpret_cast<const storage_t*>(k.data_ptr()),
+          reinterpret_cast<const storage_t*>(v.data_ptr()),
+          optional_ptr<acc_t>(decay), optional_ptr<acc_t>(S0), optional_ptr<acc_t>(z0)});
+    });
+  });
+}
+
 // Runs item(kernel, bh, scratch) for every (batch, head) in parallel, with ATen's
 // autograd machinery switched off for the scratch products.
 template <typename Item>
@@ -313,26 +451,17 @@ void for_each_head(const LinearAttentionGeometry& geo, const LinearAttentionOpti
                    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
                    bool backward, const Item& item) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_cpu", [&] {
-    using storage_t = typename Types<scalar_t>::storage;
-    using acc_t = typename Types<scalar_t>::acc;
-    dispatch_feature_map(opt.feature_map, [&](auto fm) {
-      const Kernel<decltype(fm)::value, storage_t, acc_t> kernel{
-          geo, opt,
-          reinterpret_cast<const storage_t*>(q.data_ptr()),
-          reinterpret_cast<const storage_t*>(k.data_ptr()),
-          reinterpret_cast<const storage_t*>(v.data_ptr()),
-          optional_ptr<acc_t>(decay), optional_ptr<acc_t>(S0), optional_ptr<acc_t>(z0)};
-      const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-      // Heads with little work (decoding, T = 1) run on the calling thread: waking the
-      // pool costs more than they do.
-      const int64_t work = std::max<int64_t>(1, geo.T * (geo.Dk + 1) * (geo.Dv + 1));
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work);
-      at::parallel_for(0, geo.B * geo.H, grain, [&](int64_t begin, int64_t end) {
-        c10::InferenceMode guard;
-        Scratch scratch(geo, acc, backward);
-        for (int64_t bh = begin; bh < end; ++bh) item(kernel, bh, scratch);
-      });
+  with_kernel(geo, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
+    using acc_t = typename std::decay_t<decltype(kernel)>::acc_type;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    // Heads with little work (decoding, T = 1) run on the calling thread: waking the
+    // pool costs more than they do.
+    const int64_t work = std::max<int64_t>(1, geo.T * (geo.Dk + 1) * (geo.Dv + 1));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work);
+    at::parallel_for(0, geo.B * geo.H, grain, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode guard;
+      Scratch scratch(geo, acc, backward);
+      for (int64_t bh = begin; bh < end; ++bh) item(kernel, bh, scratch);
     });
   });
 }
@@ -348,11 +477,19 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
                               at::Tensor& o, at::Tensor& S_T, at::Tensor& z_T, at::Tensor& den) {
-  for_each_head(g, opt, q, k, v, decay, S0, z0, false, [&](const auto& kernel, int64_t bh, Scratch& s) {
+  if (g.T == 1) {
+    for_each_head(g, opt, q, k, v, decay, S0, z0, false, [&](const auto& kernel, int64_t bh, Scratch& s) {
+      using K = std::decay_t<decltype(kernel)>;
+      kernel.forward_step(bh, s, ptr_of<typename K::storage_type>(o), S_T, z_T,
+                          ptr_of<typename K::acc_type>(den));
+    });
+    return;
+  }
+  with_kernel(g, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
     using K = std::decay_t<decltype(kernel)>;
-    using storage_t = typename K::storage_type;
-    using acc_t = typename K::acc_type;
-    kernel.forward(bh, s, ptr_of<storage_t>(o), S_T, z_T, ptr_of<acc_t>(den));
+    c10::InferenceMode guard;
+    kernel.forward_chunked(ptr_of<typename K::storage_type>(o), S_T, z_T,
+                           ptr_of<typename K::acc_type>(den));
   });
 }
 

@@ -61,6 +61,33 @@ __device__ __forceinline__ T apply_feature_grad(FeatureMap f, T x) {
   }
 }
 
+// gamma of head h: 1 without decay; NaN when outside (0, 1], so that a bad factor
+// shows in every output of its head instead of costing a host synchronisation per
+// call to check.
+template <typename acc_t>
+__device__ __forceinline__ acc_t head_decay(const acc_t* decay, int64_t h) {
+  if (!decay) return acc_t(1);
+  const acc_t gamma = decay[h];
+  return gamma > acc_t(0) && gamma <= acc_t(1) ? gamma : acc_t(NAN);
+}
+
+// A state S' = [S, z] ([Dk, Dv+1] per (b, h)) kept as its two tensors S [B*H, Dk, Dv]
+// and z [B*H, Dk]; a pass sees it as X = S' or, `transposed`, X = S'^T. Null halves
+// read as zeros (and are not written).
+template <typename Ptr>
+struct StateView {
+  Ptr S, z;
+  bool transposed;
+
+  // The element of S' behind X[i][j] of head bh, or null.
+  __device__ __forceinline__ Ptr at(const LinearAttentionGeometry& g, int64_t bh, int64_t i,
+                                    int64_t j) const {
+    const int64_t d = transposed ? j : i, c = transposed ? i : j;
+    if (c < g.Dv) return S ? S + (bh * g.Dk + d) * g.Dv + c : nullptr;
+    return z ? z + bh * g.Dk + d : nullptr;
+  }
+};
+
 enum class Source : int { Feature, Values, Dense };
 
 // One operand of a pass, read as rows of `width` numbers per (b, h, t):
@@ -102,9 +129,8 @@ struct Pass {
   int off;
   acc_t alpha, beta, kappa;  // kappa is multiplied by gamma when off == 0
   const acc_t* decay;
-  const acc_t* x0;    // [B*H] blocks of X_0 at (i, j) -> i * x_rs + j * x_cs, or null
-  acc_t* x_out;       // the final X, same layout, or null
-  int64_t x_bh, x_rs, x_cs;
+  StateView<const acc_t*> x0;  // X_0 (zeros where null)
+  StateView<acc_t*> x_out;     // the final X (not written where null)
   Epilogue epilogue;
   int64_t out_cols;   // columns of the output written
   scalar_t* out;      // [B, T, H, out_cols]
@@ -177,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   const int64_t bh = bh32, c0 = int64_t(blockIdx.x % tiles) * kCols;
   const int64_t bi = bh32 / heads, h = bh32 % heads;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const acc_t gamma = ps.decay ? ps.decay[h] : acc_t(1);
+  const acc_t gamma = head_decay(ps.decay, h);
   const acc_t kappa = ps.off == 0 ? ps.kappa * gamma : ps.kappa;
 
   if (tid == 0) {
@@ -186,7 +212,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   }
   for (int idx = tid; idx < Da * ldc; idx += kThreads) {
     const int64_t i = idx / ldc, col = ps.column(c0, idx % ldc);
-    X[idx] = ps.x0 && col >= 0 ? ps.x0[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] : acc_t(0);
+    const acc_t* x0 = col >= 0 ? ps.x0.at(g, bh, i, col) : nullptr;
+    X[idx] = x0 ? *x0 : acc_t(0);
   }
 
   for (int64_t p0 = 0; p0 < g.T; p0 += kChunk) {
@@ -268,14 +295,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
 
   // Every column tile carries the ones column; the first one stores it, so no two
   // blocks write the same element.
-  if (ps.x_out) {
+  if (ps.x_out.S || ps.x_out.z) {
     __syncthreads();
     for (int idx = tid; idx < Da * ldc; idx += kThreads) {
       const int j = idx % ldc;
       const int64_t i = idx / ldc, col = ps.column(c0, j);
-      if (col >= 0 && (j < kCols || c0 == 0)) {
-        ps.x_out[bh * ps.x_bh + i * ps.x_rs + col * ps.x_cs] = X[idx];
-      }
+      acc_t* out = col >= 0 && (j < kCols || c0 == 0) ? ps.x_out.at(g, bh, i, col) : nullptr;
+      if (out) *out = X[idx];
     }
   }
 }
@@ -283,13 +309,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
 // One decoding step (T = 1) of the forward pass: S' <- gamma S' + phi(k) [v, 1]^T,
 // o = scale phi(q)^T S' (/ den). A block owns one (b, h) and kCols columns (plus the
 // ones column); lane = column, warps split the Dk rows, so the state is read and
-// written once, coalesced, and never staged in shared memory.
+// written once, coalesced, and never staged in shared memory. S and z are read and
+// written as the caller's two tensors: the step is this one launch and nothing else.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) decode_kernel(LinearAttentionArgs args, unsigned tiles) {
   using acc_t = acc_of<scalar_t>;
   __shared__ acc_t partial[kWarps][kCols + 1];
   const LinearAttentionGeometry& g = args.geom;
-  const int64_t Dv1 = g.Dv + 1;
   const unsigned bh32 = blockIdx.x / tiles;
   const int64_t bh = bh32, c0 = int64_t(blockIdx.x % tiles) * kCols;
   const int64_t h = bh32 % unsigned(g.H);
@@ -297,11 +323,13 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(LinearAttentionArgs ar
   const auto* q = static_cast<const scalar_t*>(args.q) + bh * g.Dk;  // T = 1: row (b, 0, h)
   const auto* k = static_cast<const scalar_t*>(args.k) + bh * g.Dk;
   const auto* v = static_cast<const scalar_t*>(args.v) + bh * g.Dv;
-  const auto* s_in = static_cast<const acc_t*>(args.state_in);
-  auto* s_out = static_cast<acc_t*>(args.state_out) + bh * g.Dk * Dv1;
-  const acc_t gamma = args.decay ? static_cast<const acc_t*>(args.decay)[h] : acc_t(1);
+  const auto* S_in = static_cast<const acc_t*>(args.S_in);
+  const auto* z_in = static_cast<const acc_t*>(args.z_in);
+  auto* S_out = static_cast<acc_t*>(args.S_out) + bh * g.Dk * g.Dv;
+  auto* z_out = static_cast<acc_t*>(args.z_out) + bh * g.Dk;
+  const acc_t gamma = head_decay(static_cast<const acc_t*>(args.decay), h);
 
-  // Columns lane (c0 + lane) and, for lane 0, the ones column.
+  // Columns lane (c0 + lane) and, for lane 0, the ones column (z).
   const int64_t col = c0 + lane;
   const bool live = col < g.Dv;
   const acc_t v_col = live ? to_acc(v[col]) : acc_t(0);
@@ -309,15 +337,15 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(LinearAttentionArgs ar
   for (int64_t i = warp; i < g.Dk; i += kWarps) {
     const acc_t qf = apply_feature(args.feature_map, to_acc(q[i]));
     const acc_t kf = apply_feature(args.feature_map, to_acc(k[i]));
-    const int64_t row = (bh * g.Dk + i) * Dv1;
+    const int64_t row = bh * g.Dk + i;
     if (live) {
-      const acc_t s = gamma * (s_in ? s_in[row + col] : acc_t(0)) + kf * v_col;
-      s_out[i * Dv1 + col] = s;
+      const acc_t s = gamma * (S_in ? S_in[row * g.Dv + col] : acc_t(0)) + kf * v_col;
+      S_out[i * g.Dv + col] = s;
       acc_v += qf * s;
     }
     if (lane == 0) {
-      const acc_t z = gamma * (s_in ? s_in[row + g.Dv] : acc_t(0)) + kf;
-      if (c0 == 0) s_out[i * Dv1 + g.Dv] = z;
+      const acc_t z = gamma * (z_in ? z_in[row] : acc_t(0)) + kf;
+      if (c0 == 0) z_out[i] = z;
       acc_z += qf * z;
     }
   }
@@ -378,18 +406,18 @@ Operand<scalar_t> dense_operand(const void* G, int64_t width) {
   return {Source::Dense, nullptr, static_cast<const acc_of<scalar_t>*>(G), width};
 }
 
-// A pass with the geometry, decay and the state layout [B*H][Dk][Dv+1] filled in;
-// `transposed` reads and writes X as the transpose of that layout.
+// A pass with the geometry and decay filled in, reading and writing its state X as
+// S' (or, transposed, S'^T) from the given halves.
 template <typename scalar_t>
-Pass<scalar_t> base_pass(const LinearAttentionArgs& args, bool transposed) {
+Pass<scalar_t> base_pass(const LinearAttentionArgs& args, bool transposed, const void* S0,
+                         const void* z0, void* S_out, void* z_out) {
   using acc_t = acc_of<scalar_t>;
   Pass<scalar_t> ps{};
   ps.geom = args.geom;
   ps.feature_map = args.feature_map;
   ps.decay = static_cast<const acc_t*>(args.decay);
-  ps.x_bh = args.geom.Dk * (args.geom.Dv + 1);
-  ps.x_rs = transposed ? 1 : args.geom.Dv + 1;
-  ps.x_cs = transposed ? args.geom.Dv + 1 : 1;
+  ps.x0 = {static_cast<const acc_t*>(S0), static_cast<const acc_t*>(z0), transposed};
+  ps.x_out = {static_cast<acc_t*>(S_out), static_cast<acc_t*>(z_out), transposed};
   ps.normalize = args.normalize;
   ps.eps = acc_t(args.eps);
   return ps;
@@ -434,7 +462,7 @@ cudaError_t forward(const LinearAttentionArgs& args, cudaStream_t stream) {
     decode_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(args, unsigned(tiles));
     return cudaGetLastError();
   }
-  Pass<scalar_t> ps = base_pass<scalar_t>(args, false);
+  Pass<scalar_t> ps = base_pass<scalar_t>(args, false, args.S_in, args.z_in, args.S_out, args.z_out);
   ps.a = feature_operand<scalar_t>(args.q, g.Dk);
   ps.b = feature_operand<scalar_t>(args.k, g.Dk);
   ps.c = values_operand<scalar_t>(args.v, g.Dv);
@@ -444,8 +472,6 @@ cudaError_t forward(const LinearAttentionArgs& args, cudaStream_t stream) {
   ps.off = 1;
   ps.alpha = ps.beta = acc_t(args.scale);
   ps.kappa = 1;
-  ps.x0 = static_cast<const acc_t*>(args.state_in);
-  ps.x_out = static_cast<acc_t*>(args.state_out);
   ps.epilogue = Epilogue::Normalize;
   ps.out_cols = g.Dv;
   ps.out = static_cast<scalar_t*>(args.o);
@@ -466,9 +492,8 @@ cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const acc_t scale = acc_t(args.scale);
-  const auto* W = static_cast<const acc_t*>(args.grad_state);
 
-  Pass<scalar_t> dq = base_pass<scalar_t>(args, true);
+  Pass<scalar_t> dq = base_pass<scalar_t>(args, true, args.S_in, args.z_in, nullptr, nullptr);
   dq.a = dense_operand<scalar_t>(args.workspace, g.Dv + 1);
   dq.b = values_operand<scalar_t>(args.v, g.Dv);
   dq.c = feature_operand<scalar_t>(args.k, g.Dk);
@@ -477,13 +502,13 @@ cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
   dq.off = 1;
   dq.alpha = dq.beta = scale;
   dq.kappa = 1;
-  dq.x0 = static_cast<const acc_t*>(args.state_in);
   dq.epilogue = Epilogue::FeatureGrad;
   dq.out_cols = g.Dk;
   dq.out = static_cast<scalar_t*>(args.dq);
   dq.fx = static_cast<const scalar_t*>(args.q);
 
-  Pass<scalar_t> dv = base_pass<scalar_t>(args, false);
+  Pass<scalar_t> dv = base_pass<scalar_t>(args, false, args.grad_S, args.grad_z, args.grad_S_in,
+                                         args.grad_z_in);
   dv.a = feature_operand<scalar_t>(args.k, g.Dk);
   dv.b = feature_operand<scalar_t>(args.q, g.Dk);
   dv.c = dense_operand<scalar_t>(args.workspace, g.Dv + 1);
@@ -493,13 +518,11 @@ cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
   dv.off = 0;
   dv.alpha = dv.kappa = scale;
   dv.beta = 1;
-  dv.x0 = W;
-  dv.x_out = static_cast<acc_t*>(args.grad_state_in);
   dv.epilogue = Epilogue::Plain;
   dv.out_cols = g.Dv;
   dv.out = static_cast<scalar_t*>(args.dv);
 
-  Pass<scalar_t> dk = base_pass<scalar_t>(args, true);
+  Pass<scalar_t> dk = base_pass<scalar_t>(args, true, args.grad_S, args.grad_z, nullptr, nullptr);
   dk.a = values_operand<scalar_t>(args.v, g.Dv);
   dk.b = dense_operand<scalar_t>(args.workspace, g.Dv + 1);
   dk.c = feature_operand<scalar_t>(args.q, g.Dk);
@@ -509,7 +532,6 @@ cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
   dk.off = 0;
   dk.alpha = dk.kappa = scale;
   dk.beta = 1;
-  dk.x0 = W;
   dk.epilogue = Epilogue::FeatureGrad;
   dk.out_cols = g.Dk;
   dk.out = static_cast<scalar_t*>(args.dk);

@@ -37,6 +37,9 @@ def causal_linear_attention(
             (see ``seqfuse.nn.CausalLinearAttention``) with ``"identity"`` here.
         normalize: divide by ``scale phi(q_i)^T z_i + eps``.
         decay: per-head factor gamma, ``[H]`` in (0, 1] (None: 1). Not differentiated.
+            Out of range is a ValueError on CPU; on CUDA it is not checked on the host
+            (that would synchronise every call, every decoding step): the head's
+            outputs and state come out NaN instead.
         scale: defaults to ``Dk ** -0.5``.
         initial_state: ``(S [B, H, Dk, Dv], z [B, H, Dk])``, the state before step 0;
             differentiable.
