@@ -11,8 +11,11 @@
 //
 // Operands are gathered once into chunk tiles in the accumulation type, the feature
 // map and V' = [V, 1] applied on the way in; long sequences go through in segments
-// so the scratch stays bounded. This replaced one BLAS call per tile per head, whose
-// fixed cost dominated at D = 64. A decoding step (T = 1) is a plain loop per head.
+// so the scratch stays bounded. A decoding step (T = 1) is a plain loop per head.
+// Measured at B=2, H=8, T=1024, D=64 (2 cores): about 5% faster than one BLAS call per
+// tile per head; the products are now under half the time, the rest being the scalar
+// element loops (elu's exp above all), which GCC does not vectorise under the default
+// -ftrapping-math.
 //
 // Backward: work items are (batch, head) pairs, run in parallel. Each walks its chunks
 // of kChunk steps carrying S' = [S, z] ([Dk, Dv+1]) in a scratch tile, with tile
@@ -47,8 +50,8 @@ at::Tensor tile(const at::Tensor& buf, int64_t rows, int64_t cols, int64_t start
 }
 
 // Forward chunk length: 64 rather than 128 halves the intra-chunk FLOPs per step
-// (2 C (Dk + Dv) of the 2 C (Dk + Dv) + 4 Dk Dv), now that the products are batched
-// and cost no fixed overhead per tile.
+// (2 C (Dk + Dv) of the 2 C (Dk + Dv) + 4 Dk Dv); batched, the smaller tiles cost
+// no extra calls.
 constexpr int64_t kForwardChunk = 64;
 // Elements of forward scratch per segment (64 MiB in float): bounds the memory of long
 // sequences while keeping the batched products large.
