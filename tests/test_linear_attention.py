@@ -16,9 +16,13 @@ FEATURE_MAPS = ["identity", "elu1", "relu"]
 def make_inputs(B, T, H, Dk, Dv, *, dtype=torch.float64, device="cpu", feature_map="identity",
                 normalize=True, state=False, requires_grad=False):
     """q, k, v and an optional initial state; identity with normalize gets positive q, k
-    so the normaliser stays away from zero."""
-    draw = (lambda *s: torch.rand(*s, dtype=torch.float64) + 0.2) if (
-        feature_map == "identity" and normalize) else (lambda *s: torch.randn(*s, dtype=torch.float64))
+    so the normaliser stays away from zero, and relu gets q, k at least 0.1 from its kink
+    (near it, finite differences step across the kink and small normalisers amplify it)."""
+    def draw(*s):
+        if feature_map == "identity" and normalize:
+            return torch.rand(*s, dtype=torch.float64) + 0.2
+        x = torch.randn(*s, dtype=torch.float64)
+        return x.sign() * (x.abs() + 0.1) if feature_map == "relu" else x
     q, k = draw(B, T, H, Dk), draw(B, T, H, Dk)
     v = torch.randn(B, T, H, Dv, dtype=torch.float64)
     tensors = [q, k, v]
