@@ -439,3 +439,25 @@ def test_cuda_decode_step_matches_full_sequence():
                                                    return_state=True)
         outs.append(o)
     assert_close(torch.cat(outs, 1), whole)
+
+
+def test_elu1_feature_map_float32_is_exact_to_two_ulp():
+    # The float32 forward computes elu1 with its own vector exp (csrc/cpu/vec_math.cpp).
+    # With v = [1, 0] over T = 2 and no decay, the final state S[d] is phi(k[0, d])
+    # itself, so every feature value can be read back and compared with float64.
+    special = torch.tensor([float("nan"), float("-inf"), -0.0, 0.0, 1e-30, -1e-30, -1e-7,
+                            -87.3, -87.34, -88.0, -103.0, -104.0, 88.0, 1e30])
+    x = torch.cat([special, torch.linspace(-100.0, 10.0, 256 - len(special))])
+    x = x[torch.randperm(len(x))]  # lanes of every position in the vector body
+    k = torch.stack([x, torch.zeros_like(x)]).view(1, 2, 1, 256)
+    q = torch.randn(1, 2, 1, 256)
+    v = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    _, (S, _) = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", normalize=False,
+                                                return_state=True)
+    got = S.view(256).double()
+    x64 = x.double()
+    want = torch.where(x64 > 0, x64 + 1, x64.exp())
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = ~want.isnan()
+    # 2 ulp relative, and results below float32's normal range (e^-87.33) may flush to 0.
+    torch.testing.assert_close(got[ok], want[ok], rtol=2 * 2.0**-23, atol=1.2e-38)
