@@ -210,6 +210,26 @@ def test_low_precision_dtypes(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_float32_elu1_backward_matches_reference(device, normalize):
+    # float32 takes its own feature-map paths (vector exp in the forward and in phi').
+    q, k, v = make_inputs(2, 150, 3, 64, 40, device=device, feature_map="elu1",
+                          dtype=torch.float32, requires_grad=True)
+    out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", normalize=normalize)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = reference.causal_linear_attention(*wide, feature_map="elu1", normalize=normalize)
+    up = torch.randn_like(want)
+    # Sums of T * D float32 products: the error is relative to their size, not to each
+    # (possibly cancelled) result.
+    def close(got, ref):
+        assert_close(got, ref, dtype=torch.float32, atol=1e-5 * ref.abs().max().item())
+    close(out, want)
+    for got, ref in zip(torch.autograd.grad(out, (q, k, v), up.float()),
+                        torch.autograd.grad(want, wide, up)):
+        close(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_elu1_near_cancelling_normaliser_stays_finite(device):
     # Strongly negative q and k: elu(x) + 1 = e^x ~ 1e-4, so scale phi(q)^T z starts at
     # the order of eps: numerator and normaliser are both tiny and must not cancel to

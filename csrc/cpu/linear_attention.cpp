@@ -351,7 +351,14 @@ struct Kernel {
     const int64_t n = grad.size(0), D = grad.size(1);
     const acc_t* src = grad.data_ptr<acc_t>();
     for (int64_t r = 0; r < n; ++r, x += geo.H * D, dx += geo.H * D, src += D) {
-      for (int64_t d = 0; d < D; ++d) dx[d] = scalar_t(factor * src[d] * feature_grad<F>(acc_t(x[d])));
+      if constexpr (F == FeatureMap::Elu1 && std::is_same_v<scalar_t, float>) {
+        // elu1'(x) = min(elu1(x), 1): 1 above zero, e^x below (NaN stays NaN).
+        float phi[kMaxHeadDim];
+        elu1_rows(x, phi, D);
+        for (int64_t d = 0; d < D; ++d) dx[d] = factor * src[d] * (phi[d] > 1.0f ? 1.0f : phi[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dx[d] = scalar_t(factor * src[d] * feature_grad<F>(acc_t(x[d])));
+      }
     }
   }
 
