@@ -177,35 +177,40 @@ struct Kernel {
     state.addmm_(decayed(kf, true, gpow, s.rows).t(), vp, gpow[kf.size(0)], 1);
   }
 
-  // One decoding step (T = 1) in plain loops, with no matrix-product calls:
-  // S' <- gamma S' + phi(k) [v, 1]^T, o = scale phi(q)^T S' (/ den).
-  void forward_step(int64_t bh, Scratch& s, scalar_t* o, at::Tensor& S_T, at::Tensor& z_T,
-                    acc_t* den) const {
-    const int64_t b = bh / geo.H, h = bh % geo.H, Dv = geo.Dv;
+  // One decoding step (T = 1) of head bh in one pass over its state, S0 straight into
+  // S_T with no matrix-product calls: S' <- gamma S' + phi(k) [v, 1]^T,
+  // o = scale phi(q)^T S' (/ den).
+  void forward_step(int64_t bh, scalar_t* o, acc_t* S_T, acc_t* z_T, acc_t* den) const {
+    const int64_t b = bh / geo.H, h = bh % geo.H, Dk = geo.Dk, Dv = geo.Dv;
     const acc_t gamma = decay ? decay[h] : acc_t(1);
-    at::Tensor state = tile(s.state, geo.Dk, dv1());
-    load_state(S0, z0, bh, state);
-    acc_t* S = state.data_ptr<acc_t>();
-    acc_t* num = s.n.data_ptr<acc_t>();
-    gather_values(v + geo.v_offset(b, 0, h), 1, s.vp);
-    const acc_t* vp = s.vp.data_ptr<acc_t>();
+    const acc_t* S_in = S0 ? S0 + bh * Dk * Dv : nullptr;
+    const acc_t* z_in = z0 ? z0 + bh * Dk : nullptr;
+    acc_t* S_out = S_T + bh * Dk * Dv;
+    acc_t* z_out = z_T + bh * Dk;
+    std::array<acc_t, kMaxHeadDim> vr, num{};
+    acc_t num_z = 0;
+    const scalar_t* v_row = v + geo.v_offset(b, 0, h);
+    for (int64_t c = 0; c < Dv; ++c) vr[c] = acc_t(v_row[c]);
     const scalar_t* qr = q + geo.qk_offset(b, 0, h);
     const scalar_t* kr = k + geo.qk_offset(b, 0, h);
-    std::fill_n(num, dv1(), acc_t(0));
-    for (int64_t d = 0; d < geo.Dk; ++d) {
+    for (int64_t d = 0; d < Dk; ++d) {
       const acc_t kf = feature<F>(acc_t(kr[d])), qf = feature<F>(acc_t(qr[d]));
-      acc_t* row = S + d * dv1();
-      for (int64_t c = 0; c < dv1(); ++c) {
-        row[c] = gamma * row[c] + kf * vp[c];
-        num[c] += qf * row[c];
+      acc_t* row = S_out + d * Dv;
+      if (S_in) {
+        const acc_t* in = S_in + d * Dv;
+        for (int64_t c = 0; c < Dv; ++c) row[c] = gamma * in[c] + kf * vr[c];
+      } else {
+        for (int64_t c = 0; c < Dv; ++c) row[c] = kf * vr[c];
       }
+      for (int64_t c = 0; c < Dv; ++c) num[c] += qf * row[c];
+      z_out[d] = gamma * (z_in ? z_in[d] : acc_t(0)) + kf;
+      num_z += qf * z_out[d];
     }
-    const acc_t d = acc_t(opt.scale) * num[Dv] + acc_t(opt.eps);
+    const acc_t d = acc_t(opt.scale) * num_z + acc_t(opt.eps);
     den[bh] = d;
     const acc_t f = opt.normalize ? acc_t(opt.scale) / d : acc_t(opt.scale);
     scalar_t* out = o + geo.v_offset(b, 0, h);
     for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(num[c] * f);
-    store_state(state, bh, S_T, z_T);
   }
 
   // The forward for T > 1 over all (batch, head) pairs: see the top of this file.
@@ -492,10 +497,17 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
                               const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
                               at::Tensor& o, at::Tensor& S_T, at::Tensor& z_T, at::Tensor& den) {
   if (g.T == 1) {
-    for_each_head(g, opt, q, k, v, decay, S0, z0, false, [&](const auto& kernel, int64_t bh, Scratch& s) {
+    with_kernel(g, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
       using K = std::decay_t<decltype(kernel)>;
-      kernel.forward_step(bh, s, ptr_of<typename K::storage_type>(o), S_T, z_T,
-                          ptr_of<typename K::acc_type>(den));
+      using acc_t = typename K::acc_type;
+      // About 32k state elements per task: below that, waking the pool costs more.
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.Dk * (g.Dv + 1)));
+      at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          kernel.forward_step(bh, ptr_of<typename K::storage_type>(o), ptr_of<acc_t>(S_T),
+                              ptr_of<acc_t>(z_T), ptr_of<acc_t>(den));
+        }
+      });
     });
     return;
   }
