@@ -22,10 +22,28 @@
 // A block owns one (batch, head) and a tile of kCols columns of c, and keeps its
 // [Da, kCols (+1)] slice of X in shared memory for the whole sequence. The forward pass
 // also carries c's ones column (the normaliser z) in every block, so each block can
-// normalise its own columns. The products run on CUDA cores in the accumulation type
-// (float; double for float64): no tensor cores. A T = 1 forward (decoding with a
-// carried state) takes a separate kernel that streams the state through registers.
+// normalise its own columns. A T = 1 forward (decoding with a carried state) takes a
+// separate kernel that streams the state through registers.
+//
+// Precision. float32 and float64 run every product on CUDA cores in the accumulation
+// type (float; double for float64). float16 and bfloat16 run the two intra-chunk
+// products on tensor cores (nvcuda::wmma, 16x16x16 tiles, float accumulators):
+//
+//   S = A B^T   [kChunk, kChunk], K = Da   A, B rounded to the input type
+//   P = alpha gamma^(r-s) S_rs (s <= r)     in float, then rounded to the input type
+//   P C         [kChunk, kCols],  K = kChunk C rounded to the input type
+//
+// while the state products (a_r^T X, the X update) and the normaliser's column (c's
+// ones column, from the float P) stay on CUDA cores in float with float A, B, C, so the
+// carried state is exact in float. The wmma operands live in shared memory padded to
+// multiples of 16 (Da to Dpad, zeros in the padding and in the rows past the sequence
+// end), with leading dimensions that are multiples of 8 (16-bit) or 4 (float) and every
+// tile 32-byte aligned; a warp loads and stores its fragments through those, never
+// through the fragment's element layout.
+#include <mma.h>
+
 #include <initializer_list>
+#include <type_traits>
 
 #include "dtype.cuh"
 #include "linear_attention.h"
@@ -42,6 +60,13 @@ template <typename acc_t>
 __host__ __device__ constexpr int chunk_of() {
   return sizeof(acc_t) == 4 ? 32 : 16;
 }
+
+// 16-bit inputs take the intra-chunk products on tensor cores (wmma; sm_80 and newer,
+// which bfloat16 fragments need: the build targets sm_80 and sm_90).
+template <typename scalar_t>
+constexpr bool kTensorCores =
+    std::is_same_v<scalar_t, __half> || std::is_same_v<scalar_t, __nv_bfloat16>;
+constexpr int kTile = 16;  // wmma M = N = K
 
 template <typename T>
 __device__ __forceinline__ T apply_feature(FeatureMap f, T x) {
@@ -151,34 +176,67 @@ struct Pass {
   }
 };
 
-// sum_{s <= r} P_rs c_s[j] + factor * a_r^T X[:, j], from the shared-memory tiles.
-template <typename acc_t, int kDa, int ldp, int ldc>
-__device__ __forceinline__ acc_t row_product(const acc_t* P, const acc_t* C, const acc_t* A,
-                                             const acc_t* X, int r, int j, int Da, int lda,
-                                             acc_t factor) {
-  acc_t intra = 0, inter = 0;
+// sum_{s <= r} P_rs c_s[j], from the shared-memory tiles (CUDA cores).
+template <typename acc_t, int ldp, int ldc>
+__device__ __forceinline__ acc_t intra_product(const acc_t* P, const acc_t* C, int r, int j) {
+  acc_t intra = 0;
   for (int s = 0; s <= r; ++s) intra += P[r * ldp + s] * C[s * ldc + j];
-#pragma unroll 8
-  for (int i = 0; i < (kDa ? kDa : Da); ++i) inter += A[r * lda + i] * X[i * ldc + j];
-  return intra + factor * inter;
+  return intra;
 }
 
-// Shared-memory layout of one block, in acc_t elements. Row strides are odd so that
-// lanes walking different rows hit different banks.
+// a_r^T X[:, j], from the shared-memory tiles (CUDA cores).
+template <typename acc_t, int kDa, int ldc>
+__device__ __forceinline__ acc_t state_product(const acc_t* A, const acc_t* X, int r, int j,
+                                               int Da, int lda) {
+  acc_t inter = 0;
+#pragma unroll 8
+  for (int i = 0; i < (kDa ? kDa : Da); ++i) inter += A[r * lda + i] * X[i * ldc + j];
+  return inter;
+}
+
+__host__ __device__ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Shared-memory layout of one block. The CUDA-core tiles A, B, C, P, X, gpow and the
+// normaliser scratch come first, offsets in acc_t elements; their row strides are odd
+// so that lanes walking different rows hit different banks. The 16-bit path has no
+// float P (it masks S in F into Ph and sums the ones column as it goes) and appends its
+// wmma tiles, offsets in bytes, each 32-byte aligned (with 16-row tiles, strides that
+// are multiples of 8 elements (16-bit) or 4 (float) keep every 16x16 tile inside them
+// 32-byte aligned too): F, a float [chunk, ldf] tile that holds S = A B^T and then P C;
+// A and B in the input type, [chunk, ldh] with Da padded to Dpad; C and P in the input
+// type, [chunk, ldch] and [chunk, ldph]. The +8 / +4 on the strides shift each row by
+// 16 bytes so that the 8 rows of a fragment load fall in different banks.
 struct Smem {
-  int64_t lda, a, b, c, p, x, gpow, extra, total;
-  __host__ __device__ Smem(int64_t Da, int chunk) {
+  static constexpr int ldf = kCols + 4, ldch = kCols + 8;
+  int64_t lda, ldp, a, b, c, p, x, gpow, extra;      // acc_t elements
+  int64_t Dpad, ldh, ldph, f, ah, bh, ch, ph, bytes;  // bytes (f, ah, bh, ch, ph, bytes)
+  __host__ __device__ Smem(int64_t Da, int chunk, int acc_size, bool tensor) {
     lda = Da % 2 == 0 ? Da + 1 : Da;
+    ldp = chunk + 1;
     a = 0;
     b = a + chunk * lda;
     c = b + chunk * lda;
     p = c + chunk * (kCols + 1);
-    x = p + chunk * (chunk + 1);
+    x = p + (tensor ? 0 : chunk * ldp);  // the 16-bit path keeps P in F and Ph
     gpow = x + Da * (kCols + 1);
     extra = gpow + chunk + 1;
-    total = extra + 2 * chunk;
+    bytes = (extra + 2 * chunk) * acc_size;
+    Dpad = round_up(Da, kTile);
+    ldh = Dpad + 8;
+    ldph = chunk + 8;
+    f = ah = bh = ch = ph = bytes;
+    if (tensor) {  // acc_t is float; the operands are 2 bytes
+      f = round_up(bytes, 32);
+      ah = round_up(f + chunk * ldf * 4, 32);
+      bh = ah + chunk * ldh * 2;
+      ch = bh + chunk * ldh * 2;
+      ph = ch + chunk * ldch * 2;
+      bytes = ph + chunk * ldph * 2;
+    }
   }
 };
+static_assert(Smem::ldf % 4 == 0 && Smem::ldch % 8 == 0 && kCols % kTile == 0,
+              "wmma: float strides a multiple of 4, 16-bit ones of 8, whole column tiles");
 
 // kDa: a compile-time width of a and b (0: read it from the pass). Shared memory allows
 // about two blocks per SM at the common head dims; saying so lets ptxas use up to 128
@@ -186,17 +244,37 @@ struct Smem {
 template <typename scalar_t, int kDa>
 __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, unsigned tiles) {
   using acc_t = acc_of<scalar_t>;
+  constexpr bool kTensor = kTensorCores<scalar_t>;
   constexpr int kChunk = chunk_of<acc_t>();
   constexpr int kRows = kChunk / kWarps;  // output rows per thread
-  extern __shared__ __align__(16) unsigned char smem_raw[];  // acc_t may be double
+  // wmma tiles: row tiles of the chunk, column tiles of c; warps from kPcWarps on are
+  // free while P C runs and take the normaliser's column meanwhile.
+  constexpr int kRowTiles = kChunk / kTile, kColTiles = kCols / kTile;
+  constexpr int kPcWarps = kTensor ? kRowTiles * kColTiles : 0;
+  static_assert(!kTensor || (kChunk % kTile == 0 && (kWarps - kPcWarps) * 32 >= kChunk),
+                "the 16-bit path needs whole 16-step tiles and spare warps for the ones column");
+  // acc_t may be double; the wmma tiles want 32 bytes
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
 
   const LinearAttentionGeometry& g = ps.geom;
   const int Da = kDa ? kDa : int(ps.Da);  // <= 257: shared-memory indices fit in int
-  const Smem L(Da, kChunk);
+  const Smem L(Da, kChunk, int(sizeof(acc_t)), kTensor);
+  // P: the float path only (the 16-bit path has no such region: P aliases X there).
   acc_t *A = smem + L.a, *Bs = smem + L.b, *C = smem + L.c, *P = smem + L.p, *X = smem + L.x;
   acc_t *gpow = smem + L.gpow, *den = smem + L.extra, *inv_den = den + kChunk;
   constexpr int ldc = kCols + 1, ldp = kChunk + 1;
+  // 16-bit path only (unused otherwise): F holds S, then P C; Ah, Bh, Ch, Ph are the
+  // tensor-core operands.
+  acc_t* F = reinterpret_cast<acc_t*>(smem_raw + L.f);
+  scalar_t *Ah = reinterpret_cast<scalar_t*>(smem_raw + L.ah);
+  scalar_t *Bh = reinterpret_cast<scalar_t*>(smem_raw + L.bh);
+  scalar_t *Ch = reinterpret_cast<scalar_t*>(smem_raw + L.ch);
+  scalar_t *Ph = reinterpret_cast<scalar_t*>(smem_raw + L.ph);
+  const int ldh = int(L.ldh), ldph = int(L.ldph);
+  constexpr int ldf = Smem::ldf, ldch = Smem::ldch;
+  // Columns of A and B loaded per row: the 16-bit path also zeroes Ah, Bh up to Dpad.
+  const int Dload = kTensor ? int(L.Dpad) : Da;
 
   // 32-bit index arithmetic: launches have fewer than 2^31 blocks.
   const unsigned bh32 = blockIdx.x / tiles, heads = unsigned(g.H);
@@ -220,48 +298,132 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
     const int n = g.T - p0 < kChunk ? int(g.T - p0) : kChunk;
     __syncthreads();  // the previous chunk is done with A, B, C
 
-    for (int idx = tid; idx < kChunk * Da; idx += kThreads) {
-      const int r = idx / Da, i = idx % Da;
-      const bool live = r < n;
+    // Rows past the sequence end and the 16-bit padding columns Da..Dpad-1 are zeros.
+    for (int idx = tid; idx < kChunk * Dload; idx += kThreads) {
+      const int r = idx / Dload, i = idx % Dload;
+      const bool live = r < n && i < Da;
       const int64_t t = ps.time_at(p0, r);
-      A[r * L.lda + i] = live ? ps.a.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
-      Bs[r * L.lda + i] = live ? ps.b.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
+      const acc_t a = live ? ps.a.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
+      const acc_t b = live ? ps.b.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
+      if (i < Da) {
+        A[r * L.lda + i] = a;
+        Bs[r * L.lda + i] = b;
+      }
+      if constexpr (kTensor) {
+        Ah[r * ldh + i] = from_acc<scalar_t>(a);
+        Bh[r * ldh + i] = from_acc<scalar_t>(b);
+      }
     }
     for (int idx = tid; idx < kChunk * ldc; idx += kThreads) {
-      const int r = idx / ldc;
-      const int64_t col = ps.column(c0, idx % ldc);
-      C[idx] = r < n && col >= 0 ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(p0, r), col)
-                                 : acc_t(0);
+      const int r = idx / ldc, j = idx % ldc;
+      const int64_t col = ps.column(c0, j);
+      const acc_t c = r < n && col >= 0
+                          ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(p0, r), col)
+                          : acc_t(0);
+      C[idx] = c;
+      if constexpr (kTensor) {
+        if (j < kCols) Ch[r * ldch + j] = from_acc<scalar_t>(c);
+      }
     }
     __syncthreads();
 
-    // P_rs = alpha gamma^(r-s) (a_r . b_s) for s <= r
-    for (int idx = tid; idx < kChunk * kChunk; idx += kThreads) {
-      const int r = idx / kChunk, s = idx % kChunk;
-      acc_t dot = 0;
-      if (s <= r && r < n) {
-#pragma unroll 8
-        for (int i = 0; i < Da; ++i) dot += A[r * L.lda + i] * Bs[s * L.lda + i];
+    if constexpr (kTensor) {
+      namespace wmma = nvcuda::wmma;
+      // S = A B^T on tensor cores, one 16x16 tile per warp; tiles above the diagonal
+      // are masked away whole and skipped (a warp-uniform branch).
+      for (int tile = warp; tile < kRowTiles * kRowTiles; tile += kWarps) {
+        const int mt = tile / kRowTiles, nt = tile % kRowTiles;
+        if (nt > mt) continue;
+        wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
+        wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, scalar_t, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, scalar_t, wmma::col_major> fb;
+        wmma::fill_fragment(acc, 0.0f);
+        // Not unrolled: at Da = 64 the unrolled fragment loads push ptxas past 128
+        // registers into spills.
+#pragma unroll 1
+        for (int k = 0; k < int(L.Dpad); k += kTile) {
+          wmma::load_matrix_sync(fa, Ah + mt * kTile * ldh + k, ldh);  // A[r][i], row-major
+          wmma::load_matrix_sync(fb, Bh + nt * kTile * ldh + k, ldh);  // B^T[i][s] = B[s][i]
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(F + mt * kTile * ldf + nt * kTile, acc, ldf, wmma::mem_row_major);
       }
-      P[r * ldp + s] = ps.alpha * gpow[r - s > 0 ? r - s : 0] * dot;
+      __syncthreads();
+
+      // P_rs = alpha gamma^(r-s) S_rs for s <= r in float, rounded for P C; a warp per
+      // row (lane = s) also sums the normaliser's intra part sum_s P_rs c_s[kCols] from
+      // the float P, parked in den[r] for the ones-column step.
+      static_assert(kChunk == 32, "the 16-bit path masks a row of P per warp");
+      for (int r = warp; r < kChunk; r += kWarps) {
+        const int s = lane;
+        const acc_t pv = s <= r && r < n ? ps.alpha * gpow[r - s] * F[r * ldf + s] : acc_t(0);
+        Ph[r * ldph + s] = from_acc<scalar_t>(pv);
+        if (ps.ones_column) {
+          acc_t z = pv * C[s * ldc + kCols];
+          for (int offset = 16; offset > 0; offset /= 2) z += __shfl_xor_sync(0xffffffffu, z, offset);
+          if (lane == 0) den[r] = z;
+        }
+      }
+      __syncthreads();
+
+      // P C on tensor cores into F (S is dead); K runs to the diagonal tile only.
+      for (int tile = warp; tile < kPcWarps; tile += kWarps) {
+        const int mt = tile / kColTiles, nt = tile % kColTiles;
+        wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
+        wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, scalar_t, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, scalar_t, wmma::row_major> fb;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kt = 0; kt <= mt; ++kt) {
+          wmma::load_matrix_sync(fa, Ph + mt * kTile * ldph + kt * kTile, ldph);
+          wmma::load_matrix_sync(fb, Ch + kt * kTile * ldch + nt * kTile, ldch);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(F + mt * kTile * ldf + nt * kTile, acc, ldf, wmma::mem_row_major);
+      }
+    } else {
+      // P_rs = alpha gamma^(r-s) (a_r . b_s) for s <= r
+      for (int idx = tid; idx < kChunk * kChunk; idx += kThreads) {
+        const int r = idx / kChunk, s = idx % kChunk;
+        acc_t dot = 0;
+        if (s <= r && r < n) {
+#pragma unroll 8
+          for (int i = 0; i < Da; ++i) dot += A[r * L.lda + i] * Bs[s * L.lda + i];
+        }
+        P[r * ldp + s] = ps.alpha * gpow[r - s > 0 ? r - s : 0] * dot;
+      }
+      __syncthreads();
     }
-    __syncthreads();
 
     // out_r = sum_s P_rs c_s + beta gamma^(r+off) a_r^T X; lane = column.
-    // The ones column first, so that every thread can normalise its outputs.
-    if (ps.ones_column && tid < kChunk) {
-      const acc_t d = row_product<acc_t, kDa, ldp, ldc>(P, C, A, X, tid, kCols, Da, int(L.lda),
-                                                        ps.beta * gpow[tid + ps.off]) + ps.eps;
-      den[tid] = d;
-      inv_den[tid] = ps.normalize ? acc_t(1) / d : acc_t(1);
+    // The ones column first (CUDA cores, float P), so that every thread can normalise
+    // its outputs; on the 16-bit path by the warps that P C leaves free.
+    if (ps.ones_column && tid >= kPcWarps * 32 && tid < kPcWarps * 32 + kChunk) {
+      const int r = tid - kPcWarps * 32;
+      acc_t intra;
+      if constexpr (kTensor) {
+        intra = den[r];
+      } else {
+        intra = intra_product<acc_t, ldp, ldc>(P, C, r, kCols);
+      }
+      const acc_t d = intra + ps.beta * gpow[r + ps.off] *
+                          state_product<acc_t, kDa, ldc>(A, X, r, kCols, Da, int(L.lda)) +
+                      ps.eps;
+      den[r] = d;
+      inv_den[r] = ps.normalize ? acc_t(1) / d : acc_t(1);
     }
     __syncthreads();
     acc_t val[kRows];
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int r = warp + kWarps * i;
-      val[i] = row_product<acc_t, kDa, ldp, ldc>(P, C, A, X, r, lane, Da, int(L.lda),
-                                                 ps.beta * gpow[r + ps.off]);
+      acc_t intra;
+      if constexpr (kTensor) {
+        intra = F[r * ldf + lane];
+      } else {
+        intra = intra_product<acc_t, ldp, ldc>(P, C, r, lane);
+      }
+      val[i] = intra + ps.beta * gpow[r + ps.off] *
+                           state_product<acc_t, kDa, ldc>(A, X, r, lane, Da, int(L.lda));
     }
 
     const int64_t col = c0 + lane;
@@ -430,7 +592,8 @@ cudaError_t launch_pass_with(const Pass<scalar_t>& ps, cudaStream_t stream) {
   const int64_t blocks = ps.geom.B * ps.geom.H * tiles;
   if (blocks == 0) return cudaSuccess;
   if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
-  const size_t bytes = size_t(Smem(ps.Da, chunk_of<acc_t>()).total) * sizeof(acc_t);
+  const size_t bytes = size_t(
+      Smem(ps.Da, chunk_of<acc_t>(), int(sizeof(acc_t)), kTensorCores<scalar_t>).bytes);
   auto kernel = chunk_kernel<scalar_t, kDa>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
