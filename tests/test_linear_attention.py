@@ -448,6 +448,65 @@ def test_cuda_float64_matches_cpu_kernel(shape, feature_map, normalize, decay):
         assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+# The 16-bit CUDA path runs the intra-chunk products on tensor cores (16-bit operands,
+# float accumulation); outputs and gradients against float64 on the same rounded inputs.
+TENSOR_CORE_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    (2, 77, 2, 64, 64),      # T not a multiple of the chunk
+    (1, 1000, 2, 128, 128),  # long, the other compiled head dim
+    (2, 77, 3, 48, 80),      # Dk != Dv, neither a compiled head dim
+    (1, 1000, 2, 5, 64),     # odd Dk: a and b padded from 5 to 16 columns
+])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("decay", [False, True])
+def test_cuda_16bit_tensor_core_path_matches_float64(dtype, shape, normalize, decay):
+    B, T, H, Dk, Dv = shape
+    q, k, v = make_inputs(B, T, H, Dk, Dv, feature_map="elu1", normalize=normalize, dtype=dtype,
+                          device="cuda", requires_grad=True)
+    kw = kwargs_for("elu1", normalize, decay, H, "cuda")
+    out = seqfuse.causal_linear_attention(q, k, v, **kw)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = reference.causal_linear_attention(*wide, **kw)
+    assert out.dtype == dtype
+    tol = TENSOR_CORE_TOL[dtype]
+    # Unnormalised outputs and all gradients are sums that grow with T and D: the error
+    # is relative to their size, not to each (possibly cancelled) entry.
+    out_atol = tol if normalize else tol * want.abs().max().item()
+    assert_close(out, want, rtol=tol, atol=out_atol)
+    up = torch.randn_like(want)
+    for got, ref in zip(torch.autograd.grad(out, (q, k, v), up.to(dtype)),
+                        torch.autograd.grad(want, wide, up)):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_cuda_float16_tiny_features_keep_their_precision():
+    # elu(x) + 1 = e^x ~ 1e-4 for x ~ -9: the products a_r . b_s (~1e-8 Dk) lie below
+    # float16's range; the tensor-core path scales every operand row by a power of two
+    # before rounding, so they must come out as accurate as the float path.
+    B, T, H, D = 2, 200, 2, 64
+    q = (torch.randn(B, T, H, D) - 9).to(device="cuda", dtype=torch.float16).requires_grad_()
+    k = (torch.randn(B, T, H, D) - 9).to(device="cuda", dtype=torch.float16).requires_grad_()
+    v = torch.randn(B, T, H, D).to(device="cuda", dtype=torch.float16).requires_grad_()
+    for normalize in (True, False):
+        out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", normalize=normalize)
+        wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        want = reference.causal_linear_attention(*wide, feature_map="elu1", normalize=normalize)
+        tol = TENSOR_CORE_TOL[torch.float16]
+        assert torch.isfinite(out).all()
+        assert_close(out, want, rtol=tol, atol=tol * want.abs().max().item())
+        up = torch.randn_like(want)
+        for got, ref in zip(torch.autograd.grad(out, (q, k, v), up.half()),
+                            torch.autograd.grad(want, wide, up)):
+            assert torch.isfinite(got).all()
+            assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.cuda
 def test_cuda_decode_step_matches_full_sequence():
     q, k, v = make_inputs(1, 20, 16, 128, 128, feature_map="elu1", dtype=torch.float32, device="cuda")

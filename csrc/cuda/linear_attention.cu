@@ -33,6 +33,10 @@
 //   P = alpha gamma^(r-s) S_rs (s <= r)     in float, then rounded to the input type
 //   P C         [kChunk, kCols],  K = kChunk C rounded to the input type
 //
+// Every row of A, B, C and P is scaled by a power of two (its largest magnitude into
+// [1/2, 1)) before it is rounded and unscaled after the product, in float: exact, and
+// it keeps float16's narrow range from overflowing or flushing the operands (features
+// near 0, G = do / den, dot products over Da) where the float path would not.
 // while the state products (a_r^T X, the X update) and the normaliser's column (c's
 // ones column, from the float P) stay on CUDA cores in float with float A, B, C, so the
 // carried state is exact in float. The wmma operands live in shared memory padded to
@@ -42,6 +46,7 @@
 // through the fragment's element layout.
 #include <mma.h>
 
+#include <climits>
 #include <initializer_list>
 #include <type_traits>
 
@@ -194,6 +199,13 @@ __device__ __forceinline__ acc_t state_product(const acc_t* A, const acc_t* X, i
   return inter;
 }
 
+// The exponent e with m = f 2^e, f in [1/2, 1); 0 for zero, inf or NaN (left as they are).
+__device__ __forceinline__ int row_exponent(float m) {
+  int e = 0;
+  if (m > 0.0f && isfinite(m)) frexpf(m, &e);
+  return e;
+}
+
 __host__ __device__ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Shared-memory layout of one block. The CUDA-core tiles A, B, C, P, X, gpow and the
@@ -204,12 +216,14 @@ __host__ __device__ constexpr int64_t round_up(int64_t x, int64_t m) { return (x
 // are multiples of 8 elements (16-bit) or 4 (float) keep every 16x16 tile inside them
 // 32-byte aligned too): F, a float [chunk, ldf] tile that holds S = A B^T and then P C;
 // A and B in the input type, [chunk, ldh] with Da padded to Dpad; C and P in the input
-// type, [chunk, ldch] and [chunk, ldph]. The +8 / +4 on the strides shift each row by
-// 16 bytes so that the 8 rows of a fragment load fall in different banks.
+// type, [chunk, ldch] and [chunk, ldph] (Ph over Ah and Bh, which are dead by then);
+// then the rows' power-of-two exponents. The
+// +8 / +4 on the strides shift each row by 16 bytes so that the 8 rows of a fragment
+// load fall in different banks.
 struct Smem {
   static constexpr int ldf = kCols + 4, ldch = kCols + 8;
   int64_t lda, ldp, a, b, c, p, x, gpow, extra;      // acc_t elements
-  int64_t Dpad, ldh, ldph, f, ah, bh, ch, ph, bytes;  // bytes (f, ah, bh, ch, ph, bytes)
+  int64_t Dpad, ldh, ldph, f, ah, bh, ch, ph, ex, bytes;  // bytes (f .. ex, bytes)
   __host__ __device__ Smem(int64_t Da, int chunk, int acc_size, bool tensor) {
     lda = Da % 2 == 0 ? Da + 1 : Da;
     ldp = chunk + 1;
@@ -224,14 +238,15 @@ struct Smem {
     Dpad = round_up(Da, kTile);
     ldh = Dpad + 8;
     ldph = chunk + 8;
-    f = ah = bh = ch = ph = bytes;
+    f = ah = bh = ch = ph = ex = bytes;
     if (tensor) {  // acc_t is float; the operands are 2 bytes
       f = round_up(bytes, 32);
       ah = round_up(f + chunk * ldf * 4, 32);
       bh = ah + chunk * ldh * 2;
       ch = bh + chunk * ldh * 2;
-      ph = ch + chunk * ldch * 2;
-      bytes = ph + chunk * ldph * 2;
+      ph = ah;  // Ah and Bh are dead once S is formed; Ph (<= their size) reuses them
+      ex = ch + chunk * ldch * 2;
+      bytes = ex + 4 * chunk * 4;  // int exponents of the rows of A, B, C and Ph
     }
   }
 };
@@ -253,6 +268,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   constexpr int kPcWarps = kTensor ? kRowTiles * kColTiles : 0;
   static_assert(!kTensor || (kChunk % kTile == 0 && (kWarps - kPcWarps) * 32 >= kChunk),
                 "the 16-bit path needs whole 16-step tiles and spare warps for the ones column");
+  static_assert(kChunk + 8 <= 2 * (kTile + 8), "Ph fits in Ah and Bh for every Da (ldh >= 24)");
   // acc_t may be double; the wmma tiles want 32 bytes
   extern __shared__ __align__(128) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
@@ -271,10 +287,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   scalar_t *Bh = reinterpret_cast<scalar_t*>(smem_raw + L.bh);
   scalar_t *Ch = reinterpret_cast<scalar_t*>(smem_raw + L.ch);
   scalar_t *Ph = reinterpret_cast<scalar_t*>(smem_raw + L.ph);
+  int* ex = reinterpret_cast<int*>(smem_raw + L.ex);  // row exponents ea, eb, ec, ep
   const int ldh = int(L.ldh), ldph = int(L.ldph);
   constexpr int ldf = Smem::ldf, ldch = Smem::ldch;
-  // Columns of A and B loaded per row: the 16-bit path also zeroes Ah, Bh up to Dpad.
-  const int Dload = kTensor ? int(L.Dpad) : Da;
 
   // 32-bit index arithmetic: launches have fewer than 2^31 blocks.
   const unsigned bh32 = blockIdx.x / tiles, heads = unsigned(g.H);
@@ -298,37 +313,43 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
     const int n = g.T - p0 < kChunk ? int(g.T - p0) : kChunk;
     __syncthreads();  // the previous chunk is done with A, B, C
 
-    // Rows past the sequence end and the 16-bit padding columns Da..Dpad-1 are zeros.
-    for (int idx = tid; idx < kChunk * Dload; idx += kThreads) {
-      const int r = idx / Dload, i = idx % Dload;
-      const bool live = r < n && i < Da;
+    for (int idx = tid; idx < kChunk * Da; idx += kThreads) {
+      const int r = idx / Da, i = idx % Da;
+      const bool live = r < n;
       const int64_t t = ps.time_at(p0, r);
-      const acc_t a = live ? ps.a.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
-      const acc_t b = live ? ps.b.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
-      if (i < Da) {
-        A[r * L.lda + i] = a;
-        Bs[r * L.lda + i] = b;
-      }
-      if constexpr (kTensor) {
-        Ah[r * ldh + i] = from_acc<scalar_t>(a);
-        Bh[r * ldh + i] = from_acc<scalar_t>(b);
-      }
+      A[r * L.lda + i] = live ? ps.a.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
+      Bs[r * L.lda + i] = live ? ps.b.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
     }
     for (int idx = tid; idx < kChunk * ldc; idx += kThreads) {
-      const int r = idx / ldc, j = idx % ldc;
-      const int64_t col = ps.column(c0, j);
-      const acc_t c = r < n && col >= 0
-                          ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(p0, r), col)
-                          : acc_t(0);
-      C[idx] = c;
-      if constexpr (kTensor) {
-        if (j < kCols) Ch[r * ldch + j] = from_acc<scalar_t>(c);
-      }
+      const int r = idx / ldc;
+      const int64_t col = ps.column(c0, idx % ldc);
+      C[idx] = r < n && col >= 0 ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(p0, r), col)
+                                 : acc_t(0);
     }
     __syncthreads();
 
     if constexpr (kTensor) {
       namespace wmma = nvcuda::wmma;
+      // The operands in the input type, each row scaled by a power of two that brings
+      // its largest magnitude into [1/2, 1): exact, and it keeps float16 clear of
+      // overflow and underflow whatever the range of the features or of G. A warp per
+      // row; rows 0..kChunk-1 of A, then of B, then of C; padding (Da..Dpad-1) zeros.
+      for (int job = warp; job < 3 * kChunk; job += kWarps) {
+        const int which = job / kChunk, r = job % kChunk;
+        const acc_t* src = which == 0 ? A + r * L.lda : which == 1 ? Bs + r * L.lda : C + r * ldc;
+        scalar_t* dst = which == 0 ? Ah + r * ldh : which == 1 ? Bh + r * ldh : Ch + r * ldch;
+        const int width = which == 2 ? kCols : Da, padded = which == 2 ? kCols : int(L.Dpad);
+        acc_t m = 0;
+        for (int i = lane; i < width; i += 32) m = fmaxf(m, fabsf(src[i]));
+        for (int offset = 16; offset > 0; offset /= 2)
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        const int e = row_exponent(m);
+        for (int i = lane; i < padded; i += 32)
+          dst[i] = from_acc<scalar_t>(i < width ? ldexpf(src[i], -e) : 0.0f);
+        if (lane == 0) ex[job] = e;
+      }
+      __syncthreads();
+
       // S = A B^T on tensor cores, one 16x16 tile per warp; tiles above the diagonal
       // are masked away whole and skipped (a warp-uniform branch).
       for (int tile = warp; tile < kRowTiles * kRowTiles; tile += kWarps) {
@@ -350,14 +371,29 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       }
       __syncthreads();
 
-      // P_rs = alpha gamma^(r-s) S_rs for s <= r in float, rounded for P C; a warp per
-      // row (lane = s) also sums the normaliser's intra part sum_s P_rs c_s[kCols] from
-      // the float P, parked in den[r] for the ones-column step.
+      // P_rs = alpha gamma^(r-s) S_rs for s <= r in float (S unscaled from the tile:
+      // F_rs 2^(ea_r + eb_s)). P C is taken as 2^(ep_r) Ph Ch with Ch_sj = c_sj 2^(-ec_s)
+      // from above and Ph_rs = P_rs 2^(ec_s - ep_r) rounded, ep_r chosen so that row r
+      // of Ph has its largest magnitude in [1/2, 1) (all in exponents: no overflow in
+      // between). A warp per row (lane = s) also sums the normaliser's intra part
+      // sum_s P_rs c_s[kCols] from the float P, parked in den[r] for the ones column.
       static_assert(kChunk == 32, "the 16-bit path masks a row of P per warp");
+      const int *ea = ex, *eb = ex + kChunk, *ec = ex + 2 * kChunk;
+      int* ep = ex + 3 * kChunk;
       for (int r = warp; r < kChunk; r += kWarps) {
         const int s = lane;
-        const acc_t pv = s <= r && r < n ? ps.alpha * gpow[r - s] * F[r * ldf + s] : acc_t(0);
-        Ph[r * ldph + s] = from_acc<scalar_t>(pv);
+        const acc_t pv = s <= r && r < n
+                             ? ps.alpha * gpow[r - s] * ldexpf(F[r * ldf + s], ea[r] + eb[s])
+                             : acc_t(0);
+        int e_pv = 0;
+        const acc_t frac = frexpf(pv, &e_pv);  // pv = frac 2^e_pv, |frac| in [1/2, 1)
+        const bool normal = pv != acc_t(0) && isfinite(pv);
+        int e_row = normal ? e_pv + ec[s] : INT_MIN;
+        for (int offset = 16; offset > 0; offset /= 2)
+          e_row = max(e_row, __shfl_xor_sync(0xffffffffu, e_row, offset));
+        if (e_row == INT_MIN) e_row = 0;  // a row of zeros (or of NaN / inf: kept as is)
+        Ph[r * ldph + s] = from_acc<scalar_t>(normal ? ldexpf(frac, e_pv + ec[s] - e_row) : pv);
+        if (lane == 0) ep[r] = e_row;
         if (ps.ones_column) {
           acc_t z = pv * C[s * ldc + kCols];
           for (int offset = 16; offset > 0; offset /= 2) z += __shfl_xor_sync(0xffffffffu, z, offset);
@@ -418,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       const int r = warp + kWarps * i;
       acc_t intra;
       if constexpr (kTensor) {
-        intra = F[r * ldf + lane];
+        intra = ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);  // 2^(ep_r) (Ph Ch)_rj
       } else {
         intra = intra_product<acc_t, ldp, ldc>(P, C, r, lane);
       }
