@@ -36,8 +36,8 @@
 // Every row of A, B, C and P is scaled by a power of two (its largest magnitude into
 // [1/2, 1)) before it is rounded and unscaled after the product, in float: exact, and
 // it keeps float16's narrow range from overflowing or flushing the operands (features
-// near 0, G = do / den, dot products over Da) where the float path would not.
-// while the state products (a_r^T X, the X update) and the normaliser's column (c's
+// near 0, G = do / den, dot products over Da) where the float path would not. The
+// state products (a_r^T X, the X update) and the normaliser's column (c's
 // ones column, from the float P) stay on CUDA cores in float with float A, B, C, so the
 // carried state is exact in float. The wmma operands live in shared memory padded to
 // multiples of 16 (Da to Dpad, zeros in the padding and in the rows past the sequence
