@@ -214,10 +214,13 @@ def test_sparse_loss_mask_zero_matches_bert4keras(device, mask_zero):
     # float64; slot 0 scores high, so counting it as a negative would show.
     s = torch.randn(6, 40, device=device, dtype=F64)
     s[:, 0] = 8.0
-    s.requires_grad_()
     idx = distinct_positives(6, 40, 4, mask_zero, 2 if mask_zero else 0, device)
     if not mask_zero:
-        idx[0, 0] = 0  # without mask_zero, index 0 is an ordinary positive
+        # Without mask_zero, index 0 is an ordinary positive; a moderate one, since a
+        # dominant positive is exactly where bert4keras' formula cancels.
+        idx[0, 0] = 0
+        s[0, 0] = 0.5
+    s.requires_grad_()
     expected = bert4keras_sparse_mce(s, idx, mask_zero)
     up = torch.randn_like(expected)
     (want,) = grads_with(expected, up, s)
