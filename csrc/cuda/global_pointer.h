@@ -22,7 +22,7 @@ struct GPArgs {
   const int64_t* positives;     // loss: [B, H, P] sorted ascending, -1 for none
   int64_t P;
   bool mask_zero;               // loss: flat index 0 (span (0, 0)) ignored entirely
-  const void* grad;             // scores backward: elem [B, H, L, L]; loss backward: elem [B, H, 2]
+  const void* grad;             // scores backward: elem [B, H, L, L]; loss backward: acc [B, H, 2]
   const void* terms;            // loss backward: acc [B, H, 2]
   void* out;                    // scores: elem [B, H, L, L]; loss: acc [B, H, 2]
   void* grad_q;                 // backward: acc [B, Hqk, L, D], zeroed
