@@ -1,5 +1,5 @@
-// Helpers for the CUDA registrations: the kernel-side dtype of a tensor, the current
-// stream, and launch error checking.
+// Helpers for the CUDA registrations: the kernel-side dtype of a tensor, its data or
+// null, the current stream, and launch error checking.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,6 +20,12 @@ inline cuda::DType cuda_dtype(const char* op, const at::Tensor& t) {
     case at::kComplexFloat: return cuda::DType::Complex64;
     default: TORCH_CHECK(false, op, ": dtype ", t.scalar_type(), " is not supported on CUDA");
   }
+}
+
+// t's data, or null for an undefined tensor (an optional input that is absent).
+template <typename T = void>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }

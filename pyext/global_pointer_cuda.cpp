@@ -10,8 +10,6 @@
 namespace seqfuse {
 namespace {
 
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
 // The kernels' positive lists: sorted, with ignored entries (padding 0) as -1.
 at::Tensor sorted_positives(const at::Tensor& idx, bool mask_zero) {
   const at::Tensor p = mask_zero ? idx.masked_fill(idx == 0, -1) : idx;
@@ -23,9 +21,9 @@ cuda::GPArgs gp_args(const GPInputs& in) {
   a.geom = in.geom;
   a.q = in.q.data_ptr();
   a.k = in.k.data_ptr();
-  a.mask = in.mask.defined() ? in.mask.data_ptr<uint8_t>() : nullptr;
-  a.bias_start = ptr_or_null(in.bias_start);
-  a.bias_end = ptr_or_null(in.bias_end);
+  a.mask = data_or_null<const uint8_t>(in.mask);
+  a.bias_start = data_or_null(in.bias_start);
+  a.bias_end = data_or_null(in.bias_end);
   return a;
 }
 
@@ -61,7 +59,7 @@ at::Tensor rope_cuda(const at::Tensor& x, const std::optional<at::Tensor>& posit
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
-  C10_CUDA_CHECK(cuda::rope(in.data_ptr(), pos.defined() ? pos.data_ptr<int64_t>() : nullptr, B,
+  C10_CUDA_CHECK(cuda::rope(in.data_ptr(), data_or_null<const int64_t>(pos), B,
                             L, H, D, base, inverse, out.data_ptr(), dtype, current_stream()));
   return out;
 }

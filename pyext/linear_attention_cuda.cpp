@@ -10,10 +10,6 @@
 namespace seqfuse {
 namespace {
 
-const void* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr() : nullptr;
-}
-
 // The kernels read the state's two halves S and z in place and write them as two
 // outputs: no joined copy, and no host synchronisation anywhere in a call (the decay
 // range is checked on the device), so a decoding step is a single kernel launch.
@@ -25,12 +21,12 @@ cuda::LinearAttentionArgs base_args(const LinearAttentionInputs& in, bool normal
   args.normalize = normalize;
   args.scale = scale;
   args.eps = eps;
-  args.decay = ptr_or_null(in.decay);
+  args.decay = data_or_null(in.decay);
   args.q = in.q.data_ptr();
   args.k = in.k.data_ptr();
   args.v = in.v.data_ptr();
-  args.S_in = ptr_or_null(in.S0);
-  args.z_in = ptr_or_null(in.z0);
+  args.S_in = data_or_null(in.S0);
+  args.z_in = data_or_null(in.z0);
   return args;
 }
 
@@ -83,8 +79,8 @@ causal_linear_attention_backward_cuda(
   args.o = gr.o.data_ptr();
   args.den = gr.den.data_ptr();
   args.grad_o = gr.grad_o.data_ptr();
-  args.grad_S = ptr_or_null(gr.grad_S);
-  args.grad_z = ptr_or_null(gr.grad_z);
+  args.grad_S = data_or_null(gr.grad_S);
+  args.grad_z = data_or_null(gr.grad_z);
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();

@@ -26,7 +26,7 @@ at::Tensor linear_scan_cuda(const at::Tensor& a, const at::Tensor& b,
   args.geom = in.geom;
   args.a = in.a.data_ptr();
   args.b = in.b.data_ptr();
-  args.h0 = in.h0.defined() ? in.h0.data_ptr() : nullptr;
+  args.h0 = data_or_null(in.h0);
   args.out = h.data_ptr();
   args.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::linear_scan_forward(args, dtype, current_stream()));
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cuda(
   args.a = in.a.data_ptr();
   args.b = grad.data_ptr();
   args.h = in.b.data_ptr();
-  args.h0 = in.h0.defined() ? in.h0.data_ptr() : nullptr;
+  args.h0 = data_or_null(in.h0);
   args.out = grad_b.data_ptr();
   args.grad_a = grad_a.data_ptr();
   args.grad_h0 = grad_h0.data_ptr();

@@ -2,6 +2,7 @@
 // complex tensors are read as seqfuse::Complex (same layout as c10::complex).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/complex.h>
@@ -30,5 +31,12 @@ struct Types<c10::complex<T>> {
   using storage = Complex<T>;
   using acc = Complex<T>;
 };
+
+// t's data as the kernel type T (complex storage differs from c10's type), or null
+// for an undefined tensor (an optional input that is absent).
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
 
 }  // namespace seqfuse::cpu

@@ -15,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include "dtype.h"
+
 namespace seqfuse::cpu {
 namespace {
 
@@ -119,14 +121,6 @@ struct Rotated {
     gk.addmm_(dst.t(), matrix(rq.data() + i0 * g.D, n, g.D, g.D));
   }
 };
-
-template <typename acc_t>
-const acc_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
-}
-const uint8_t* mask_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<uint8_t>() : nullptr;
-}
 
 // The positives of one row as sorted distinct flat indices (0 dropped when mask_zero).
 void sorted_positives(const int64_t* idx, int64_t P, bool mask_zero, std::vector<int64_t>& out) {
@@ -455,8 +449,8 @@ void global_pointer_scores_forward(const GPGeometry& g, const at::Tensor& q, con
                                    const at::Tensor& bias_end, at::Tensor& scores) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "global_pointer_scores_cpu", [&] {
     scores_forward_kernel<scalar_t>(g, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                    mask_ptr(mask), ptr_or_null<scalar_t>(bias_start),
-                                    ptr_or_null<scalar_t>(bias_end), scores.data_ptr<scalar_t>());
+                                    data_or_null<const uint8_t>(mask), data_or_null<const scalar_t>(bias_start),
+                                    data_or_null<const scalar_t>(bias_end), scores.data_ptr<scalar_t>());
   });
 }
 
@@ -468,7 +462,7 @@ void global_pointer_scores_backward(const GPGeometry& g, const at::Tensor& grad,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "global_pointer_scores_backward_cpu", [&] {
     scores_backward_kernel<scalar_t>(
         g, grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-        mask_ptr(mask), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+        data_or_null<const uint8_t>(mask), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
         grad_bias_start.data_ptr<scalar_t>(), grad_bias_end.data_ptr<scalar_t>());
   });
 }
@@ -515,8 +509,8 @@ void global_pointer_loss_forward(const GPGeometry& g, const at::Tensor& q, const
                                  bool mask_zero, at::Tensor& terms) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "global_pointer_loss_cpu", [&] {
     loss_forward_kernel<scalar_t>(g, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                  mask_ptr(mask), ptr_or_null<scalar_t>(bias_start),
-                                  ptr_or_null<scalar_t>(bias_end), pos_index.data_ptr<int64_t>(),
+                                  data_or_null<const uint8_t>(mask), data_or_null<const scalar_t>(bias_start),
+                                  data_or_null<const scalar_t>(bias_end), pos_index.data_ptr<int64_t>(),
                                   pos_index.size(2), mask_zero, terms.data_ptr<scalar_t>());
   });
 }
@@ -531,8 +525,8 @@ void global_pointer_loss_backward(const GPGeometry& g, const at::Tensor& grad_te
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "global_pointer_loss_backward_cpu", [&] {
     loss_backward_kernel<scalar_t>(
         g, grad_terms.data_ptr<scalar_t>(), terms.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-        k.data_ptr<scalar_t>(), mask_ptr(mask), ptr_or_null<scalar_t>(bias_start),
-        ptr_or_null<scalar_t>(bias_end), pos_index.data_ptr<int64_t>(), pos_index.size(2),
+        k.data_ptr<scalar_t>(), data_or_null<const uint8_t>(mask), data_or_null<const scalar_t>(bias_start),
+        data_or_null<const scalar_t>(bias_end), pos_index.data_ptr<int64_t>(), pos_index.size(2),
         mask_zero, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
         grad_bias_start.data_ptr<scalar_t>(), grad_bias_end.data_ptr<scalar_t>());
   });

@@ -429,11 +429,6 @@ struct Kernel {
   }
 };
 
-template <typename acc_t>
-const acc_t* optional_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
-}
-
 // Calls fn(std::integral_constant<FeatureMap, F>{}) for the runtime feature map.
 template <typename Fn>
 void dispatch_feature_map(FeatureMap f, Fn&& fn) {
@@ -458,7 +453,7 @@ void with_kernel(const LinearAttentionGeometry& geo, const LinearAttentionOption
           reinterpret_cast<const storage_t*>(q.data_ptr()),
           reinterpret_cast<const storage_t*>(k.data_ptr()),
           reinterpret_cast<const storage_t*>(v.data_ptr()),
-          optional_ptr<acc_t>(decay), optional_ptr<acc_t>(S0), optional_ptr<acc_t>(z0)});
+          data_or_null<const acc_t>(decay), data_or_null<const acc_t>(S0), data_or_null<const acc_t>(z0)});
     });
   });
 }
@@ -485,10 +480,6 @@ void for_each_head(const LinearAttentionGeometry& geo, const LinearAttentionOpti
   });
 }
 
-template <typename T>
-T* ptr_of(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
 
 }  // namespace
 
@@ -504,8 +495,8 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
       const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.Dk * (g.Dv + 1)));
       at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
-          kernel.forward_step(bh, ptr_of<typename K::storage_type>(o), ptr_of<acc_t>(S_T),
-                              ptr_of<acc_t>(z_T), ptr_of<acc_t>(den));
+          kernel.forward_step(bh, data_or_null<typename K::storage_type>(o), data_or_null<acc_t>(S_T),
+                              data_or_null<acc_t>(z_T), data_or_null<acc_t>(den));
         }
       });
     });
@@ -514,8 +505,8 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
   with_kernel(g, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
     using K = std::decay_t<decltype(kernel)>;
     c10::InferenceMode guard;
-    kernel.forward_chunked(ptr_of<typename K::storage_type>(o), S_T, z_T,
-                           ptr_of<typename K::acc_type>(den));
+    kernel.forward_chunked(data_or_null<typename K::storage_type>(o), S_T, z_T,
+                           data_or_null<typename K::acc_type>(den));
   });
 }
 
@@ -530,10 +521,10 @@ void linear_attention_backward(const LinearAttentionGeometry& g, const LinearAtt
     using K = std::decay_t<decltype(kernel)>;
     using storage_t = typename K::storage_type;
     using acc_t = typename K::acc_type;
-    kernel.backward(bh, s, ptr_of<const storage_t>(grad_o), ptr_of<const acc_t>(grad_S),
-                    ptr_of<const acc_t>(grad_z), ptr_of<const storage_t>(o),
-                    ptr_of<const acc_t>(den), ptr_of<storage_t>(dq), ptr_of<storage_t>(dk),
-                    ptr_of<storage_t>(dv), dS0, dz0);
+    kernel.backward(bh, s, data_or_null<const storage_t>(grad_o), data_or_null<const acc_t>(grad_S),
+                    data_or_null<const acc_t>(grad_z), data_or_null<const storage_t>(o),
+                    data_or_null<const acc_t>(den), data_or_null<storage_t>(dq), data_or_null<storage_t>(dk),
+                    data_or_null<storage_t>(dv), dS0, dz0);
   });
 }
 

@@ -92,11 +92,6 @@ void backward_kernel(const ScanGeometry& g, const scalar_t* __restrict a,
   });
 }
 
-template <typename T>
-T* data(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
-
 // Calls fn(storage_t{}, acc_t{}, a_vec) with the kernel types of `dtype` and whether
 // a's channel stride is 1 (std::true_type) or 0 (std::false_type).
 template <typename Fn>
@@ -117,8 +112,8 @@ void linear_scan_forward(const ScanGeometry& g, const at::Tensor& a, const at::T
     using storage_t = decltype(storage);
     using acc_t = decltype(acc);
     forward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
-        g, data<const storage_t>(a), data<const storage_t>(b), data<const acc_t>(h0),
-        data<storage_t>(h));
+        g, data_or_null<const storage_t>(a), data_or_null<const storage_t>(b), data_or_null<const acc_t>(h0),
+        data_or_null<storage_t>(h));
   });
 }
 
@@ -129,9 +124,9 @@ void linear_scan_backward(const ScanGeometry& g, const at::Tensor& a, const at::
     using storage_t = decltype(storage);
     using acc_t = decltype(acc);
     backward_kernel<storage_t, acc_t, decltype(a_vec)::value>(
-        g, data<const storage_t>(a), data<const storage_t>(grad_h), data<const storage_t>(h),
-        data<const acc_t>(h0), data<storage_t>(grad_b), data<acc_t>(grad_a),
-        data<acc_t>(grad_h0));
+        g, data_or_null<const storage_t>(a), data_or_null<const storage_t>(grad_h), data_or_null<const storage_t>(h),
+        data_or_null<const acc_t>(h0), data_or_null<storage_t>(grad_b), data_or_null<acc_t>(grad_a),
+        data_or_null<acc_t>(grad_h0));
   });
 }
 
