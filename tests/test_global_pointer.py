@@ -214,7 +214,9 @@ def test_sparse_loss_mask_zero_matches_bert4keras(device, mask_zero):
     # float64; slot 0 scores high, so counting it as a negative would show.
     s = torch.randn(6, 40, device=device, dtype=F64)
     s[:, 0] = 8.0
-    idx = distinct_positives(6, 40, 4, mask_zero, 2 if mask_zero else 0, device)
+    # Positives drawn away from slot 0 in both cases (True below), so that slot 0 is a
+    # positive only in row 0 without mask_zero, and only once.
+    idx = distinct_positives(6, 40, 4, True, 2 if mask_zero else 0, device)
     if not mask_zero:
         # Without mask_zero, index 0 is an ordinary positive; a moderate one, since a
         # dominant positive is exactly where bert4keras' formula cancels.

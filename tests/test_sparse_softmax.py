@@ -183,8 +183,13 @@ def test_large_half_logits(device, dtype):
     loss = seqfuse.sparse_softmax_cross_entropy(x.to(device), target.to(device), 16,
                                                 reduction="none")
     loss_ref = reference.sparse_softmax_cross_entropy(x.double(), target, 16, reduction="none")
-    assert torch.isfinite(loss).all()
-    torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-2, atol=1.0)
+    # The loss itself (lse ~ 4e4 minus a target logit near -4e4) can pass float16's
+    # largest value: it must be finite wherever it fits, and equal the reference rounded
+    # to the dtype (inf where that overflows too).
+    fits = loss_ref.abs() <= torch.finfo(dtype).max
+    assert torch.isfinite(loss.cpu()[fits]).all()
+    torch.testing.assert_close(loss.double().cpu(), loss_ref.to(dtype).double(), rtol=1e-2,
+                               atol=1.0)
     _, dl, _ = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, x.to(device), target.to(device),
                         16, grad=torch.tensor(1.0, device=device, dtype=dtype))
     _, dl_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, x.double(), target, 16,
