@@ -56,10 +56,10 @@ at::Tensor rope_cuda(const at::Tensor& x, const std::optional<at::Tensor>& posit
                       shape_str(p));
     pos = p.to(at::kLong).expand({B, L}).contiguous();
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
-  C10_CUDA_CHECK(cuda::rope(in.data_ptr(), data_or_null<const int64_t>(pos), B,
+  SEQFUSE_CUDA_CHECK(cuda::rope(in.data_ptr(), data_or_null<const int64_t>(pos), B,
                             L, H, D, base, inverse, out.data_ptr(), dtype, current_stream()));
   return out;
 }
@@ -74,11 +74,11 @@ at::Tensor global_pointer_scores_cuda(const at::Tensor& q, const at::Tensor& k,
       prepare_global_pointer(op, q, k, mask, rope, tril, scale, bias_start, bias_end);
   const auto dtype = cuda_dtype(op, q);
   const GPGeometry& g = in.geom;
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   at::Tensor scores = at::empty({g.B, g.H, g.L, g.L}, q.options());
   cuda::GPArgs a = gp_args(in);
   a.out = scores.data_ptr();
-  C10_CUDA_CHECK(cuda::global_pointer_scores_forward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::global_pointer_scores_forward(a, dtype, current_stream()));
   return scores;
 }
 
@@ -111,12 +111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_scores
                         grad.size(2) == g.L && grad.size(3) == g.L,
                     op, ": grad must be [B, H, L, L] = [", g.B, ", ", g.H, ", ", g.L, ", ", g.L,
                     "], got shape ", shape_str(grad));
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   at::Tensor upstream = grad.to(q.scalar_type()).contiguous();
   cuda::GPArgs a = gp_args(in);
   a.grad = upstream.data_ptr();
   const GradBuffers gb = grad_buffers(g, q, a);
-  C10_CUDA_CHECK(cuda::global_pointer_scores_backward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::global_pointer_scores_backward(a, dtype, current_stream()));
   return finish_global_pointer_backward(in, gb.q, gb.k, gb.bias_start, gb.bias_end,
                                         q.scalar_type());
 }
@@ -132,11 +132,11 @@ at::Tensor mce_cuda(const at::Tensor& scores, const at::Tensor& labels) {
   at::Tensor s = prepare_loss_scores(op, scores);
   const auto dtype = cuda_dtype(op, scores);
   at::Tensor t = prepare_labels(op, labels, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   at::Tensor terms = at::empty({s.size(0), 2}, s.options().dtype(acc_dtype(s.scalar_type())));
   const cuda::RowLossArgs a{s.size(0), s.size(1), 0, s.data_ptr(), t.data_ptr(), nullptr,
                             nullptr, nullptr, terms.data_ptr()};
-  C10_CUDA_CHECK(cuda::mce_forward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::mce_forward(a, dtype, current_stream()));
   return terms_shape(scores, terms);
 }
 
@@ -149,11 +149,11 @@ at::Tensor mce_backward_cuda(const at::Tensor& grad_terms, const at::Tensor& ter
   const auto rows = scores.sizes().slice(0, scores.dim() - 1);
   at::Tensor gt = prepare_terms(op, "grad_terms", grad_terms, rows, scores);
   at::Tensor tt = prepare_terms(op, "terms", terms, rows, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   at::Tensor grad = at::empty_like(s);
   const cuda::RowLossArgs a{s.size(0), s.size(1), 0, s.data_ptr(), t.data_ptr(), nullptr,
                             gt.data_ptr(), tt.data_ptr(), grad.data_ptr()};
-  C10_CUDA_CHECK(cuda::mce_backward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::mce_backward(a, dtype, current_stream()));
   return grad.view(scores.sizes());
 }
 
@@ -163,13 +163,13 @@ at::Tensor sparse_mce_cuda(const at::Tensor& scores, const at::Tensor& pos_index
   const auto dtype = cuda_dtype(op, scores);
   at::Tensor idx = prepare_pos_index(op, pos_index, scores.sizes().slice(0, scores.dim() - 1),
                                      scores.size(-1), mask_zero, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
   at::Tensor terms = at::empty({s.size(0), 2}, s.options().dtype(acc_dtype(s.scalar_type())));
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
                             positives.data_ptr<int64_t>(), nullptr, nullptr, terms.data_ptr(),
                             mask_zero};
-  C10_CUDA_CHECK(cuda::sparse_mce_forward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::sparse_mce_forward(a, dtype, current_stream()));
   return terms_shape(scores, terms);
 }
 
@@ -183,13 +183,13 @@ at::Tensor sparse_mce_backward_cuda(const at::Tensor& grad_terms, const at::Tens
   at::Tensor idx = prepare_pos_index(op, pos_index, rows, scores.size(-1), mask_zero, scores);
   at::Tensor gt = prepare_terms(op, "grad_terms", grad_terms, rows, scores);
   at::Tensor tt = prepare_terms(op, "terms", terms, rows, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceGuard guard(scores.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
   at::Tensor grad = at::empty_like(s);
   const cuda::RowLossArgs a{s.size(0), s.size(1), positives.size(1), s.data_ptr(), nullptr,
                             positives.data_ptr<int64_t>(), gt.data_ptr(), tt.data_ptr(),
                             grad.data_ptr(), mask_zero};
-  C10_CUDA_CHECK(cuda::sparse_mce_backward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::sparse_mce_backward(a, dtype, current_stream()));
   return grad.view(scores.sizes());
 }
 
@@ -205,7 +205,7 @@ at::Tensor global_pointer_loss_cuda(const at::Tensor& q, const at::Tensor& k,
   const auto dtype = cuda_dtype(op, q);
   const GPGeometry& g = in.geom;
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
   at::Tensor terms = at::zeros({g.B, g.H, 2}, q.options().dtype(acc_dtype(q.scalar_type())));
   at::Tensor workspace = workspace_for(g, dtype, q);  // the per-tile partial sums
@@ -215,7 +215,7 @@ at::Tensor global_pointer_loss_cuda(const at::Tensor& q, const at::Tensor& k,
   a.mask_zero = mask_zero;
   a.out = terms.data_ptr();
   a.workspace = workspace.data_ptr();
-  C10_CUDA_CHECK(cuda::global_pointer_loss_forward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::global_pointer_loss_forward(a, dtype, current_stream()));
   return terms;
 }
 
@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   at::Tensor idx = prepare_pos_index(op, pos_index, {g.B, g.H}, g.L * g.L, mask_zero, q);
   at::Tensor gt = prepare_terms(op, "grad_terms", grad_terms, {g.B, g.H}, q);
   at::Tensor tt = prepare_terms(op, "terms", terms, {g.B, g.H}, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   at::Tensor positives = sorted_positives(idx, mask_zero);
   cuda::GPArgs a = gp_args(in);
   a.positives = positives.data_ptr<int64_t>();
@@ -242,14 +242,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   a.grad = gt.data_ptr();
   a.terms = tt.data_ptr();
   const GradBuffers gb = grad_buffers(g, q, a);
-  C10_CUDA_CHECK(cuda::global_pointer_loss_backward(a, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::global_pointer_loss_backward(a, dtype, current_stream()));
   return finish_global_pointer_backward(in, gb.q, gb.k, gb.bias_start, gb.bias_end,
                                         q.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(seqfuse, CUDA, m) {
+SEQFUSE_CUDA_LIBRARY_IMPL(m) {
   m.impl("rope", &rope_cuda);
   m.impl("global_pointer_scores", &global_pointer_scores_cuda);
   m.impl("global_pointer_scores_backward", &global_pointer_scores_backward_cuda);

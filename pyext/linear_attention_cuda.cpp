@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attenti
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
     const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps) {
   const char* op = "causal_linear_attention";
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const LinearAttentionInputs in =
       prepare_linear_attention(op, q, k, v, std::string(feature_map), decay, scale, S0, z0, eps);
   const LinearAttentionGeometry& g = in.geom;
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attenti
   args.S_out = S_T.data_ptr();
   args.z_out = z_T.data_ptr();
   args.den = den.data_ptr();
-  C10_CUDA_CHECK(cuda::linear_attention_forward(args, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::linear_attention_forward(args, dtype, current_stream()));
   return {o, S_T, z_T, den};
 }
 
@@ -62,7 +62,7 @@ causal_linear_attention_backward_cuda(
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
     const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0) {
   const char* op = "causal_linear_attention_backward";
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const LinearAttentionInputs in =
       prepare_linear_attention(op, q, k, v, std::string(feature_map), decay, scale, S0, z0, 0.0);
   const LinearAttentionGrads gr = prepare_linear_attention_grads(op, in, grad_o, grad_S, grad_z, o, den);
@@ -87,13 +87,13 @@ causal_linear_attention_backward_cuda(
   args.grad_S_in = dS0.data_ptr();
   args.grad_z_in = dz0.data_ptr();
   args.workspace = workspace.data_ptr();
-  C10_CUDA_CHECK(cuda::linear_attention_backward(args, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::linear_attention_backward(args, dtype, current_stream()));
   return {dq, dk, dv, dS0, dz0};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(seqfuse, CUDA, m) {
+SEQFUSE_CUDA_LIBRARY_IMPL(m) {
   m.impl("causal_linear_attention", &causal_linear_attention_cuda);
   m.impl("causal_linear_attention_backward", &causal_linear_attention_backward_cuda);
 }

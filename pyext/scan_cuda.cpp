@@ -19,7 +19,7 @@ at::Tensor linear_scan_cuda(const at::Tensor& a, const at::Tensor& b,
                             const std::optional<at::Tensor>& h0, bool reverse) {
   const ScanInputs in = prepare_scan("linear_scan", a, b, h0, reverse);
   const auto dtype = cuda_dtype("linear_scan", in.b);
-  const c10::cuda::CUDAGuard guard(b.device());
+  const DeviceGuard guard(b.device());
   at::Tensor h = at::empty_like(in.b);
   at::Tensor workspace = workspace_for(in.geom, dtype, in.b);
   cuda::ScanArgs args{};
@@ -29,7 +29,7 @@ at::Tensor linear_scan_cuda(const at::Tensor& a, const at::Tensor& b,
   args.h0 = data_or_null(in.h0);
   args.out = h.data_ptr();
   args.workspace = workspace.data_ptr();
-  C10_CUDA_CHECK(cuda::linear_scan_forward(args, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::linear_scan_forward(args, dtype, current_stream()));
   return h;
 }
 
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cuda(
   const ScanGeometry& g = in.geom;
   const auto dtype = cuda_dtype("linear_scan_backward", in.b);
   const auto acc = h.options().dtype(acc_dtype(h.scalar_type()));
-  const c10::cuda::CUDAGuard guard(h.device());
+  const DeviceGuard guard(h.device());
   at::Tensor grad = grad_h.contiguous();
   at::Tensor grad_b = at::empty_like(in.b);
   const bool per_chunk = g.a_sT == 0;
@@ -58,14 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cuda(
   args.grad_a = grad_a.data_ptr();
   args.grad_h0 = grad_h0.data_ptr();
   args.workspace = workspace.data_ptr();
-  C10_CUDA_CHECK(cuda::linear_scan_backward(args, dtype, current_stream()));
+  SEQFUSE_CUDA_CHECK(cuda::linear_scan_backward(args, dtype, current_stream()));
   if (per_chunk) grad_a = grad_a.sum(1, /*keepdim=*/true);
   return finish_scan_backward(a, h0, grad_a, grad_b, grad_h0);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(seqfuse, CUDA, m) {
+SEQFUSE_CUDA_LIBRARY_IMPL(m) {
   m.impl("linear_scan", &linear_scan_cuda);
   m.impl("linear_scan_backward", &linear_scan_backward_cuda);
 }

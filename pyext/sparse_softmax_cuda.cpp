@@ -37,22 +37,22 @@ const T* ro(const at::Tensor& t) {
 }
 
 void sparse_softmax_forward(const at::Tensor& x, int64_t k, at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(cuda::sparse_softmax_forward(x.data_ptr(), shape_of(x), k, out.data_ptr(),
+  const DeviceGuard guard(x.device());
+  SEQFUSE_CUDA_CHECK(cuda::sparse_softmax_forward(x.data_ptr(), shape_of(x), k, out.data_ptr(),
                                               row_dtype(x), current_stream()));
 }
 
 void sparse_softmax_backward(const at::Tensor& grad, const at::Tensor& probs, at::Tensor& grad_x) {
-  const c10::cuda::CUDAGuard guard(probs.device());
-  C10_CUDA_CHECK(cuda::sparse_softmax_backward(grad.data_ptr(), probs.data_ptr(), shape_of(probs),
+  const DeviceGuard guard(probs.device());
+  SEQFUSE_CUDA_CHECK(cuda::sparse_softmax_backward(grad.data_ptr(), probs.data_ptr(), shape_of(probs),
                                                grad_x.data_ptr(), row_dtype(probs),
                                                current_stream()));
 }
 
 void topk_softmax_forward(const at::Tensor& x, at::Tensor& probs, at::Tensor& indices) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t kk = probs.size(1);
-  C10_CUDA_CHECK(cuda::topk_softmax_forward(x.data_ptr(), shape_of(x), kk, probs.data_ptr(),
+  SEQFUSE_CUDA_CHECK(cuda::topk_softmax_forward(x.data_ptr(), shape_of(x), kk, probs.data_ptr(),
                                             mut<int64_t>(indices), row_dtype(x),
                                             current_stream()));
   if (kk > cuda::kTopKSortedMax) {
@@ -68,8 +68,8 @@ void topk_softmax_forward(const at::Tensor& x, at::Tensor& probs, at::Tensor& in
 
 void topk_softmax_backward(const at::Tensor& grad, const at::Tensor& probs,
                            const at::Tensor& indices, at::Tensor& grad_x) {
-  const c10::cuda::CUDAGuard guard(probs.device());
-  C10_CUDA_CHECK(cuda::topk_softmax_backward(grad.data_ptr(), probs.data_ptr(),
+  const DeviceGuard guard(probs.device());
+  SEQFUSE_CUDA_CHECK(cuda::topk_softmax_backward(grad.data_ptr(), probs.data_ptr(),
                                              ro<int64_t>(indices), shape_of(grad_x),
                                              probs.size(1), grad_x.data_ptr(), row_dtype(probs),
                                              current_stream()));
@@ -78,8 +78,8 @@ void topk_softmax_backward(const at::Tensor& grad, const at::Tensor& probs,
 void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, int64_t k,
                            int64_t ignore_index, at::Tensor& loss, at::Tensor& lse,
                            at::Tensor& indices) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  C10_CUDA_CHECK(cuda::cross_entropy_forward(
+  const DeviceGuard guard(logits.device());
+  SEQFUSE_CUDA_CHECK(cuda::cross_entropy_forward(
       logits.data_ptr(), ro<int64_t>(target), shape_of(logits), k, ignore_index, mut<float>(loss),
       mut<float>(lse), indices.numel() > 0 ? mut<int64_t>(indices) : nullptr, row_dtype(logits),
       current_stream()));
@@ -89,31 +89,31 @@ void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logit
                             const at::Tensor& target, const at::Tensor& lse,
                             const at::Tensor& indices, int64_t ignore_index,
                             at::Tensor& grad_logits) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  C10_CUDA_CHECK(cuda::cross_entropy_backward(
+  const DeviceGuard guard(logits.device());
+  SEQFUSE_CUDA_CHECK(cuda::cross_entropy_backward(
       ro<float>(grad_loss), logits.data_ptr(), ro<int64_t>(target), ro<float>(lse),
       indices.numel() > 0 ? ro<int64_t>(indices) : nullptr, shape_of(logits), indices.size(1),
       ignore_index, grad_logits.data_ptr(), row_dtype(logits), current_stream()));
 }
 
 void taylor_softmax_forward(const at::Tensor& x, int64_t order, at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(cuda::taylor_softmax_forward(x.data_ptr(), shape_of(x), int(order),
+  const DeviceGuard guard(x.device());
+  SEQFUSE_CUDA_CHECK(cuda::taylor_softmax_forward(x.data_ptr(), shape_of(x), int(order),
                                               out.data_ptr(), row_dtype(x), current_stream()));
 }
 
 void taylor_softmax_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
                              int64_t order, at::Tensor& grad_x) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(cuda::taylor_softmax_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(),
+  const DeviceGuard guard(x.device());
+  SEQFUSE_CUDA_CHECK(cuda::taylor_softmax_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(),
                                                shape_of(x), int(order), grad_x.data_ptr(),
                                                row_dtype(x), current_stream()));
 }
 
 void entropy_normalize_forward(const at::Tensor& p, const at::Tensor& target, int64_t iters,
                                at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(p.device());
-  C10_CUDA_CHECK(cuda::entropy_normalize_forward(p.data_ptr(), ro<float>(target), shape_of(p),
+  const DeviceGuard guard(p.device());
+  SEQFUSE_CUDA_CHECK(cuda::entropy_normalize_forward(p.data_ptr(), ro<float>(target), shape_of(p),
                                                  int(iters), out.data_ptr(), row_dtype(p),
                                                  current_stream()));
 }
@@ -121,11 +121,11 @@ void entropy_normalize_forward(const at::Tensor& p, const at::Tensor& target, in
 void entropy_normalize_backward(const at::Tensor& grad, const at::Tensor& p,
                                 const at::Tensor& target, int64_t iters, at::Tensor& grad_p,
                                 at::Tensor& grad_target) {
-  const c10::cuda::CUDAGuard guard(p.device());
+  const DeviceGuard guard(p.device());
   const cuda::RowShape s = shape_of(p);
   const auto bytes = int64_t(cuda::entropy_backward_workspace_bytes(s, int(iters)));
   at::Tensor workspace = at::empty({bytes}, p.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cuda::entropy_normalize_backward(
+  SEQFUSE_CUDA_CHECK(cuda::entropy_normalize_backward(
       grad.data_ptr(), p.data_ptr(), ro<float>(target), s, int(iters), grad_p.data_ptr(),
       mut<float>(grad_target), workspace.data_ptr(), row_dtype(p), current_stream()));
 }
@@ -139,7 +139,7 @@ const RowKernels kCudaKernels = {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(seqfuse, CUDA, m) {
+SEQFUSE_CUDA_LIBRARY_IMPL(m) {
   m.impl("sparse_softmax",
          [](const at::Tensor& x, int64_t k) { return sparse_softmax_impl(kCudaKernels, x, k); });
   m.impl("sparse_softmax_backward", [](const at::Tensor& grad, const at::Tensor& probs) {

@@ -1,13 +1,54 @@
 """Shared test setup: devices, dtype tolerances, fresh random inputs.
 
-CUDA cases carry the `cuda` marker and are skipped when no GPU is present; the check
-runs when a test starts, never at import.
+A test's `device` is one of
+- "cpu": the CPU kernels;
+- the emulated CUDA device (marker `emulated`, ids "emulated" and "emulated-random"):
+  tensors on the CPU, and seqfuse's ops running the real CUDA kernels and bindings
+  compiled for the CPU (tests/emulator), under the forward schedule, or under random
+  thread and block orders with 4 blocks resident at once;
+- "cuda": a GPU (marker `cuda`), skipped when none is present; the check runs when a
+  test starts, never at import.
+An emulated `device` is the string "cpu" to torch, so tensors are made the same way on
+every device; `runs_cuda_kernels(device)` tells a test which kernels it is exercising.
 """
+
+import contextlib
 
 import pytest
 import torch
 
 import seqfuse
+
+
+class EmulatedDevice(str):
+    """The emulated CUDA device as a test's `device`: "cpu" to torch, CUDA kernels inside."""
+
+    def __new__(cls, schedule: dict):
+        self = super().__new__(cls, "cpu")
+        self.schedule = schedule
+        return self
+
+
+EMULATED_SCHEDULES = {
+    "emulated": dict(threads="forward", blocks="forward", resident=1),
+    "emulated-random": dict(threads="random", blocks="random", resident=4),
+}
+EMULATED = [
+    pytest.param(EmulatedDevice(schedule), id=name, marks=pytest.mark.emulated)
+    for name, schedule in EMULATED_SCHEDULES.items()
+]
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
+DEVICES = ["cpu", *EMULATED, CUDA]
+CUDA_DEVICES = [*EMULATED, CUDA]  # the CUDA kernels, emulated and on a GPU
+
+
+def runs_cuda_kernels(device) -> bool:
+    """Whether seqfuse's ops run their CUDA kernels on `device` (a GPU or the emulator)."""
+    return isinstance(device, EmulatedDevice) or str(device).startswith("cuda")
+
+
+def emulated(device) -> bool:
+    return isinstance(device, EmulatedDevice)
 
 
 def pytest_runtest_setup(item):
@@ -19,7 +60,13 @@ def pytest_runtest_setup(item):
         pytest.skip("seqfuse was built without CUDA kernels")
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+@pytest.fixture(scope="session")
+def emulator():
+    """The emulated-device extension, built on first use (incremental afterwards)."""
+    import emulator as emu_build
+
+    return emu_build.load()
+
 
 # Tolerances against a float64 reference, by the dtype the kernel ran in.
 TOL = {
@@ -37,7 +84,44 @@ def fresh_seed():
     """Each test draws fresh inputs; the seed is printed on failure to reproduce it."""
     seed = torch.seed() % 2**31
     torch.manual_seed(seed)
+    print(f"seed: {seed}")
     yield seed
+
+
+@pytest.fixture(autouse=True)
+def emulated_kernels(request, fresh_seed):
+    """Runs an emulated test with seqfuse's ops on the emulated CUDA kernels."""
+    device = request.node.callspec.params.get("device") if hasattr(request.node, "callspec") else None
+    if request.node.get_closest_marker("emulated") is None or not emulated(device):
+        yield None
+        return
+    emu = request.getfixturevalue("emulator")
+    emu.configure(**device.schedule, seed=fresh_seed)
+    print(f"emulated schedule: {device.schedule}, seed {fresh_seed}")
+    emu.enable()
+    _running["emulator"] = emu
+    try:
+        yield emu
+    finally:
+        _running["emulator"] = None
+        emu.disable()
+
+
+_running = {"emulator": None}  # the emulator of the emulated test now running
+
+
+@contextlib.contextmanager
+def cpu_kernels():
+    """seqfuse's CPU kernels inside the block, also in an emulated test (to compare)."""
+    emu = _running["emulator"]
+    if emu is None:
+        yield
+        return
+    emu.disable()
+    try:
+        yield
+    finally:
+        emu.enable()
 
 
 def assert_close(actual, expected, dtype=None, **kw):

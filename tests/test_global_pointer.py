@@ -11,7 +11,7 @@ from seqfuse import reference
 from seqfuse.nn import EfficientGlobalPointer, GlobalPointer, global_pointer_decode
 from seqfuse.reference.global_pointer import sparse_labels
 
-from conftest import DEVICES, assert_close
+from conftest import CUDA_DEVICES, DEVICES, assert_close
 
 F64 = torch.float64
 INF = float("inf")
@@ -620,7 +620,7 @@ def test_decode():
 # float16/bfloat16 tiles run on tensor cores (wmma), float32 on CUDA cores; RoPE is
 # applied as tiles are loaded. Shapes: L not a multiple of the 64 tile, L = 1, odd D
 # without rope, Efficient GlobalPointer's shared q/k with per-head biases.
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B, L, Hqk, H, D, rope", [
     (2, 150, 3, 3, 64, True),
@@ -629,16 +629,16 @@ def test_decode():
     (2, 70, 1, 6, 64, True),
 ])
 @pytest.mark.parametrize("mask_zero", [False, True])
-def test_cuda_low_precision(dtype, B, L, Hqk, H, D, rope, mask_zero):
-    q, k = qk(B, L, Hqk, D, "cuda", dtype, requires_grad=False)
+def test_cuda_low_precision(device, dtype, B, L, Hqk, H, D, rope, mask_zero):
+    q, k = qk(B, L, Hqk, D, device, dtype, requires_grad=False)
     q, k = (q / 2).requires_grad_(), (k / 2).requires_grad_()
     bs = be = None
     if Hqk == 1:
-        bs = torch.randn(B, H, L, device="cuda", dtype=dtype, requires_grad=True)
-        be = torch.randn(B, H, L, device="cuda", dtype=dtype, requires_grad=True)
-    mask = padding_mask(B, L, "cuda")
+        bs = torch.randn(B, H, L, device=device, dtype=dtype, requires_grad=True)
+        be = torch.randn(B, H, L, device=device, dtype=dtype, requires_grad=True)
+    mask = padding_mask(B, L, device)
     mask[0] = 1  # token 0 real in one sentence, so span (0, 0) matters under mask_zero
-    idx = positives(B, H, L, 6, "cuda", mask_zero)
+    idx = positives(B, H, L, 6, device, mask_zero)
     kw = dict(mask=mask, rope=rope)
     leaves = [t for t in (q, k, bs, be) if t is not None]
     wide = [t.detach().double().requires_grad_() for t in leaves]
@@ -651,7 +651,7 @@ def test_cuda_low_precision(dtype, B, L, Hqk, H, D, rope, mask_zero):
     assert out.dtype == dtype and out.shape == (B, H, L, L)
     assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
     assert_close(finite(out), finite(expected), dtype=dtype)
-    up = torch.randn(out.shape, device="cuda", dtype=F64)
+    up = torch.randn(out.shape, device=device, dtype=F64)
     for got, want in zip(torch.autograd.grad(out, leaves, up.to(dtype)),
                          torch.autograd.grad(expected, wide, up)):
         assert_close(got, want, dtype=dtype, rtol=5e-2, atol=5e-2)

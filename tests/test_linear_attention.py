@@ -1,6 +1,8 @@
 """causal_linear_attention: the kernels against the references, gradients, the
 custom-op contract, bad inputs, extremes, decoding with state, and the module."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import seqfuse
 from seqfuse import reference
 from seqfuse.nn import CausalLinearAttention
 
-from conftest import DEVICES, assert_close
+from conftest import CUDA_DEVICES, DEVICES, assert_close, cpu_kernels, runs_cuda_kernels
 
 FEATURE_MAPS = ["identity", "elu1", "relu"]
 
@@ -396,28 +398,31 @@ def test_module_rejects_bad_arguments():
         CausalLinearAttention(32, 4, "elu1").redraw_features()
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128, 100])
-def test_cuda_matches_cpu_kernel(dtype, D):
+def test_cuda_matches_cpu_kernel(device, dtype, D):
     q, k, v, S0, z0 = make_inputs(2, 300, 3, D, D, feature_map="elu1", state=True, dtype=dtype)
     gamma = torch.tensor([0.9, 0.99, 1.0])
     kw = dict(feature_map="elu1", decay=gamma, initial_state=(S0.float(), z0.float()), return_state=True)
     leaves_cpu = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    leaves_gpu = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
-    cpu = seqfuse.causal_linear_attention(*leaves_cpu, **kw)
-    kw_cuda = dict(kw, decay=gamma.cuda(), initial_state=(S0.float().cuda(), z0.float().cuda()))
+    leaves_gpu = [t.detach().to(device).requires_grad_() for t in (q, k, v)]
+    with cpu_kernels():
+        cpu = seqfuse.causal_linear_attention(*leaves_cpu, **kw)
+    kw_cuda = dict(kw, decay=gamma.to(device),
+                   initial_state=(S0.float().to(device), z0.float().to(device)))
     gpu = seqfuse.causal_linear_attention(*leaves_gpu, **kw_cuda)
     assert_close(gpu[0], cpu[0], dtype=dtype)
     assert_close(gpu[1][0], cpu[1][0], rtol=1e-3, atol=1e-3)
     grad_o = torch.randn_like(cpu[0])
-    cpu[0].backward(grad_o)
-    gpu[0].backward(grad_o.to(device="cuda", dtype=dtype))
+    with cpu_kernels():
+        cpu[0].backward(grad_o)
+    gpu[0].backward(grad_o.to(device=device, dtype=dtype))
     for got, want in zip(leaves_gpu, leaves_cpu):
         assert_close(got.grad, want.grad, dtype=dtype)
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("shape", [
     (3, 1, 4, 128, 64),   # T = 1: the decoding kernel forward, the chunked backward
     (2, 131, 2, 8, 8),    # prime T, several chunks
@@ -426,24 +431,26 @@ def test_cuda_matches_cpu_kernel(dtype, D):
 ])
 @pytest.mark.parametrize("feature_map,normalize,decay", [
     ("elu1", True, True), ("relu", False, False), ("identity", True, False)])
-def test_cuda_float64_matches_cpu_kernel(shape, feature_map, normalize, decay):
+def test_cuda_float64_matches_cpu_kernel(device, shape, feature_map, normalize, decay):
     # Every output and gradient, the state's included, in float64 so that the two
     # kernels must agree to rounding.
     B, T, H, Dk, Dv = shape
     cpu_in = make_inputs(B, T, H, Dk, Dv, feature_map=feature_map, normalize=normalize,
                          state=True, requires_grad=True)
-    gpu_in = [t.detach().cuda().requires_grad_() for t in cpu_in]
+    gpu_in = [t.detach().to(device).requires_grad_() for t in cpu_in]
     kw = kwargs_for(feature_map, normalize, decay, H, "cpu")
     grads_out = [torch.randn(*size, dtype=torch.float64)
                  for size in ((B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk))]
     results = []
-    for inputs, device in ((cpu_in, "cpu"), (gpu_in, "cuda")):
-        gamma = kw["decay"].to(device) if decay else None
-        o, (S, z) = seqfuse.causal_linear_attention(
-            *inputs[:3], feature_map=feature_map, normalize=normalize, decay=gamma,
-            initial_state=tuple(inputs[3:]), return_state=True)
-        loss = sum((x * g.to(device)).sum() for x, g in zip((o, S, z), grads_out))
-        results.append([x.detach().cpu() for x in (o, S, z, *torch.autograd.grad(loss, inputs))])
+    for inputs, on, kernels in ((cpu_in, "cpu", cpu_kernels()), (gpu_in, device, nullcontext())):
+        with kernels:
+            gamma = kw["decay"].to(on) if decay else None
+            o, (S, z) = seqfuse.causal_linear_attention(
+                *inputs[:3], feature_map=feature_map, normalize=normalize, decay=gamma,
+                initial_state=tuple(inputs[3:]), return_state=True)
+            loss = sum((x * g.to(on)).sum() for x, g in zip((o, S, z), grads_out))
+            grads = torch.autograd.grad(loss, inputs)
+        results.append([x.detach().cpu() for x in (o, S, z, *grads)])
     for got, want in zip(results[1], results[0]):
         assert_close(got, want, rtol=1e-9, atol=1e-9)
 
@@ -453,7 +460,7 @@ def test_cuda_float64_matches_cpu_kernel(shape, feature_map, normalize, decay):
 TENSOR_CORE_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [
     (2, 77, 2, 64, 64),      # T not a multiple of the chunk
@@ -463,11 +470,11 @@ TENSOR_CORE_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 ])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("decay", [False, True])
-def test_cuda_16bit_tensor_core_path_matches_float64(dtype, shape, normalize, decay):
+def test_cuda_16bit_tensor_core_path_matches_float64(device, dtype, shape, normalize, decay):
     B, T, H, Dk, Dv = shape
     q, k, v = make_inputs(B, T, H, Dk, Dv, feature_map="elu1", normalize=normalize, dtype=dtype,
-                          device="cuda", requires_grad=True)
-    kw = kwargs_for("elu1", normalize, decay, H, "cuda")
+                          device=device, requires_grad=True)
+    kw = kwargs_for("elu1", normalize, decay, H, device)
     out = seqfuse.causal_linear_attention(q, k, v, **kw)
     wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = reference.causal_linear_attention(*wide, **kw)
@@ -484,15 +491,15 @@ def test_cuda_16bit_tensor_core_path_matches_float64(dtype, shape, normalize, de
         assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.cuda
-def test_cuda_float16_tiny_features_keep_their_precision():
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_float16_tiny_features_keep_their_precision(device):
     # elu(x) + 1 = e^x ~ 1e-4 for x ~ -9: the products a_r . b_s (~1e-8 Dk) lie below
     # float16's range; the tensor-core path scales every operand row by a power of two
     # before rounding, so they must come out as accurate as the float path.
     B, T, H, D = 2, 200, 2, 64
-    q = (torch.randn(B, T, H, D) - 9).to(device="cuda", dtype=torch.float16).requires_grad_()
-    k = (torch.randn(B, T, H, D) - 9).to(device="cuda", dtype=torch.float16).requires_grad_()
-    v = torch.randn(B, T, H, D).to(device="cuda", dtype=torch.float16).requires_grad_()
+    q = (torch.randn(B, T, H, D) - 9).to(device=device, dtype=torch.float16).requires_grad_()
+    k = (torch.randn(B, T, H, D) - 9).to(device=device, dtype=torch.float16).requires_grad_()
+    v = torch.randn(B, T, H, D).to(device=device, dtype=torch.float16).requires_grad_()
     for normalize in (True, False):
         out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", normalize=normalize)
         wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -507,9 +514,10 @@ def test_cuda_float16_tiny_features_keep_their_precision():
             assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.cuda
-def test_cuda_decode_step_matches_full_sequence():
-    q, k, v = make_inputs(1, 20, 16, 128, 128, feature_map="elu1", dtype=torch.float32, device="cuda")
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_decode_step_matches_full_sequence(device):
+    q, k, v = make_inputs(1, 20, 16, 128, 128, feature_map="elu1", dtype=torch.float32,
+                          device=device)
     whole = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
     state, outs = None, []
     for t in range(20):

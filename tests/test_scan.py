@@ -5,7 +5,7 @@ import torch
 
 import seqfuse
 from seqfuse import reference
-from conftest import DEVICES, assert_close
+from conftest import CUDA_DEVICES, DEVICES, assert_close, runs_cuda_kernels
 
 # How `a` is given, as a function of (B, T, C): full, and each broadcast form.
 A_SHAPES = {
@@ -41,7 +41,7 @@ def scan_and_grads(fn, a, b, h0, reverse, grad):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("T", [1, 2, 97, 130])
 def test_matches_reference_fwd_bwd(device, dtype, a_kind, reverse, T):
-    if device == "cuda" and dtype == torch.complex128:
+    if runs_cuda_kernels(device) and dtype == torch.complex128:
         dtype = torch.complex64
     B, C = 3, 37
     a, b, h0 = make((B, T, C), A_SHAPES[a_kind](B, T, C), dtype, device)
@@ -237,10 +237,10 @@ def test_cuda_uses_current_stream_and_matches_cpu():
     assert_close(h, seqfuse.linear_scan(a, b, h0))
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("T", [4096, 65536 + 17])
-def test_cuda_many_chunks_float32(T):
+def test_cuda_many_chunks_float32(device, T):
     """Long T: thousands of chunks chained by the look-back."""
-    a, b, h0 = make((2, T, 96), (2, T, 96), torch.float32, "cuda")
+    a, b, h0 = make((2, T, 96), (2, T, 96), torch.float32, device)
     assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a.double(), b.double(), h0.double()),
                  torch.float32, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import seqfuse
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, runs_cuda_kernels
 from seqfuse import reference
 
 OPS = [
@@ -21,7 +21,7 @@ OPS = [
 
 def _dtype(device):
     """float64 where the kernels have it (CPU); float32 on CUDA."""
-    return torch.float64 if device == "cpu" else torch.float32
+    return torch.float32 if runs_cuda_kernels(device) else torch.float64
 
 
 def _fwd_bwd(fn, x, *args, grad=None, **kwargs):

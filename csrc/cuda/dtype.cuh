@@ -10,6 +10,7 @@
 
 #include "../common/complex.h"
 #include "launch.h"
+#include "portability.cuh"
 
 namespace seqfuse::cuda {
 

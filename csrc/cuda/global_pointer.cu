@@ -316,7 +316,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) scores_forward_kernel(const GPArgs a) {
   using acc_t = acc_of<scalar_t>;
   constexpr int T = Tile<scalar_t>::T, P = Tile<scalar_t>::P;
-  __shared__ ProductSmem<scalar_t> sm;
+  SEQFUSE_SHARED(ProductSmem<scalar_t>, sm);
   const GPGeometry& g = a.geom;
   const int64_t tiles = tiles_of<scalar_t>(g);
   const int64_t blk = blockIdx.x;
@@ -359,8 +359,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     loss_forward_kernel(const GPArgs a, acc_of<scalar_t>* partials) {
   using acc_t = acc_of<scalar_t>;
   constexpr int T = Tile<scalar_t>::T, P = Tile<scalar_t>::P;
-  __shared__ ProductSmem<scalar_t> sm;
-  __shared__ acc_t red_m[kThreads / 32], red_z[kThreads / 32];
+  SEQFUSE_SHARED(ProductSmem<scalar_t>, sm);
+  SEQFUSE_SHARED(acc_t, red_m, [kThreads / 32]);
+  SEQFUSE_SHARED(acc_t, red_z, [kThreads / 32]);
   const GPGeometry& g = a.geom;
   const int64_t tiles = tiles_of<scalar_t>(g);
   const int64_t blk = blockIdx.x;
@@ -446,7 +447,7 @@ template <typename scalar_t, bool LOSS, bool COLUMNS>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
   using acc_t = acc_of<scalar_t>;
   constexpr int T = Tile<scalar_t>::T, P = Tile<scalar_t>::P;
-  __shared__ BackwardSmem<scalar_t> sm;
+  SEQFUSE_SHARED(BackwardSmem<scalar_t>, sm);
   const GPGeometry& g = a.geom;
   const scalar_t* q = static_cast<const scalar_t*>(a.q);
   const scalar_t* k = static_cast<const scalar_t*>(a.k);
@@ -602,7 +603,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
 template <typename scalar_t, bool SPARSE>
 __global__ void __launch_bounds__(kRowThreads) row_loss_forward_kernel(const RowLossArgs a) {
   using acc_t = acc_of<scalar_t>;
-  __shared__ acc_t red_m[kRowThreads / 32], red_z[kRowThreads / 32];
+  SEQFUSE_SHARED(acc_t, red_m, [kRowThreads / 32]);
+  SEQFUSE_SHARED(acc_t, red_z, [kRowThreads / 32]);
   const int64_t r = blockIdx.x;
   const scalar_t* s = static_cast<const scalar_t*>(a.scores) + r * a.N;
   Log1pSumExp<acc_t> neg, pos;
@@ -681,10 +683,10 @@ cudaError_t launch_backward(const GPArgs& a, DType dtype, cudaStream_t stream) {
       a, dtype, [&](int64_t tiles) { return g.B * g.Hqk * tiles; },
       [&](auto tag, int64_t, unsigned grid) {
         using scalar_t = decltype(tag);
-        backward_kernel<scalar_t, LOSS, false><<<grid, kThreads, 0, stream>>>(a);
+        SEQFUSE_LAUNCH(grid, kThreads, 0, stream, backward_kernel<scalar_t, LOSS, false>)(a);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
-        backward_kernel<scalar_t, LOSS, true><<<grid, kThreads, 0, stream>>>(a);
+        SEQFUSE_LAUNCH(grid, kThreads, 0, stream, backward_kernel<scalar_t, LOSS, true>)(a);
         return cudaGetLastError();
       });
 }
@@ -695,7 +697,7 @@ cudaError_t launch_row_forward(const RowLossArgs& a, DType dtype, cudaStream_t s
   if (!grid_fits(a.R)) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
-    row_loss_forward_kernel<decltype(tag), SPARSE><<<unsigned(a.R), kRowThreads, 0, stream>>>(a);
+    SEQFUSE_LAUNCH(unsigned(a.R), kRowThreads, 0, stream, row_loss_forward_kernel<decltype(tag), SPARSE>)(a);
     err = cudaGetLastError();
   });
   return err;
@@ -708,8 +710,7 @@ cudaError_t launch_row_backward(const RowLossArgs& a, DType dtype, cudaStream_t 
   const int64_t blocks = std::min<int64_t>((total + kRowThreads - 1) / kRowThreads, 1 << 20);
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
-    row_loss_backward_kernel<decltype(tag), SPARSE>
-        <<<unsigned(blocks), kRowThreads, 0, stream>>>(a);
+    SEQFUSE_LAUNCH(unsigned(blocks), kRowThreads, 0, stream, row_loss_backward_kernel<decltype(tag), SPARSE>)(a);
     err = cudaGetLastError();
   });
   return err;
@@ -736,7 +737,7 @@ cudaError_t rope(const void* x, const int64_t* positions, int64_t B, int64_t L, 
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_float_types(dtype, [&](auto tag) {
     const RotateArgs r{x, out, positions, B, L, H, D, std::log(base), inverse};
-    rotate_kernel<decltype(tag)><<<unsigned(blocks), kThreads, 0, stream>>>(r);
+    SEQFUSE_LAUNCH(unsigned(blocks), kThreads, 0, stream, rotate_kernel<decltype(tag)>)(r);
     err = cudaGetLastError();
   });
   return err;
@@ -747,7 +748,7 @@ cudaError_t global_pointer_scores_forward(const GPArgs& a, DType dtype, cudaStre
   return launch_gp(
       a, dtype, [&](int64_t tiles) { return g.B * g.Hqk * tiles * tiles; },
       [&](auto tag, int64_t, unsigned grid) {
-        scores_forward_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(a);
+        SEQFUSE_LAUNCH(grid, kThreads, 0, stream, scores_forward_kernel<decltype(tag)>)(a);
         return cudaGetLastError();
       });
 }
@@ -763,12 +764,11 @@ cudaError_t global_pointer_loss_forward(const GPArgs& a, DType dtype, cudaStream
       [&](auto tag, int64_t tiles, unsigned grid) {
         using scalar_t = decltype(tag);
         auto* partials = static_cast<acc_of<scalar_t>*>(a.workspace);
-        loss_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(a, partials);
+        SEQFUSE_LAUNCH(grid, kThreads, 0, stream, loss_forward_kernel<scalar_t>)(a, partials);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
         const int64_t rows = g.B * g.H;
-        loss_finish_kernel<scalar_t><<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0,
-                                       stream>>>(rows, tiles * tiles, partials,
+        SEQFUSE_LAUNCH(unsigned((rows + kThreads - 1) / kThreads), kThreads, 0, stream, loss_finish_kernel<scalar_t>)(rows, tiles * tiles, partials,
                                                  static_cast<acc_of<scalar_t>*>(a.out));
         return cudaGetLastError();
       });

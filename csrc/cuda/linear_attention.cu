@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
                 "the 16-bit path needs whole 16-step tiles and spare warps for the ones column");
   static_assert(kChunk + 8 <= 2 * (kTile + 8), "Ph fits in Ah and Bh for every Da (ldh >= 24)");
   // acc_t may be double; the wmma tiles want 32 bytes
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SEQFUSE_DYNAMIC_SHARED(unsigned char, smem_raw, 128);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
 
   const LinearAttentionGeometry& g = ps.geom;
@@ -512,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) decode_kernel(LinearAttentionArgs args, unsigned tiles) {
   using acc_t = acc_of<scalar_t>;
-  __shared__ acc_t partial[kWarps][kCols + 1];
+  SEQFUSE_SHARED(acc_t, partial, [kWarps][kCols + 1]);
   const LinearAttentionGeometry& g = args.geom;
   const unsigned bh32 = blockIdx.x / tiles;
   const int64_t bh = bh32, c0 = int64_t(blockIdx.x % tiles) * kCols;
@@ -633,7 +633,7 @@ cudaError_t launch_pass_with(const Pass<scalar_t>& ps, cudaStream_t stream) {
   auto kernel = chunk_kernel<scalar_t, kDa>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned(blocks), kThreads, bytes, stream>>>(ps, unsigned(tiles));
+  SEQFUSE_LAUNCH(unsigned(blocks), kThreads, bytes, stream, kernel)(ps, unsigned(tiles));
   return cudaGetLastError();
 }
 
@@ -658,7 +658,7 @@ cudaError_t forward(const LinearAttentionArgs& args, cudaStream_t stream) {
     const int64_t tiles = (g.Dv + kCols - 1) / kCols, blocks = g.B * g.H * tiles;
     if (blocks == 0) return cudaSuccess;
     if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
-    decode_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(args, unsigned(tiles));
+    SEQFUSE_LAUNCH(unsigned(blocks), kThreads, 0, stream, decode_kernel<scalar_t>)(args, unsigned(tiles));
     return cudaGetLastError();
   }
   Pass<scalar_t> ps = base_pass<scalar_t>(args, false, args.S_in, args.z_in, args.S_out, args.z_out);
@@ -686,7 +686,7 @@ cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
   if (rows > 0) {
     const int64_t blocks = (rows + kWarps - 1) / kWarps;
     if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
-    output_grad_kernel<scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(args);
+    SEQFUSE_LAUNCH(unsigned(blocks), kThreads, 0, stream, output_grad_kernel<scalar_t>)(args);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

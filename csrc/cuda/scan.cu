@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   const auto* b = static_cast<const scalar_t*>(args.b);
   const auto* h0 = static_cast<const acc_t*>(args.h0);
 
-  __shared__ unsigned s_tile;
-  __shared__ Affine<acc_t> s_agg[kWarps][kLanes];
-  __shared__ acc_t s_carry[kWarps][kLanes];
+  SEQFUSE_SHARED(unsigned, s_tile);
+  SEQFUSE_SHARED(Affine<acc_t>, s_agg, [kWarps][kLanes]);
+  SEQFUSE_SHARED(acc_t, s_carry, [kWarps][kLanes]);
 
   const int lane = threadIdx.x % kLanes;
   const int warp = threadIdx.x / kLanes;
@@ -238,7 +238,7 @@ cudaError_t launch(const ScanArgs& args, DType dtype, cudaStream_t stream) {
     const Layout layout = workspace_layout<acc_t>(g);
     err = cudaMemsetAsync(args.workspace, 0, layout.values, stream);
     if (err != cudaSuccess) return;
-    scan_kernel<scalar_t, BACKWARD><<<unsigned(tiles), kWarps * kLanes, 0, stream>>>(
+    SEQFUSE_LAUNCH(unsigned(tiles), kWarps * kLanes, 0, stream, scan_kernel<scalar_t, BACKWARD>)(
         args, lookback_in<acc_t>(args.workspace, g));
     err = cudaGetLastError();
   });

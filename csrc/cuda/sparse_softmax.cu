@@ -361,7 +361,7 @@ __device__ GroupSmem carve(unsigned char* base, Mode mode, int64_t kk) {
 // G per row, kThreads / G::kSize rows per block.
 template <class G, int kThreads, typename scalar_t, Mode kMode, bool kStage>
 __global__ void __launch_bounds__(kThreads) topk_row_kernel(TopKArgs args) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  SEQFUSE_DYNAMIC_SHARED(unsigned char, smem, 16);
   constexpr int kGroups = kThreads / G::kSize;
   const int64_t V = args.shape.V, kk = args.kk;
   const int group = int(threadIdx.x) / G::kSize;
@@ -418,7 +418,7 @@ __device__ void cut_candidates(Composite* cand, int n, int64_t kk, SelectShared&
 template <typename scalar_t, Mode kMode>
 __global__ void __launch_bounds__(kBlockThreads) topk_filter_kernel(TopKArgs args, int capacity) {
   using G = BlockGroup<kBlockThreads>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  SEQFUSE_DYNAMIC_SHARED(unsigned char, smem, 16);
   const int64_t V = args.shape.V, kk = args.kk;
   const int64_t r = blockIdx.x;
   const GroupSmem g = carve(smem, kMode, kk);
@@ -481,7 +481,7 @@ cudaError_t launch_with_smem(Kernel kernel, unsigned grid, int threads, int64_t 
                                                  int(bytes));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, threads, size_t(bytes), stream>>>(args...);
+  SEQFUSE_LAUNCH(grid, threads, size_t(bytes), stream, kernel)(args...);
   return cudaGetLastError();
 }
 
@@ -534,7 +534,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     softmax_backward_kernel(const scalar_t* grad, const scalar_t* probs, int64_t V,
                             scalar_t* grad_x) {
-  __shared__ float red[kRowThreads / kWarp];
+  SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
   float local = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
@@ -552,7 +552,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     topk_backward_kernel(const scalar_t* grad, const scalar_t* probs, const int64_t* indices,
                          int64_t kk, int64_t V, scalar_t* grad_x) {
-  __shared__ float red[kRowThreads / kWarp];
+  SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t r = blockIdx.x;
   float local = 0.f;
   for (int64_t j = threadIdx.x; j < kk; j += kRowThreads) {
@@ -574,7 +574,7 @@ __global__ void __launch_bounds__(kRowThreads)
                                   const int64_t* target, const float* lse,
                                   const int64_t* indices, int64_t V, int64_t kk,
                                   int64_t ignore_index, scalar_t* grad) {
-  __shared__ int target_kept;
+  SEQFUSE_SHARED(int, target_kept);
   const int64_t r = blockIdx.x;
   const scalar_t* row = logits + r * V;
   scalar_t* g = grad + r * V;
@@ -606,7 +606,7 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     taylor_kernel(const scalar_t* x, int64_t V, int order, scalar_t* out) {
-  __shared__ float red[kRowThreads / kWarp];
+  SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
   float local = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
@@ -622,7 +622,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     taylor_backward_kernel(const scalar_t* grad, const scalar_t* x, const scalar_t* out,
                            int64_t V, int order, scalar_t* grad_x) {
-  __shared__ float red[kRowThreads / kWarp];
+  SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
   float s_local = 0.f, dot_local = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
@@ -690,7 +690,7 @@ __device__ TraceSlot entropy_trace(const scalar_t* p, int64_t V, float target, i
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     entropy_kernel(const scalar_t* p, const float* target, int64_t V, int iters, scalar_t* out) {
-  __shared__ float red[kRowThreads / kWarp];
+  SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
   const TraceSlot s = entropy_trace(p + o, V, target[blockIdx.x], iters, red, nullptr);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
@@ -704,7 +704,7 @@ __global__ void __launch_bounds__(kRowThreads)
     entropy_backward_kernel(const scalar_t* grad, const scalar_t* p, const float* target,
                             int64_t V, int iters, scalar_t* grad_p, float* grad_target,
                             float* adjoint, TraceSlot* traces) {
-  __shared__ float red[kRowThreads / kWarp];
+  SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t r = blockIdx.x, o = r * V;
   TraceSlot* trace = traces + r * (iters + 1);
   float* adj = adjoint + o;
@@ -823,7 +823,7 @@ cudaError_t sparse_softmax_backward(const void* grad, const void* probs, RowShap
                                     DType dtype, cudaStream_t stream) {
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    softmax_backward_kernel<T><<<grid, block, 0, stream>>>(as<T>(grad), as<T>(probs), s.V,
+    SEQFUSE_LAUNCH(grid, block, 0, stream, softmax_backward_kernel<T>)(as<T>(grad), as<T>(probs), s.V,
                                                            as<T>(grad_x));
   });
 }
@@ -833,7 +833,7 @@ cudaError_t topk_softmax_backward(const void* grad, const void* probs, const int
                                   cudaStream_t stream) {
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    topk_backward_kernel<T><<<grid, block, 0, stream>>>(as<T>(grad), as<T>(probs), indices, kk,
+    SEQFUSE_LAUNCH(grid, block, 0, stream, topk_backward_kernel<T>)(as<T>(grad), as<T>(probs), indices, kk,
                                                         s.V, as<T>(grad_x));
   });
 }
@@ -845,7 +845,7 @@ cudaError_t cross_entropy_backward(const float* grad_loss, const void* logits,
                                    cudaStream_t stream) {
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    cross_entropy_backward_kernel<T><<<grid, block, 0, stream>>>(
+    SEQFUSE_LAUNCH(grid, block, 0, stream, cross_entropy_backward_kernel<T>)(
         grad_loss, as<T>(logits), target, lse, indices, s.V, kk, ignore_index, as<T>(grad));
   });
 }
@@ -854,7 +854,7 @@ cudaError_t taylor_softmax_forward(const void* x, RowShape s, int order, void* o
                                    cudaStream_t stream) {
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    taylor_kernel<T><<<grid, block, 0, stream>>>(as<T>(x), s.V, order, as<T>(out));
+    SEQFUSE_LAUNCH(grid, block, 0, stream, taylor_kernel<T>)(as<T>(x), s.V, order, as<T>(out));
   });
 }
 
@@ -862,7 +862,7 @@ cudaError_t taylor_softmax_backward(const void* grad, const void* x, const void*
                                     int order, void* grad_x, DType dtype, cudaStream_t stream) {
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    taylor_backward_kernel<T><<<grid, block, 0, stream>>>(as<T>(grad), as<T>(x), as<T>(out), s.V,
+    SEQFUSE_LAUNCH(grid, block, 0, stream, taylor_backward_kernel<T>)(as<T>(grad), as<T>(x), as<T>(out), s.V,
                                                           order, as<T>(grad_x));
   });
 }
@@ -871,7 +871,7 @@ cudaError_t entropy_normalize_forward(const void* p, const float* target, RowSha
                                       void* out, DType dtype, cudaStream_t stream) {
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    entropy_kernel<T><<<grid, block, 0, stream>>>(as<T>(p), target, s.V, iters, as<T>(out));
+    SEQFUSE_LAUNCH(grid, block, 0, stream, entropy_kernel<T>)(as<T>(p), target, s.V, iters, as<T>(out));
   });
 }
 
@@ -889,7 +889,7 @@ cudaError_t entropy_normalize_backward(const void* grad, const void* p, const fl
                                               (adjoint + 255) / 256 * 256);
   return launch_rows(s, dtype, [&](auto tag, dim3 grid, dim3 block) {
     using T = decltype(tag);
-    entropy_backward_kernel<T><<<grid, block, 0, stream>>>(as<T>(grad), as<T>(p), target, s.V,
+    SEQFUSE_LAUNCH(grid, block, 0, stream, entropy_backward_kernel<T>)(as<T>(grad), as<T>(p), target, s.V,
                                                            iters, as<T>(grad_p), grad_target, adj,
                                                            traces);
   });
