@@ -412,6 +412,93 @@ def test_nan_stays_in_its_row(device):
     assert torch.isnan(terms[1]) and torch.isfinite(terms[[0, 2]]).all()
 
 
+def assert_same_values_and_specials(actual, expected, **tol):
+    """actual equals expected, with NaN and +-inf at exactly the same entries."""
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+    assert_close(actual, expected, equal_nan=True, **tol)
+
+
+# Score rows with several +inf terms in one sum (and one with none), and hard labels.
+PLUS_INF_SCORES = [
+    [0.5, INF, 2.0, INF, -1.0],     # two +inf negatives
+    [-INF, INF, INF, 0.3, INF],     # three, beside a masked entry
+    [INF, INF, -0.5, INF, 1.0],     # a +inf positive (adds e^-inf = 0) among them
+    [1.0, -2.0, INF, 0.5, 0.0],     # one
+    [0.2, 1.1, -0.4, 3.0, -1.5],    # none
+]
+PLUS_INF_LABELS = [[0, 0, 0, 0, 1], [0, 0, 0, 1, 0], [1, 0, 0, 0, 1], [0, 1, 0, 0, 0],
+                   [0, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("soft", [False, True])
+def test_dense_loss_plus_inf_terms(device, soft):
+    # log(1 + sum e^s) over terms with two or more +inf is +inf, not e^(inf - inf) = NaN;
+    # the gradient e^(s - inf) is then NaN at the +inf negatives and 0 at the other
+    # negatives, as the reference's autograd gives (a +inf positive adds e^-inf = 0).
+    s = torch.tensor(PLUS_INF_SCORES, device=device, dtype=F64, requires_grad=True)
+    labels = torch.tensor(PLUS_INF_LABELS, device=device)
+    if soft:
+        labels = torch.rand(s.shape, device=device, dtype=F64)
+    out = seqfuse.multilabel_categorical_crossentropy(s, labels, "none")
+    expected = reference.multilabel_categorical_crossentropy(s, labels, "none")
+    assert torch.isinf(expected[:4]).all() and torch.isfinite(expected[4])
+    assert_same_values_and_specials(out, expected)
+    up = torch.randn_like(out)
+    grad, grad_ref = grads_with(out, up, s)[0], grads_with(expected, up, s)[0]
+    assert torch.equal(torch.isnan(grad_ref), (s.detach() == INF) & (labels < 1))
+    assert_same_values_and_specials(grad, grad_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_sparse_loss_plus_inf_terms(device, mask_zero):
+    s = torch.tensor(PLUS_INF_SCORES, device=device, dtype=F64, requires_grad=True)
+    # The positives of PLUS_INF_LABELS; with mask_zero, 0 is padding and slot 0 is ignored.
+    idx = torch.tensor([[4, 4], [3, 0], [0, 4], [1, 1], [1, 4]], device=device)
+    out = seqfuse.sparse_multilabel_categorical_crossentropy(s, idx, mask_zero, "none")
+    expected = reference.sparse_multilabel_categorical_crossentropy(s, idx, mask_zero, "none")
+    assert torch.isinf(expected[:2]).all()
+    assert_same_values_and_specials(out, expected)
+    up = torch.randn_like(out)
+    assert_same_values_and_specials(grads_with(out, up, s)[0],
+                                    grads_with(expected, up, s)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L", [9, 70])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_loss_plus_inf_scores(device, L, shared):
+    # A +inf start bias makes every unmasked score of its row +inf: that (b, h)'s loss is
+    # +inf, and only the gradients that touch a +inf score are NaN (the +inf row of q,
+    # the columns of k and bias_end it reaches, its bias_start); the rest match the
+    # reference, which is finite there, and other (b, h) stay as they were.
+    B, H, D = 2, 3, 8
+    q, k = qk(B, L, 1 if shared else H, D, device)
+    bs = torch.randn(B, H, L, device=device, dtype=F64)
+    bs[0, 1, 2] = INF        # L - 2 unmasked +inf scores in row 2
+    bs[1, 2, L - 1] = INF    # a single +inf score (tril: row L - 1 holds only (L-1, L-1))
+    bs.requires_grad_()
+    be = torch.randn(B, H, L, device=device, dtype=F64, requires_grad=True) if shared else None
+    idx = positives(B, H, L, 5, device)
+    single = idx[1, 2]
+    single[single == L * L - 1] = 0  # keeps the single +inf a negative (0 is padding)
+    kw = dict(bias_start=bs, bias_end=be)
+    out = seqfuse.global_pointer_loss(q, k, idx, reduction="none", **kw)
+    expected = reference.global_pointer_loss(q, k, idx, reduction="none", **kw)
+    assert torch.isinf(expected[0, 1]) and torch.isinf(expected[1, 2])
+    assert torch.isfinite(expected[0, [0, 2]]).all() and torch.isfinite(expected[1, :2]).all()
+    assert_same_values_and_specials(out, expected, rtol=1e-10, atol=1e-10)
+    up = torch.rand_like(out) + 0.5
+    got = grads_with(out, up, q, k, bs, be)
+    want = grads_with(expected, up, q, k, bs, be)
+    assert torch.isnan(want[0]).any() and not torch.isnan(want[0]).all()
+    for a, b in zip(got, want):
+        assert_same_values_and_specials(a, b, rtol=1e-10, atol=1e-10)
+
+
 # ---- empty inputs, bad inputs, registration -----------------------------------------
 
 def test_empty_inputs():

@@ -354,6 +354,63 @@ def test_cross_entropy_target_outside_top_k(device):
     assert torch.count_nonzero(g[0]) == 3 and torch.count_nonzero(g[1]) == 2
 
 
+def _assert_same_values_and_specials(actual, expected, dtype):
+    """actual equals expected, with NaN and +-inf at exactly the same entries."""
+    actual = actual.detach().cpu().double()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+    assert_close(actual, expected, dtype, equal_nan=True)
+
+
+# Rows of 5 logits with +inf kept entries, and their targets.
+PLUS_INF_ROWS = [
+    ([0.5, math.inf, 2.0, -1.0, 3.0], 2),         # one +inf, target outside the top 2
+    ([math.inf, 1.0, math.inf, -2.0, 0.0], 1),    # two +inf
+    ([-math.inf, math.inf, 0.0, -math.inf, 1.0], 4),  # +inf beside -inf
+    ([1.0, math.inf, 0.0, 2.0, -1.0], 1),         # the target is the +inf: inf - inf
+    ([0.3, -0.7, 1.5, 0.1, -2.0], 0),             # finite: untouched by the others
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [2, 3, 5])  # top-k selections, and k >= V (the whole row)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cross_entropy_plus_inf_logit(device, k, reduction):
+    # The log-sum-exp of kept logits with a +inf is +inf, as torch.logsumexp gives (not
+    # exp(inf - inf) = NaN): the loss is +inf (NaN where the target is the +inf), and
+    # dL/dx_i = p_i - [i == t] with p_i = exp(x_i - lse) is NaN at the +inf entries only.
+    rows = PLUS_INF_ROWS if reduction == "none" else PLUS_INF_ROWS[:3]  # mean: no NaN row
+    x = torch.tensor([r for r, _ in rows], dtype=torch.float64)
+    target = torch.tensor([t for _, t in rows])
+    dtype = _dtype(device)
+    loss, dx, g = _fwd_bwd(seqfuse.sparse_softmax_cross_entropy, x.to(device, dtype),
+                           target.to(device), k, reduction=reduction)
+    loss_ref, dx_ref, _ = _fwd_bwd(reference.sparse_softmax_cross_entropy, x, target, k,
+                                   reduction=reduction, grad=g.cpu().double())
+    assert torch.isinf(loss_ref).any() and torch.isnan(dx_ref).any()  # the case is exercised
+    assert not torch.isnan(dx_ref[x != math.inf]).any()
+    _assert_same_values_and_specials(loss, loss_ref, dtype)
+    _assert_same_values_and_specials(dx, dx_ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_softmaxes_plus_inf_logit(device, k):
+    # A kept +inf poisons the softmaxes' rows, as torch.softmax's exp(x - max) does in the
+    # reference; the other rows are untouched. (The SPACES loss's lse stays +inf.)
+    x = torch.tensor([r for r, _ in PLUS_INF_ROWS], dtype=torch.float64)
+    xd = x.to(device, _dtype(device))
+    p_ref = reference.sparse_softmax(x, k)
+    probs_ref, idx_ref = reference.topk_softmax(x, k)
+    assert torch.isnan(p_ref[:-1]).all() and torch.isfinite(p_ref[-1]).all()
+    _assert_same_values_and_specials(seqfuse.sparse_softmax(xd, k), p_ref, _dtype(device))
+    (probs, idx), dx, g = _fwd_bwd(seqfuse.topk_softmax, xd, k)
+    (_, _), dx_ref, _ = _fwd_bwd(reference.topk_softmax, x, k, grad=g.cpu().double())
+    assert torch.equal(idx.cpu(), idx_ref)
+    _assert_same_values_and_specials(probs, probs_ref, _dtype(device))
+    _assert_same_values_and_specials(dx, dx_ref, _dtype(device))
+
+
 def test_cross_entropy_all_ignored_is_nan_mean():
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     target = torch.full((3,), 4)

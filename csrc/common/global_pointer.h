@@ -102,7 +102,9 @@ SEQFUSE_HD void rope_rotate(acc_t& x0, acc_t& x1, acc_t c, acc_t s) {
 // which keeps tiny results (1e-7 and below) exact in float32. -inf terms add nothing
 // and NaN propagates: a NaN term or partial takes the `!(x <= m)` branch, so m never
 // stays -inf beside a NaN z, and merge, which skips partials with m = -inf (empty
-// ones), never drops a NaN.
+// ones), never drops a NaN. A term (or partial) equal to m adds e^0 = 1 (times its z)
+// without exp(x - m): at x = m = +inf that is exp(inf - inf) = NaN, where the sum of
+// two +inf terms is +inf.
 template <typename acc_t>
 struct Log1pSumExp {
   acc_t m = -INFINITY, z = acc_t(0);
@@ -113,7 +115,7 @@ struct Log1pSumExp {
       z = z * exp(m - x) + acc_t(1);
       m = x;
     } else {
-      z += exp(x - m);
+      z += x == m ? acc_t(1) : exp(x - m);
     }
   }
   SEQFUSE_HD void merge(const Log1pSumExp& o) {
@@ -122,7 +124,7 @@ struct Log1pSumExp {
       z = z * exp(m - o.m) + o.z;
       m = o.m;
     } else {
-      z += o.z * exp(o.m - m);
+      z += o.m == m ? o.z : o.z * exp(o.m - m);
     }
   }
   SEQFUSE_HD acc_t value() const {

@@ -19,6 +19,7 @@
 //                              + gamma q'_i / q_i * (g'_i - sum_j g'_j q'_j)
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -93,6 +94,17 @@ struct Taylor {
     }
     return {below + term, below};
   }
+};
+
+// The log-sum-exp over Omega_k, from m = max_{Omega_k} x and lse = m + log sum exp(x - m)
+// (so nothing overflows). A kept +inf makes that exp(inf - inf) = NaN. The softmaxes keep
+// it: a NaN normaliser poisons their row, as torch.softmax's exp(x - max) does. The loss
+// takes the true value, +inf (as torch.logsumexp), so L = +inf (NaN if x_t is the +inf)
+// and dL/dx_i = exp(x_i - lse) - [i == t] is NaN at the +inf entries only.
+template <typename acc_t>
+struct KeptLse {
+  acc_t m, softmax;
+  SEQFUSE_HD acc_t loss() const { return m == acc_t(INFINITY) ? m : softmax; }
 };
 
 // Scalars of one Newton step of entropy normalisation (see the top of this file).

@@ -49,14 +49,14 @@ acc_t nan_max(acc_t a, acc_t b) {
   return (b > a || b != b) ? b : a;
 }
 
-// logsumexp of n values produced by value(j); NaN in, NaN out.
+// logsumexp of n values produced by value(j), with their maximum; NaN in, NaN out.
 template <typename acc_t, typename Fn>
-acc_t logsumexp(int64_t n, const Fn& value) {
+KeptLse<acc_t> logsumexp(int64_t n, const Fn& value) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < n; ++j) m = nan_max(m, value(j));
   acc_t s = 0;
   for (int64_t j = 0; j < n; ++j) s += std::exp(value(j) - m);
-  return m + std::log(s);
+  return {m, m + std::log(s)};
 }
 
 template <typename scalar_t>
@@ -98,9 +98,9 @@ void for_lanes(int64_t V, const Fn& fn) {
   for (int64_t i = 0; i < V; i += kLanes) fn(i, std::min(kLanes, V - i));
 }
 
-// logsumexp of a whole row; NaN in, NaN out (as logsumexp above).
+// logsumexp of a whole row, with its maximum; NaN in, NaN out (as logsumexp above).
 template <typename scalar_t>
-typename Types<scalar_t>::acc row_logsumexp(const scalar_t* row, int64_t V) {
+KeptLse<typename Types<scalar_t>::acc> row_logsumexp(const scalar_t* row, int64_t V) {
   using acc_t = typename Types<scalar_t>::acc;
   using Vec = AccVec<scalar_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -124,7 +124,7 @@ typename Types<scalar_t>::acc row_logsumexp(const scalar_t* row, int64_t V) {
   s_lanes.store(lanes);
   acc_t s = 0;
   for (int64_t j = 0; j < Vec::size(); ++j) s += lanes[j];
-  return m + std::log(s);
+  return {m, m + std::log(s)};
 }
 
 // The top-k selection of one row at a time (see the top of this file).
@@ -187,7 +187,7 @@ void sparse_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t k, s
       const scalar_t* row = x + r * V;
       scalar_t* o = out + r * V;
       if (k >= V) {
-        const AccVec<scalar_t> lse(row_logsumexp(row, V));
+        const AccVec<scalar_t> lse(row_logsumexp(row, V).softmax);
         for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
           store_acc((load_acc(row + i, n) - lse).exp(), o + i, n);
         });
@@ -195,7 +195,7 @@ void sparse_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t k, s
       }
       const auto& top = topk.select(row, V, k);
       auto value = [&](int64_t j) { return acc_t(row[top[j].index]); };
-      const acc_t lse = logsumexp<acc_t>(k, value);
+      const acc_t lse = logsumexp<acc_t>(k, value).softmax;
       // A NaN normaliser (NaN in the row, or nothing above -inf) poisons the whole
       // row, as the dense reference does; other rows are untouched.
       std::fill_n(o, V, scalar_t(lse != lse ? lse : acc_t(0)));
@@ -244,7 +244,7 @@ void topk_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t kk, sc
       const scalar_t* row = x + r * V;
       const auto& top = topk.select_sorted(row, V, kk);
       auto value = [&](int64_t j) { return acc_t(row[top[j].index]); };
-      const acc_t lse = logsumexp<acc_t>(kk, value);
+      const acc_t lse = logsumexp<acc_t>(kk, value).softmax;
       for (int64_t j = 0; j < kk; ++j) {
         probs[r * kk + j] = scalar_t(std::exp(value(j) - lse));
         indices[r * kk + j] = top[j].index;
@@ -284,10 +284,10 @@ void cross_entropy_kernel(const scalar_t* logits, const int64_t* target, int64_t
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = logits + r * V;
       if (k >= V) {
-        lse[r] = row_logsumexp(row, V);
+        lse[r] = row_logsumexp(row, V).loss();
       } else {
         const auto& top = topk.select(row, V, k);
-        lse[r] = logsumexp<acc_t>(k, [&](int64_t j) { return acc_t(row[top[j].index]); });
+        lse[r] = logsumexp<acc_t>(k, [&](int64_t j) { return acc_t(row[top[j].index]); }).loss();
         for (int64_t j = 0; j < k; ++j) indices[r * k + j] = top[j].index;
       }
       const int64_t t = target[r];

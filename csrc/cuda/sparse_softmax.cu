@@ -26,9 +26,10 @@
 //
 // Only when none fits (k too large for the candidate buffer, or k >= V on a row too
 // long to stage) does the block read the row from global memory in every pass.
-// Then, over the kept entries: m = max, lse = m + log sum exp(x - m) (float32), and the
-// output (dense: fill, then scatter the kept; compact: sorted in shared memory by a
-// bitonic network when k <= kTopKSortedMax; loss: lse - x_t and the kept indices).
+// Then, over the kept entries: m = max, lse = m + log sum exp(x - m) (float32; the loss
+// takes +inf for m = +inf, see KeptLse), and the output (dense: fill, then scatter the
+// kept; compact: sorted in shared memory by a bitonic network when k <= kTopKSortedMax;
+// loss: lse - x_t and the kept indices).
 #include <cstdint>
 #include <type_traits>
 
@@ -337,8 +338,9 @@ __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
     }
     if (G::rank() == 0) {
       const int64_t t = args.target[r];
-      args.loss[r] = t == args.ignore_index ? 0.f : lse - x_t;
-      args.lse[r] = lse;
+      const float loss_lse = KeptLse<float>{m, lse}.loss();
+      args.loss[r] = t == args.ignore_index ? 0.f : loss_lse - x_t;
+      args.lse[r] = loss_lse;
     }
   }
 }
