@@ -34,17 +34,19 @@ CALLS = {
 @pytest.mark.parametrize("device", EMULATED)
 @pytest.mark.parametrize("family", sorted(CALLS))
 def test_emulated_tests_run_the_cuda_kernels(device, family, emulated_kernels):
+    torch.manual_seed(0)
     before = launches(emulated_kernels)
     emulated_out = CALLS[family]()
+    torch.manual_seed(0)
     assert launches(emulated_kernels) > before, "the op did not reach the emulated kernels"
     emulated_kernels.disable()
     try:
         before = launches(emulated_kernels)
-        CALLS[family]()
+        cpu_out = CALLS[family]()
         assert launches(emulated_kernels) == before, "disabled, the CPU kernels must run"
     finally:
         emulated_kernels.enable()
-    assert torch.isfinite(emulated_out).all()
+    torch.testing.assert_close(emulated_out, cpu_out, rtol=1e-4, atol=1e-5)
 
 
 def selftest(emulator, name, **schedule):
@@ -101,10 +103,10 @@ def test_bad_launch_configurations_are_launch_errors(emulator, name):
 # out-of-bounds access to global memory, or to shared memory (allocated per block at
 # its exact size), is a report and a failure.
 ASAN_SUBSET = {
-    "tests/test_scan.py": "test_matches_reference_fwd_bwd and float32 and 65",
-    "tests/test_linear_attention.py": "test_cuda_16bit_tensor_core_path_matches_float64 and 77",
-    "tests/test_sparse_softmax.py": "test_cuda_paths",
-    "tests/test_global_pointer.py": "test_cuda_low_precision and 37",
+    "tests/test_scan.py": "test_non_contiguous_inputs or test_empty",
+    "tests/test_linear_attention.py": "test_odd_sizes or test_cuda_float16_zero_rows",
+    "tests/test_sparse_softmax.py": "test_every_topk_path_in_half_types or test_single_entry_rows",
+    "tests/test_global_pointer.py": "test_scores_and_fused_loss_edge_shapes",
 }
 
 

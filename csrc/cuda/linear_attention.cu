@@ -25,8 +25,8 @@
 // normalise its own columns. A T = 1 forward (decoding with a carried state) takes a
 // separate kernel that streams the state through registers.
 //
-// Precision. float32 and float64 run every product on CUDA cores in the accumulation
-// type (float; double for float64). float16 and bfloat16 run the two intra-chunk
+// Precision. float32, float64 and bfloat16 run every product on CUDA cores in the
+// accumulation type (float; double for float64). float16 runs the two intra-chunk
 // products on tensor cores (nvcuda::wmma, 16x16x16 tiles, float accumulators):
 //
 //   S = A B^T   [kChunk, kChunk], K = Da   A, B rounded to the input type
@@ -43,7 +43,10 @@
 // multiples of 16 (Da to Dpad, zeros in the padding and in the rows past the sequence
 // end), with leading dimensions that are multiples of 8 (16-bit) or 4 (float) and every
 // tile 32-byte aligned; a warp loads and stores its fragments through those, never
-// through the fragment's element layout.
+// through the fragment's element layout. A chunk whose C holds a NaN or an infinity
+// takes P C on CUDA cores from the float P, summing s <= r only: the tile product
+// would carry 0 * NaN from later steps into earlier outputs, and the op is causal on
+// every path (a non-finite input at step t changes no output before t).
 #include <mma.h>
 
 #include <climits>
@@ -66,11 +69,12 @@ __host__ __device__ constexpr int chunk_of() {
   return sizeof(acc_t) == 4 ? 32 : 16;
 }
 
-// 16-bit inputs take the intra-chunk products on tensor cores (wmma; sm_80 and newer,
-// which bfloat16 fragments need: the build targets sm_80 and sm_90).
+// float16 inputs take the intra-chunk products on tensor cores (wmma). bfloat16 does
+// not: its 8-bit significand, rounded once more in S and P, cost dq and dk up to 6e-2
+// relative error (differences of nearly equal terms), so it runs the float path and
+// is only rounded on the way in and out.
 template <typename scalar_t>
-constexpr bool kTensorCores =
-    std::is_same_v<scalar_t, __half> || std::is_same_v<scalar_t, __nv_bfloat16>;
+constexpr bool kTensorCores = std::is_same_v<scalar_t, __half>;
 constexpr int kTile = 16;  // wmma M = N = K
 
 template <typename T>
@@ -200,9 +204,16 @@ __device__ __forceinline__ acc_t state_product(const acc_t* A, const acc_t* X, i
 }
 
 // The exponent e with m = f 2^e, f in [1/2, 1); 0 for zero, inf or NaN (left as they are).
+// An all-zero row (padding, or do = 0 at padded steps) gets an exponent far below any
+// real one, so that it never sets the scale of a row of P (whose exponent is the
+// largest over the rows of C it meets) and flushes the real entries; a zero row scaled
+// by any power of two is still zero.
+constexpr int kZeroRowExponent = -1000;
+
 __device__ __forceinline__ int row_exponent(float m) {
   int e = 0;
-  if (m > 0.0f && isfinite(m)) frexpf(m, &e);
+  if (m == 0.0f) return kZeroRowExponent;
+  if (isfinite(m)) frexpf(m, &e);
   return e;
 }
 
@@ -246,7 +257,8 @@ struct Smem {
       ch = bh + chunk * ldh * 2;
       ph = ah;  // Ah and Bh are dead once S is formed; Ph (<= their size) reuses them
       ex = ch + chunk * ldch * 2;
-      bytes = ex + 4 * chunk * 4;  // int exponents of the rows of A, B, C and Ph
+      bytes = ex + (4 * chunk + 1) * 4;  // int exponents of the rows of A, B, C and Ph,
+                                         // and whether C holds a non-finite value
     }
   }
 };
@@ -288,6 +300,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   scalar_t *Ch = reinterpret_cast<scalar_t*>(smem_raw + L.ch);
   scalar_t *Ph = reinterpret_cast<scalar_t*>(smem_raw + L.ph);
   int* ex = reinterpret_cast<int*>(smem_raw + L.ex);  // row exponents ea, eb, ec, ep
+  int* c_not_finite = ex + 4 * kChunk;  // this chunk's C holds a NaN or an infinity
   const int ldh = int(L.ldh), ldph = int(L.ldph);
   constexpr int ldf = Smem::ldf, ldch = Smem::ldch;
 
@@ -312,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   for (int64_t p0 = 0; p0 < g.T; p0 += kChunk) {
     const int n = g.T - p0 < kChunk ? int(g.T - p0) : kChunk;
     __syncthreads();  // the previous chunk is done with A, B, C
+    if (kTensor && tid == 0) *c_not_finite = 0;
 
     for (int idx = tid; idx < kChunk * Da; idx += kThreads) {
       const int r = idx / Da, i = idx % Da;
@@ -340,9 +354,14 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
         scalar_t* dst = which == 0 ? Ah + r * ldh : which == 1 ? Bh + r * ldh : Ch + r * ldch;
         const int width = which == 2 ? kCols : Da, padded = which == 2 ? kCols : int(L.Dpad);
         acc_t m = 0;
-        for (int i = lane; i < width; i += 32) m = fmaxf(m, fabsf(src[i]));
+        bool finite = true;
+        for (int i = lane; i < width; i += 32) {
+          m = fmaxf(m, fabsf(src[i]));
+          finite &= isfinite(src[i]);
+        }
         for (int offset = 16; offset > 0; offset /= 2)
           m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        if (!__all_sync(0xffffffffu, finite) && which == 2 && lane == 0) *c_not_finite = 1;
         const int e = row_exponent(m);
         for (int i = lane; i < padded; i += 32)
           dst[i] = from_acc<scalar_t>(i < width ? ldexpf(src[i], -e) : 0.0f);
@@ -394,6 +413,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
         if (e_row == INT_MIN) e_row = 0;  // a row of zeros (or of NaN / inf: kept as is)
         Ph[r * ldph + s] = from_acc<scalar_t>(normal ? ldexpf(frac, e_pv + ec[s] - e_row) : pv);
         if (lane == 0) ep[r] = e_row;
+        if (*c_not_finite) F[r * ldf + s] = pv;  // this lane's own S entry, read above
         if (ps.ones_column) {
           acc_t z = pv * C[s * ldc + kCols];
           for (int offset = 16; offset > 0; offset /= 2) z += __shfl_xor_sync(0xffffffffu, z, offset);
@@ -402,8 +422,11 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       }
       __syncthreads();
 
-      // P C on tensor cores into F (S is dead); K runs to the diagonal tile only.
-      for (int tile = warp; tile < kPcWarps; tile += kWarps) {
+      // P C on tensor cores into F (S is dead); K runs to the diagonal tile only. Not
+      // when C holds a NaN or an infinity: inside the diagonal tile the masked P_rs = 0
+      // (s > r) would multiply it into earlier rows (0 * NaN), so that chunk takes the
+      // float P kept in F and sums s <= r only, on CUDA cores.
+      for (int tile = warp; tile < (*c_not_finite ? 0 : kPcWarps); tile += kWarps) {
         const int mt = tile / kColTiles, nt = tile % kColTiles;
         wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
         wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, scalar_t, wmma::row_major> fa;
@@ -454,7 +477,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       const int r = warp + kWarps * i;
       acc_t intra;
       if constexpr (kTensor) {
-        intra = ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);  // 2^(ep_r) (Ph Ch)_rj
+        intra = *c_not_finite ? intra_product<acc_t, ldf, ldc>(F, C, r, lane)
+                              : ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);  // 2^(ep_r) (Ph Ch)_rj
       } else {
         intra = intra_product<acc_t, ldp, ldc>(P, C, r, lane);
       }
