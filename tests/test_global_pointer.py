@@ -44,8 +44,9 @@ def grads_with(out, upstream, *inputs):
 
 
 def finite(t):
-    """Replaces -inf (masked) by a large finite number so differences can be compared."""
-    return t.masked_fill(torch.isinf(t), -1e30)
+    """Replaces -inf (masked) by a large finite number so differences can be compared
+    (in float64: -1e30 is out of float16's range)."""
+    return t.double().masked_fill(torch.isinf(t), -1e30)
 
 
 # ---- rope ---------------------------------------------------------------------------
