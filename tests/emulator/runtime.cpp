@@ -4,7 +4,8 @@
 // `resident` of them interleaved at their synchronisation points. The threads of a
 // block are fibers on one OS thread; a fiber runs until it reaches __syncthreads, a
 // warp collective, __nanosleep or its end, and the scheduler then resumes the others
-// in a configured order (forward, reverse, or a fresh random order on every pass).
+// in a configured order (forward, reverse, or a fresh random order on every pass, in
+// which each warp also sits out with probability 1/2 and falls behind the others).
 // A kernel whose result depends on these orders has a race or a missing barrier.
 //
 // Fails loudly (an exception out of the launch, so a RuntimeError in Python) on:
@@ -391,9 +392,16 @@ void schedule_grid(const LaunchConfig& cfg) {
     bool progress = false;
     for (auto& b : resident) {
       next_pass_order(thread_order, g_schedule.threads, rng);
+      // Random: each warp also sits out the pass with probability 1/2, as a descheduled
+      // warp would, so that other warps run ahead of it past barriers and collectives.
+      const uint64_t held = g_schedule.threads == Order::Random ? rng() : 0;
       for (unsigned i : thread_order) {
         Thread& t = b->threads[i];
         if (t.state != State::Ready && t.state != State::Spin) continue;
+        if (held >> (t.warp % 64) & 1) {
+          progress |= t.state == State::Ready;  // it goes on in a later pass
+          continue;
+        }
         const bool was_spinning = t.state == State::Spin;
         t.state = State::Ready;
         resume(t);
