@@ -63,9 +63,16 @@ def pytest_runtest_setup(item):
 @pytest.fixture(scope="session")
 def emulator():
     """The emulated-device extension, built on first use (incremental afterwards)."""
+    import os
+
     import emulator as emu_build
 
-    return emu_build.load()
+    try:
+        return emu_build.load()
+    except emu_build.MissingHeaders as err:
+        if os.environ.get("CI"):
+            raise  # CI has the headers: their absence is a failure there
+        pytest.skip(str(err))
 
 
 # Tolerances against a float64 reference, by the dtype the kernel ran in.

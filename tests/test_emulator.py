@@ -118,7 +118,7 @@ def libasan():
 
 @pytest.mark.skipif(libasan() is None, reason="needs g++ with libasan")
 @pytest.mark.parametrize("path", sorted(ASAN_SUBSET))
-def test_asan_subset(path):
+def test_asan_subset(path, emulator):  # `emulator`: builds the shared objects first
     env = dict(os.environ, SEQFUSE_EMULATOR="asan", LD_PRELOAD=libasan(),
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:alloc_dealloc_mismatch=0:"
                             "new_delete_type_mismatch=0:detect_odr_violation=0")

@@ -477,8 +477,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       const int r = warp + kWarps * i;
       acc_t intra;
       if constexpr (kTensor) {
+        // 2^(ep_r) (Ph Ch)_rj, or the float P kept in F times C
         intra = *c_not_finite ? intra_product<acc_t, ldf, ldc>(F, C, r, lane)
-                              : ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);  // 2^(ep_r) (Ph Ch)_rj
+                              : ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);
       } else {
         intra = intra_product<acc_t, ldp, ldc>(P, C, r, lane);
       }
@@ -516,9 +517,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   }
 
   // Every column tile carries the ones column; the first one stores it, so no two
-  // blocks write the same element.
+  // blocks write the same element. No barrier: the loops that start, update and store
+  // X split it over the threads alike, so each thread stores what it wrote itself.
   if (ps.x_out.S || ps.x_out.z) {
-    __syncthreads();
     for (int idx = tid; idx < Da * ldc; idx += kThreads) {
       const int j = idx % ldc;
       const int64_t i = idx / ldc, col = ps.column(c0, j);

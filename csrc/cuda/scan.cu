@@ -213,7 +213,8 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   // A time-invariant `a` gets one partial sum of da per chunk instead of [B, T, C].
   if constexpr (BACKWARD) {
     if (g.a_sT == 0) {
-      __syncthreads();  // s_carry is free again
+      // Each thread read only its own s_carry slot in step 3 and writes only that one:
+      // no barrier needed before the reuse.
       s_carry[warp][lane] = da_sum;
       __syncthreads();
       if (warp == 0 && active) {

@@ -23,7 +23,7 @@ import functools
 import importlib.util
 import os
 
-from .build import FAMILIES, build, cuda_include_dirs
+from .build import FAMILIES, MissingHeaders, build, cuda_include_dirs
 
 
 @functools.cache
@@ -63,4 +63,4 @@ def disabled(emu):
             emu.enable()
 
 
-__all__ = ["load", "enabled", "disabled", "cuda_include_dirs", "FAMILIES"]
+__all__ = ["load", "enabled", "disabled", "cuda_include_dirs", "FAMILIES", "MissingHeaders"]

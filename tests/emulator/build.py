@@ -39,8 +39,13 @@ OPT = ["-O2", "-g1"]
 ASAN = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
+class MissingHeaders(RuntimeError):
+    pass
+
+
 def cuda_include_dirs() -> list[str]:
-    """The include folders of the nvcc on PATH (its headers and CCCL), else CUDA_HOME's."""
+    """The include folders of the nvcc on PATH (its headers and CCCL), else CUDA_HOME's,
+    else those of NVIDIA's header wheels (nvidia-cuda-runtime-cu12, nvidia-cuda-cccl-cu12)."""
     nvcc = shutil.which("nvcc")
     dirs: list[str] = []
     if nvcc:
@@ -54,11 +59,15 @@ def cuda_include_dirs() -> list[str]:
     home = os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME
     if home:
         dirs += [os.path.join(home, "include"), os.path.join(home, "include", "cccl")]
+    for site in sys.path:
+        dirs += [str(p) for p in Path(site).glob("nvidia/*/include")]
     dirs = [d for d in dict.fromkeys(os.path.normpath(d) for d in dirs) if os.path.isdir(d)]
-    if not any(os.path.exists(os.path.join(d, "cuda_fp16.h")) for d in dirs):
-        raise RuntimeError(
-            "the emulated CUDA device needs the CUDA headers (cuda_fp16.h, CCCL): put nvcc "
-            "on PATH or set CUDA_HOME"
+    has = lambda name: any(os.path.exists(os.path.join(d, name)) for d in dirs)  # noqa: E731
+    if not (has("cuda_fp16.h") and has("cuda_runtime_api.h") and has("cuda/atomic")):
+        raise MissingHeaders(
+            "the emulated CUDA device needs the CUDA headers (cuda_runtime_api.h, cuda_fp16.h "
+            "and CCCL's cuda/atomic): put nvcc on PATH, set CUDA_HOME, or pip install "
+            "nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12"
         )
     return dirs
 

@@ -81,21 +81,26 @@ __global__ void warp_sums(float* out) {
 
 }  // namespace
 
-// Runs selftest `name` on `out` (kThreads * 2 floats, or an int flag); returns the
-// launch's cudaError_t. Emulator reports surface as exceptions.
+// Runs selftest `name` on `out` (kThreads floats, or an int flag); returns the launch's
+// cudaError_t. Emulator reports surface as exceptions.
 int selftest(const std::string& name, void* out) {
   auto* f = static_cast<float*>(out);
-  if (name == "missing_barrier") SEQFUSE_LAUNCH(1, kThreads, 0, 0, missing_barrier)(f);
-  else if (name == "with_barrier") SEQFUSE_LAUNCH(1, kThreads, 0, 0, with_barrier)(f);
-  else if (name == "uninitialised_shared") SEQFUSE_LAUNCH(1, kThreads, 0, 0, uninitialised_shared)(f);
-  else if (name == "divergent_barrier") SEQFUSE_LAUNCH(1, kThreads, 0, 0, divergent_barrier)(f);
-  else if (name == "exit_before_barrier") SEQFUSE_LAUNCH(1, kThreads, 0, 0, exit_before_barrier)(f);
-  else if (name == "shuffle_with_absent_lanes") SEQFUSE_LAUNCH(1, kThreads, 0, 0, shuffle_with_absent_lanes)(f);
-  else if (name == "shuffle_masks_disagree") SEQFUSE_LAUNCH(1, kThreads, 0, 0, shuffle_masks_disagree)(f);
-  else if (name == "waits_on_a_later_block") SEQFUSE_LAUNCH(2, kThreads, 0, 0, waits_on_a_later_block)(static_cast<int*>(out));
-  else if (name == "warp_sums") SEQFUSE_LAUNCH(1, kThreads, 0, 0, warp_sums)(f);
+  auto one_block = [&](void (*kernel)(float*)) {
+    SEQFUSE_LAUNCH(1, kThreads, 0, 0, kernel)(f);
+  };
+  if (name == "missing_barrier") one_block(missing_barrier);
+  else if (name == "with_barrier") one_block(with_barrier);
+  else if (name == "uninitialised_shared") one_block(uninitialised_shared);
+  else if (name == "divergent_barrier") one_block(divergent_barrier);
+  else if (name == "exit_before_barrier") one_block(exit_before_barrier);
+  else if (name == "shuffle_with_absent_lanes") one_block(shuffle_with_absent_lanes);
+  else if (name == "shuffle_masks_disagree") one_block(shuffle_masks_disagree);
+  else if (name == "warp_sums") one_block(warp_sums);
+  else if (name == "waits_on_a_later_block")
+    SEQFUSE_LAUNCH(2, kThreads, 0, 0, waits_on_a_later_block)(static_cast<int*>(out));
   else if (name == "too_many_threads") SEQFUSE_LAUNCH(1, 2048, 0, 0, warp_sums)(f);
-  else if (name == "too_much_dynamic_shared") SEQFUSE_LAUNCH(1, kThreads, 64 * 1024, 0, warp_sums)(f);
+  else if (name == "too_much_dynamic_shared")
+    SEQFUSE_LAUNCH(1, kThreads, 64 * 1024, 0, warp_sums)(f);
   else throw std::invalid_argument("no selftest " + name);
   return int(cudaGetLastError());
 }
