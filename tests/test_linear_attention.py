@@ -91,8 +91,8 @@ def test_references_agree():
     kw = dict(feature_map="elu1", decay=torch.tensor([0.9, 1.0, 0.5], dtype=torch.float64),
               initial_state=(S0, z0), return_state=True, scale=0.7)
     for normalize in (True, False):
-        o1, (S1, z1) = reference.causal_linear_attention(q, k, v, normalize=normalize, **kw)
-        o2, (S2, z2) = reference.causal_linear_attention_recurrent(q, k, v, normalize=normalize, **kw)
+        o1, (S1, z1) = reference.causal_linear_attention_quadratic(q, k, v, normalize=normalize, **kw)
+        o2, (S2, z2) = reference.causal_linear_attention(q, k, v, normalize=normalize, **kw)
         for got, want in ((o1, o2), (S1, S2), (z1, z2)):
             assert_close(got, want)
 
@@ -130,7 +130,7 @@ def test_long_sequence_crosses_cpu_forward_segments():
     kw = dict(feature_map="elu1", decay=torch.tensor([0.999], dtype=torch.float64),
               initial_state=(S0, z0), return_state=True)
     o, (S, z) = seqfuse.causal_linear_attention(q, k, v, **kw)
-    want, (S_ref, z_ref) = reference.causal_linear_attention_recurrent(q, k, v, **kw)
+    want, (S_ref, z_ref) = reference.causal_linear_attention(q, k, v, **kw)
     assert_close(o, want, rtol=1e-9, atol=1e-9)
     assert_close(S, S_ref, rtol=1e-9, atol=1e-9)
     assert_close(z, z_ref, rtol=1e-9, atol=1e-9)
