@@ -25,8 +25,8 @@ def inputs(shape):
 
 IMPLS = {
     "seqfuse": seqfuse.causal_linear_attention,
-    "reference_quadratic": reference.causal_linear_attention,
-    "reference_recurrent": reference.causal_linear_attention_recurrent,
+    "reference_quadratic": reference.causal_linear_attention_quadratic,
+    "reference_recurrent": reference.causal_linear_attention,
 }
 
 

@@ -93,8 +93,8 @@ def test_references_agree():
     kw = dict(feature_map="elu1", decay=torch.tensor([0.9, 1.0, 0.5], dtype=torch.float64),
               initial_state=(S0, z0), return_state=True, scale=0.7)
     for normalize in (True, False):
-        o1, (S1, z1) = reference.causal_linear_attention(q, k, v, normalize=normalize, **kw)
-        o2, (S2, z2) = reference.causal_linear_attention_recurrent(q, k, v, normalize=normalize, **kw)
+        o1, (S1, z1) = reference.causal_linear_attention_quadratic(q, k, v, normalize=normalize, **kw)
+        o2, (S2, z2) = reference.causal_linear_attention(q, k, v, normalize=normalize, **kw)
         for got, want in ((o1, o2), (S1, S2), (z1, z2)):
             assert_close(got, want)
 
@@ -132,7 +132,7 @@ def test_long_sequence_crosses_cpu_forward_segments():
     kw = dict(feature_map="elu1", decay=torch.tensor([0.999], dtype=torch.float64),
               initial_state=(S0, z0), return_state=True)
     o, (S, z) = seqfuse.causal_linear_attention(q, k, v, **kw)
-    want, (S_ref, z_ref) = reference.causal_linear_attention_recurrent(q, k, v, **kw)
+    want, (S_ref, z_ref) = reference.causal_linear_attention(q, k, v, **kw)
     assert_close(o, want, rtol=1e-9, atol=1e-9)
     assert_close(S, S_ref, rtol=1e-9, atol=1e-9)
     assert_close(z, z_ref, rtol=1e-9, atol=1e-9)
@@ -256,6 +256,102 @@ def test_nan_stays_in_its_row():
     assert torch.isnan(out[1, 5, 0]).all()
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
     assert torch.isfinite(out[1, :, 1]).all() and torch.isfinite(out[1, 6:, 0]).all()
+
+
+# Steps at which a non-finite value goes in, for T = 150 (chunks of 64 on the CPU: inside
+# the first chunk, its last step, the first steps of the next, inside the short last one)
+# and for T = 40 (a single chunk shorter than the chunk length). Batch b of one call takes
+# the b-th step, so one call covers them all.
+POISON_STEPS = {150: (1, 5, 63, 64, 65, 128, 149), 40: (1, 20, 39)}
+
+
+def poisoned(x, steps, value, tail):
+    """x with `value` in feature 1 of every head of batch b at step steps[b] (and after it
+    too if `tail`, as in a padded tail)."""
+    x = x.clone()
+    for b, t in enumerate(steps):
+        x[b, t:, :, 1] = value if tail else x[b, t:, :, 1]
+        x[b, t, :, 1] = value
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", ["nan", "inf", "max"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("T", sorted(POISON_STEPS))
+def test_non_finite_input_leaves_earlier_outputs_unchanged(device, dtype, which, value, normalize,
+                                                           decay, T):
+    # Causality (SPEC, conventions): a NaN, an infinity or the dtype's largest value at
+    # step t changes no output before t, for every feature map: the chunked products
+    # must not multiply a masked-out zero by it.
+    bad = {"nan": float("nan"), "inf": float("inf"), "max": torch.finfo(dtype).max}[value]
+    steps = POISON_STEPS[T]
+    H, D = 2, 8
+    kw = kwargs_for("identity", normalize, decay, H, device)
+    slot = "qkv".index(which)
+    for feature_map in FEATURE_MAPS:
+        inputs = make_inputs(len(steps), T, H, D, D, dtype=dtype, device=device,
+                             feature_map=feature_map, normalize=normalize)
+        kw["feature_map"] = feature_map
+        clean = seqfuse.causal_linear_attention(*inputs, **kw)
+        assert torch.isfinite(clean).all()
+        for tail in (False, True):
+            args = list(inputs)
+            args[slot] = poisoned(inputs[slot], steps, bad, tail)
+            out = seqfuse.causal_linear_attention(*args, **kw)
+            for b, t in enumerate(steps):
+                where = f"{feature_map}, {which}[{b}, {t}{':' if tail else ''}] = {value}"
+                assert torch.equal(out[b, :t], clean[b, :t]), where
+                if value != "max" and (which == "v" or feature_map != "relu"):
+                    # It did go in (relu sends -inf in q, k to 0, and the kernels send
+                    # NaN there to 0 too): step t itself is no longer finite.
+                    assert not torch.isfinite(out[b, t]).all(), where
+
+
+# q = inf is left out: the kernels' chunked form sums phi(q_t) phi(k_s)^T v_s over s,
+# inf - inf = NaN where the recurrence's phi(q_t)^T S_t may still be infinite.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which,value", [("q", "nan"), ("k", "nan"), ("k", "inf"),
+                                         ("v", "nan"), ("v", "inf")])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("decay", [False, True])
+def test_non_finite_input_propagates_like_the_recurrence(device, which, value, normalize, decay):
+    # From the bad step on, outputs follow the recurrence: NaN and infinities where it
+    # puts them, the same finite values elsewhere. Two bad steps share a chunk (the rows
+    # between them must not see the second), a third starts a chunk, in other heads.
+    B, T, H, D = 2, 150, 3, 8
+    kw = kwargs_for("elu1", normalize, decay, H, device)
+    kw["feature_map"] = "elu1"
+    inputs = make_inputs(B, T, H, D, D, device=device, feature_map="elu1", normalize=normalize)
+    slot = "qkv".index(which)
+    x = inputs[slot].clone()
+    for b, t, h, d in ((0, 20, 0, 1), (0, 27, 0, 3), (1, 64, 2, 0), (0, 100, 1, 5), (1, 100, 1, 5)):
+        x[b, t, h, d] = float(value)
+    inputs[slot] = x
+    out = seqfuse.causal_linear_attention(*inputs, **kw)
+    want = reference.causal_linear_attention(*inputs, **kw)
+    assert not torch.isfinite(want).all()
+    assert_close(out, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), torch.finfo(torch.float64).max])
+def test_reference_is_causal(which, value):
+    # The kernels are held to the reference, so it must keep earlier outputs too (the
+    # quadratic masked form does not: 0 * NaN through the mask).
+    q, k, v, S0, z0 = make_inputs(1, 12, 2, 4, 4, feature_map="elu1", state=True)
+    kw = dict(feature_map="elu1", decay=torch.tensor([0.9, 1.0], dtype=torch.float64),
+              initial_state=(S0, z0))
+    clean = reference.causal_linear_attention(q, k, v, **kw)
+    inputs = dict(q=q, k=k, v=v)
+    inputs[which] = inputs[which].clone()
+    inputs[which][0, 7, 1, 2] = value
+    out = reference.causal_linear_attention(**inputs, **kw)
+    assert torch.isfinite(clean).all() and torch.equal(out[:, :7], clean[:, :7])
+    assert not torch.equal(out[:, 7:], clean[:, 7:])
 
 
 def test_opcheck():

@@ -16,6 +16,16 @@
 // tile per head; the products are now under half the time. elu's exp, which GCC keeps
 // scalar under the baseline flags, goes through vec_math.h's run-time AVX2 path.
 //
+// Causality with NaN/inf inputs: P V' multiplies the zeros above P's diagonal by every
+// row of V', so a NaN or an infinity in v at local step f would reach back, as
+// 0 * NaN = NaN, to rows r < f of its chunk. A chunk whose V' holds one (found while
+// gathering) has its V' rows from f on zeroed for that product, which leaves rows r < f
+// exactly as in the run without them, and rows r >= f summed over s <= r only from the
+// true values (causal_rows). Nothing else looks ahead: the mask overwrites P above the
+// diagonal (a non-finite k_s never reaches P[r < s]), the decay factors scale rows, and
+// U_c, formed from the true V' before the zeroing, reaches only later chunks. Finite
+// inputs take the batched path unchanged, at the cost of one finiteness test per v.
+//
 // Backward: work items are (batch, head) pairs, run in parallel. Each walks its chunks
 // of kChunk steps carrying S' = [S, z] ([Dk, Dv+1]) in a scratch tile, with tile
 // products on ATen's matrix multiply: a forward sweep (G and dq, re-deriving the
@@ -30,7 +40,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "dtype.h"
 #include "huge_pages.h"
@@ -47,6 +60,23 @@ constexpr int64_t kChunk = 128;
 // short last chunk still has contiguous operands.
 at::Tensor tile(const at::Tensor& buf, int64_t rows, int64_t cols, int64_t start = 0) {
   return buf.narrow(0, start, rows * cols).view({rows, cols});
+}
+
+// Whether none of the n values at x is a NaN or an infinity (all exponent bits set). On
+// the bits, so that the loop vectorises: it runs over every v of the forward, and
+// std::isfinite's scalar loop cost 6x as much (1.7 ns a value, ~5% of the forward).
+template <typename acc_t>
+bool all_finite(const acc_t* x, int64_t n) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(bits_t) == sizeof(acc_t));
+  constexpr bits_t exponent = sizeof(acc_t) == 4 ? bits_t(0x7f800000u) : bits_t(0x7ff0000000000000ull);
+  bits_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bits_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    bad |= (b & exponent) == exponent;
+  }
+  return bad == 0;
 }
 
 // Forward chunk length: 64 rather than 128 halves the intra-chunk FLOPs per step
@@ -112,6 +142,30 @@ struct Kernel {
   }
   void gather_values(const scalar_t* v_row, int64_t n, const at::Tensor& out) const {
     gather_values(v_row, n, out.data_ptr<acc_t>());
+  }
+
+  // The first of the n rows of V' at x that holds a NaN or an infinity; n if none.
+  int64_t first_non_finite_row(const acc_t* x, int64_t n) const {
+    if (all_finite(x, n * dv1())) return n;
+    for (int64_t r = 0; r < n; ++r, x += dv1()) {
+      if (!all_finite(x, geo.Dv)) return r;
+    }
+    return n;
+  }
+
+  // Rows [from, n) of P V' for one chunk (P: [C, C] tile, V': [n, Dv+1]), each summed
+  // over s <= r only, so no masked-out zero ever meets a non-finite value.
+  void causal_rows(const acc_t* p, int64_t C, const acc_t* vp, int64_t from, int64_t n,
+                   acc_t* num) const {
+    for (int64_t r = from; r < n; ++r) {
+      acc_t* out = num + r * dv1();
+      std::fill(out, out + dv1(), acc_t(0));
+      for (int64_t s = 0; s <= r; ++s) {
+        const acc_t a = p[r * C + s];
+        const acc_t* x = vp + s * dv1();
+        for (int64_t c = 0; c < dv1(); ++c) out[c] += a * x[c];
+      }
+    }
   }
 
   // The intra-chunk mask M_rs = gamma^(r-s) for s <= r, 0 above the diagonal, on an
@@ -245,6 +299,8 @@ struct Kernel {
     for (int64_t bh = 0; bh < BH; ++bh) load_state(S0, z0, bh, state[bh]);
     // Chunk tiles are a few tens of kFLOP to a few MFLOP each.
     const int64_t grain = std::max<int64_t>(1, 4096 / (C * (Dk + Dv1)));
+    // Per chunk tile: the first local step whose v holds a NaN or an infinity, or C.
+    std::vector<int64_t> non_finite_from(items_max);
 
     for (int64_t t0 = 0; t0 < T; t0 += nc * C) {
       const int64_t chunks = std::min(nc, (T - t0 + C - 1) / C), items = chunks * BH;
@@ -261,6 +317,8 @@ struct Kernel {
           gather_feature(q + geo.qk_offset(b, t, h), Dk, n, qf_p + i * C * Dk);
           gather_feature(k + geo.qk_offset(b, t, h), Dk, n, kf_p + i * C * Dk);
           gather_values(v + geo.v_offset(b, t, h), n, vp_p + i * C * Dv1);
+          const int64_t f = first_non_finite_row(vp_p + i * C * Dv1, n);
+          non_finite_from[i] = f < n ? f : C;
           std::fill(qf_p + (i * C + n) * Dk, qf_p + (i + 1) * C * Dk, acc_t(0));
           std::fill(kf_p + (i * C + n) * Dk, kf_p + (i + 1) * C * Dk, acc_t(0));
           std::fill(vp_p + (i * C + n) * Dv1, vp_p + (i + 1) * C * Dv1, acc_t(0));
@@ -285,8 +343,27 @@ struct Kernel {
           }
         }
       });
-      at::bmm_out(num_s, p_s, vp_s);
       at::bmm_out(upd_s, kf_s.transpose(1, 2), vp_s);
+      const bool all_finite = std::all_of(non_finite_from.begin(), non_finite_from.begin() + items,
+                                          [&](int64_t f) { return f == C; });
+      for (int64_t i = 0; i < items; ++i) {
+        const int64_t f = non_finite_from[i];
+        if (f < C) std::fill(vp_p + (i * C + f) * Dv1, vp_p + (i + 1) * C * Dv1, acc_t(0));
+      }
+      at::bmm_out(num_s, p_s, vp_s);
+      if (!all_finite) {
+        at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> values;
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t f = non_finite_from[i];
+            if (f == C) continue;
+            const int64_t c = i / BH, bh = i % BH, n = steps(c);
+            values.resize(n * Dv1);
+            gather_values(v + geo.v_offset(bh / geo.H, t0 + c * C, bh % geo.H), n, values.data());
+            causal_rows(p_p + i * C * C, C, values.data(), f, n, num_p + i * C * Dv1);
+          }
+        });
+      }
 
       // The scan: U_c becomes X_c, the carry-in of chunk c, and the state moves on.
       at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {

@@ -71,7 +71,7 @@ def _decode_rows(device: str, quick: bool):
     row = {"case": f"decode {B}x{H}x1x{D}", "dtype": str(dtype)[6:], "norm": True, "pass": "step"}
     row["seqfuse_ms"] = 1e3 * time_fn(lambda: seqfuse.causal_linear_attention(q, k, v, **kw), device)
     row["recurrent_ms"] = 1e3 * time_fn(
-        lambda: reference.causal_linear_attention_recurrent(q, k, v, **kw), device, min_time=0.1)
+        lambda: reference.causal_linear_attention(q, k, v, **kw), device, min_time=0.1)
     row["x_recurrent"] = row["recurrent_ms"] / row["seqfuse_ms"]
     moved = 2 * state[0].numel() * 4  # the state is read and written once
     row["GB/s"] = moved / row["seqfuse_ms"] / 1e6
@@ -90,8 +90,8 @@ def run(device: str, quick: bool):
         kw = dict(feature_map="elu1", normalize=normalize)
         impls = {
             "seqfuse_ms": lambda q, k, v: seqfuse.causal_linear_attention(q, k, v, **kw),
-            "quadratic_ms": lambda q, k, v: reference.causal_linear_attention(q, k, v, **kw),
-            "recurrent_ms": lambda q, k, v: reference.causal_linear_attention_recurrent(q, k, v, **kw),
+            "quadratic_ms": lambda q, k, v: reference.causal_linear_attention_quadratic(q, k, v, **kw),
+            "recurrent_ms": lambda q, k, v: reference.causal_linear_attention(q, k, v, **kw),
         }
         # fla applies no feature map: give it the same phi(q), phi(k).
         for name, fn in fla.items():

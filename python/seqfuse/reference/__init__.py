@@ -10,7 +10,7 @@ from seqfuse.reference.global_pointer import (
 )
 from seqfuse.reference.linear_attention import (
     causal_linear_attention,
-    causal_linear_attention_recurrent,
+    causal_linear_attention_quadratic,
 )
 from seqfuse.reference.scan import linear_scan, linear_scan_logspace, lru
 from seqfuse.reference.sparse_softmax import (
@@ -28,7 +28,7 @@ __all__ = [
     "lru",
     # linear attention
     "causal_linear_attention",
-    "causal_linear_attention_recurrent",
+    "causal_linear_attention_quadratic",
     # row-wise normalisers
     "sparse_softmax",
     "topk_softmax",

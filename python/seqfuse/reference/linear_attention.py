@@ -3,8 +3,10 @@
     S_i = gamma S_{i-1} + phi(k_i) v_i^T,   z_i = gamma z_{i-1} + phi(k_i)
     o_i = scale phi(q_i)^T S_i / (scale phi(q_i)^T z_i + eps)     (normalize=True)
 
-Both take the arguments of ``seqfuse.causal_linear_attention`` and compute in float32
-for half inputs (float64 for float64), returning outputs in the input dtype.
+``causal_linear_attention`` (the recurrence) is the reference; the quadratic masked form
+is kept beside it. Both take the arguments of ``seqfuse.causal_linear_attention`` and
+compute in float32 for half inputs (float64 for float64), returning outputs in the input
+dtype.
 """
 
 from __future__ import annotations
@@ -43,8 +45,32 @@ def _prepare(q, k, v, fmap, decay, scale, initial_state):
 
 def causal_linear_attention(q, k, v, *, feature_map="identity", normalize=True, decay=None,
                             scale=None, initial_state=None, return_state=False, eps=1e-6):
+    """The reference: the recurrence, one step at a time. Step i reads only steps <= i,
+    so a NaN or an infinity at step t changes no output before t (SPEC, conventions)."""
+    qf, kf, vv, gamma, S, z, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
+    g = gamma[:, None]
+    outs = []
+    for i in range(q.shape[1]):
+        S = g[..., None] * S + kf[:, :, i, :, None] * vv[:, :, i, None, :]
+        z = g * z + kf[:, :, i]
+        o = scale * (qf[:, :, i, None, :] @ S)[:, :, 0]
+        if normalize:
+            o = o / (scale * (qf[:, :, i] * z).sum(-1, keepdim=True) + eps)
+        outs.append(o)
+    out = (torch.stack(outs, dim=2) if outs else vv).transpose(1, 2).to(q.dtype)
+    return (out, (S, z)) if return_state else out
+
+
+def causal_linear_attention_quadratic(q, k, v, *, feature_map="identity", normalize=True,
+                                      decay=None, scale=None, initial_state=None,
+                                      return_state=False, eps=1e-6):
     """The quadratic masked form: ``o = scale ((phi(Q) phi(K)^T . M) V + gamma^(i+1) phi(Q) S0)``
-    with ``M_ij = gamma^(i-j)`` for ``j <= i``, divided by the same with ``V -> 1``."""
+    with ``M_ij = gamma^(i-j)`` for ``j <= i``, divided by the same with ``V -> 1``.
+
+    The maths of the chunked kernels and a benchmark baseline, not the reference: its
+    matrix products multiply the mask's zeros by every score and value, so a NaN or an
+    infinity in k or v at step t turns outputs before t NaN too (0 * NaN = NaN). Equal to
+    ``causal_linear_attention`` for finite inputs."""
     qf, kf, vv, gamma, S0, z0, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
     T = q.shape[1]
     t = torch.arange(T, device=q.device)
@@ -66,21 +92,3 @@ def causal_linear_attention(q, k, v, *, feature_map="identity", normalize=True, 
     S_T = decay_T[..., None] * S0 + (kf * tail[..., None]).transpose(-1, -2) @ vv
     z_T = decay_T * z0 + (kf * tail[..., None]).sum(-2)
     return out, (S_T, z_T)
-
-
-def causal_linear_attention_recurrent(q, k, v, *, feature_map="identity", normalize=True,
-                                      decay=None, scale=None, initial_state=None,
-                                      return_state=False, eps=1e-6):
-    """The recurrence, one step at a time."""
-    qf, kf, vv, gamma, S, z, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
-    g = gamma[:, None]
-    outs = []
-    for i in range(q.shape[1]):
-        S = g[..., None] * S + kf[:, :, i, :, None] * vv[:, :, i, None, :]
-        z = g * z + kf[:, :, i]
-        o = scale * (qf[:, :, i, None, :] @ S)[:, :, 0]
-        if normalize:
-            o = o / (scale * (qf[:, :, i] * z).sum(-1, keepdim=True) + eps)
-        outs.append(o)
-    out = (torch.stack(outs, dim=2) if outs else vv).transpose(1, 2).to(q.dtype)
-    return (out, (S, z)) if return_state else out
