@@ -5,7 +5,7 @@
 // block are fibers on one OS thread; a fiber runs until it reaches __syncthreads, a
 // warp collective, __nanosleep or its end, and the scheduler then resumes the others
 // in a configured order (forward, reverse, or a fresh random order on every pass, in
-// which each warp also sits out with probability 1/2 and falls behind the others).
+// which a warp now and then sits out several passes and falls behind the others).
 // A kernel whose result depends on these orders has a race or a missing barrier.
 //
 // Fails loudly (an exception out of the launch, so a RuntimeError in Python) on:
@@ -155,6 +155,7 @@ struct Block {
   std::source_location barrier_site;  // of the threads waiting at __syncthreads
   std::vector<SharedAlloc> shared;
   std::vector<std::vector<unsigned char>> warp_scratch;
+  std::vector<int> held_passes;  // per warp: passes it still sits out (random schedule)
   size_t static_bytes = 0;
   void* dynamic = nullptr;
 };
@@ -309,6 +310,7 @@ std::unique_ptr<Block> make_block(const LaunchConfig& cfg, unsigned linear_block
   b->lanes_present.assign(nwarps, 0);
   b->lanes_done.assign(nwarps, 0);
   b->warp_scratch.resize(nwarps);
+  b->held_passes.assign(nwarps, 0);
   b->live = n;
   // The launch's dynamic shared memory, at its exact size, poisoned (0xFF: NaN).
   const size_t dyn = g_launch->dynamic_bytes;
@@ -392,13 +394,18 @@ void schedule_grid(const LaunchConfig& cfg) {
     bool progress = false;
     for (auto& b : resident) {
       next_pass_order(thread_order, g_schedule.threads, rng);
-      // Random: each warp also sits out the pass with probability 1/2, as a descheduled
-      // warp would, so that other warps run ahead of it past barriers and collectives.
-      const uint64_t held = g_schedule.threads == Order::Random ? rng() : 0;
+      // Random: a warp also falls behind now and then, as a descheduled warp would: it
+      // sits out 1 to 16 passes while the others run ahead past barriers (as far as the
+      // next one) and warp collectives.
+      if (g_schedule.threads == Order::Random) {
+        for (int& h : b->held_passes) {
+          h = h > 0 ? h - 1 : rng() % 8 == 0 ? 1 + int(rng() % 16) : 0;
+        }
+      }
       for (unsigned i : thread_order) {
         Thread& t = b->threads[i];
         if (t.state != State::Ready && t.state != State::Spin) continue;
-        if (held >> (t.warp % 64) & 1) {
+        if (b->held_passes[t.warp] > 0) {
           progress |= t.state == State::Ready;  // it goes on in a later pass
           continue;
         }
