@@ -66,9 +66,8 @@ MUTATIONS: dict[str, list[Mutation]] = {
         drop("scan.carry-in-barrier",
              "  __syncthreads();\n\n  // 3. Replay from the carry-in and write.", ST,
              "warps read s_carry before warp 0 has written their carry-in"),
-        drop("scan.da-reuse-barrier",
-             "      __syncthreads();  // s_carry is free again\n", ST,
-             "da partials overwrite s_carry before every warp has read its carry-in"),
+        # (scan.da-reuse-barrier survived: each thread reuses its own s_carry slot, and
+        # the barrier was deleted from the kernel.)
         drop("scan.da-sum-barrier",
              "s_carry[warp][lane] = da_sum;\n      __syncthreads();", ST,
              "warp 0 sums the da partials before every warp has written its own"),
@@ -111,9 +110,8 @@ MUTATIONS: dict[str, list[Mutation]] = {
         drop("la.state-read-barrier",
              "    __syncthreads();  // every product has read X", ST,
              "the state update overwrites X while products still read it"),
-        drop("la.state-out-barrier",
-             "if (ps.x_out.S || ps.x_out.z) {\n    __syncthreads();", ST,
-             "the final state is stored before the last update of X is complete"),
+        # (la.state-out-barrier survived: each thread stores the X entries it updated
+        # itself, and the barrier was deleted from the kernel.)
         drop("la.decode-barrier",
              "if (lane == 0) partial[warp][kCols] = acc_z;\n  __syncthreads();", ST,
              "decoding: warp 0 sums the partials before every warp has written them"),
