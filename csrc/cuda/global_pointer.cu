@@ -174,7 +174,9 @@ __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateArgs a) {
 // ---- tiles ---------------------------------------------------------------------------
 
 // theta[p] = frequency of pair d0 / 2 + p, for the W / 2 pairs of columns [d0, d0 + W).
-// Followed by a barrier; callers start it after the previous readers' barrier.
+// Followed by a barrier, which also keeps the stage_rows after it from overwriting
+// tiles that slower threads still read; callers start it after the barrier that ends
+// the previous stage_rows (theta's readers).
 template <int W>
 __device__ void stage_thetas(const GPGeometry& g, int64_t d0, double* theta) {
   if (g.rope && threadIdx.x < W / 2) {
@@ -218,8 +220,7 @@ __device__ void stage_chunk(const GPGeometry& g, const scalar_t* q, const scalar
                             ProductSmem<scalar_t>& sm) {
   using K = Tile<scalar_t>;
   const int64_t ld = g.Hqk * g.D;
-  __syncthreads();  // the previous chunk's readers are done
-  stage_thetas<kChunk>(g, d0, sm.theta);
+  stage_thetas<kChunk>(g, d0, sm.theta);  // its barrier: the previous chunk is read
   stage_rows<scalar_t, kChunk>(g, q + g.qk_offset(b, i0, hq), ld, i0, tile_rows<scalar_t>(g, i0),
                                d0, sm.theta, &sm.a[0][0], K::kPitch);
   stage_rows<scalar_t, kChunk>(g, k + g.qk_offset(b, j0, hq), ld, j0, tile_rows<scalar_t>(g, j0),
@@ -257,7 +258,8 @@ __device__ void tile_product(const GPGeometry& g, const scalar_t* q, const scala
       wmma::load_matrix_sync(fb, &sm.b[16 * (fc + 1)][0], K::kPitch);
       wmma::mma_sync(c1, fa, fb, c1);
     }
-    __syncthreads();  // earlier readers of sm.out (D = 0 runs no chunk barrier)
+    // No barrier before the stores: sm.out has no earlier reader in the block (the
+    // forward kernels take one tile; the backward ends every tile with a barrier).
     wmma::store_matrix_sync(&sm.out[16 * fr][16 * fc], c0, T + 4, wmma::mem_row_major);
     wmma::store_matrix_sync(&sm.out[16 * fr][16 * (fc + 1)], c1, T + 4, wmma::mem_row_major);
     __syncthreads();
@@ -538,8 +540,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
         }
       }
     }
-    __syncthreads();  // the product's staging area is v's storage
-    // dS (summed over heads) with the block's own axis first.
+    // dS (summed over heads) with the block's own axis first. sm.ds is not in the union
+    // with the product's staging area, and its readers of the previous tile are behind
+    // the barrier that ends it; v (which is) is staged after the barrier below.
 #pragma unroll
     for (int r = 0; r < P; ++r) {
 #pragma unroll

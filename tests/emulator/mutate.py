@@ -182,15 +182,11 @@ MUTATIONS: dict[str, list[Mutation]] = {
         drop("gp.theta-barrier",
              "scores_log_base());\n  }\n  __syncthreads();", ST,
              "rope: rows are rotated before the frequencies are staged"),
-        drop("gp.chunk-start-barrier",
-             "  __syncthreads();  // the previous chunk's readers are done", ST,
-             "a head-dim chunk is staged while the previous one is still read"),
+        # (gp.chunk-start-barrier survived: not needed, gone from the kernel.)
         drop("gp.chunk-staged-barrier",
              "&sm.b[0][0], K::kPitch);\n  __syncthreads();", ST,
              "the product reads sm.a, sm.b before they are staged"),
-        drop("gp.out-reuse-barrier",
-             "    __syncthreads();  // earlier readers of sm.out (D = 0 runs no chunk barrier)", ST,
-             "16-bit: wmma stores into sm.out while earlier readers may read it"),
+        # (gp.out-reuse-barrier survived: not needed, gone from the kernel.)
         drop("gp.out-stored-barrier",
              "c1, T + 4, wmma::mem_row_major);\n    __syncthreads();", ST,
              "16-bit: threads read sm.out before every fragment is stored"),
@@ -200,9 +196,7 @@ MUTATIONS: dict[str, list[Mutation]] = {
         drop("gp.column-sums-reuse-barrier",
              "grad_bias[row * g.L + j0 + tid] += v;\n        }\n        __syncthreads();", ST,
              "bias_end gradient: the next head's sums overwrite these while still read"),
-        drop("gp.ds-barrier",
-             "    __syncthreads();  // the product's staging area is v's storage", ST,
-             "dS is stored while the product's staging area is still read"),
+        # (gp.ds-barrier survived: not needed, gone from the kernel.)
         drop("gp.v-staged-barrier",
              "&sm.v[0][0], T + 1);\n      __syncthreads();", ST,
              "dS @ v reads v before it is staged"),
