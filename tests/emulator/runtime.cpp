@@ -372,6 +372,7 @@ void schedule_grid(const LaunchConfig& cfg) {
   unsigned next = 0;
   long spin_passes = 0;
   std::vector<unsigned> thread_order = permutation(unsigned(n_threads), g_schedule.threads, rng);
+  std::vector<Thread*> pass;
 
   auto abort_launch = [&](const std::string& why) {
     for (auto& b : resident) free_block(*b);
@@ -391,12 +392,15 @@ void schedule_grid(const LaunchConfig& cfg) {
       resident.push_back(make_block(cfg, block_order[next++]));
       g_stats.blocks += 1;
     }
+    // The pass: every thread that can run, block by block in the thread order, or
+    // under the random schedule in one random order across all resident blocks (so a
+    // block may see another's writes between two lanes of one warp), where a warp also
+    // falls behind now and then, as a descheduled warp would: it sits out 1 to 16
+    // passes while the others run ahead past barriers and warp collectives.
     bool progress = false;
+    pass.clear();
     for (auto& b : resident) {
       next_pass_order(thread_order, g_schedule.threads, rng);
-      // Random: a warp also falls behind now and then, as a descheduled warp would: it
-      // sits out 1 to 16 passes while the others run ahead past barriers (as far as the
-      // next one) and warp collectives.
       if (g_schedule.threads == Order::Random) {
         for (int& h : b->held_passes) {
           h = h > 0 ? h - 1 : rng() % 8 == 0 ? 1 + int(rng() % 16) : 0;
@@ -407,15 +411,19 @@ void schedule_grid(const LaunchConfig& cfg) {
         if (t.state != State::Ready && t.state != State::Spin) continue;
         if (b->held_passes[t.warp] > 0) {
           progress |= t.state == State::Ready;  // it goes on in a later pass
-          continue;
+        } else {
+          pass.push_back(&t);
         }
-        const bool was_spinning = t.state == State::Spin;
-        t.state = State::Ready;
-        resume(t);
-        g_stats.switches += 1;
-        if (!g_launch->error.empty()) abort_launch(g_launch->error);
-        if (!(was_spinning && t.state == State::Spin)) progress = true;
       }
+    }
+    if (g_schedule.threads == Order::Random) std::shuffle(pass.begin(), pass.end(), rng);
+    for (Thread* t : pass) {
+      const bool was_spinning = t->state == State::Spin;
+      t->state = State::Ready;
+      resume(*t);
+      g_stats.switches += 1;
+      if (!g_launch->error.empty()) abort_launch(g_launch->error);
+      if (!(was_spinning && t->state == State::Spin)) progress = true;
     }
     for (size_t i = 0; i < resident.size();) {
       if (resident[i]->live == 0) {
