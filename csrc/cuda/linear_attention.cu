@@ -43,10 +43,12 @@
 // multiples of 16 (Da to Dpad, zeros in the padding and in the rows past the sequence
 // end), with leading dimensions that are multiples of 8 (16-bit) or 4 (float) and every
 // tile 32-byte aligned; a warp loads and stores its fragments through those, never
-// through the fragment's element layout. A chunk whose C holds a NaN or an infinity
-// takes P C on CUDA cores from the float P, summing s <= r only: the tile product
-// would carry 0 * NaN from later steps into earlier outputs, and the op is causal on
-// every path (a non-finite input at step t changes no output before t).
+// through the fragment's element layout. When row f of a chunk's C holds a NaN or an
+// infinity, the tile product would carry 0 * NaN into the outputs before f: Ch rows
+// from f on are zeroed for it (rows before f then come out bit for bit as without the
+// bad value), and rows from f on take P C on CUDA cores from the float P (Pf), s <= r
+// only. So the op is causal on every path: a non-finite input at step t changes no
+// output before t.
 #include <mma.h>
 
 #include <climits>
@@ -234,7 +236,7 @@ __host__ __device__ constexpr int64_t round_up(int64_t x, int64_t m) { return (x
 struct Smem {
   static constexpr int ldf = kCols + 4, ldch = kCols + 8;
   int64_t lda, ldp, a, b, c, p, x, gpow, extra;      // acc_t elements
-  int64_t Dpad, ldh, ldph, f, ah, bh, ch, ph, ex, bytes;  // bytes (f .. ex, bytes)
+  int64_t Dpad, ldh, ldph, f, ah, bh, ch, ph, ex, pf, bytes;  // bytes (f .. pf, bytes)
   __host__ __device__ Smem(int64_t Da, int chunk, int acc_size, bool tensor) {
     lda = Da % 2 == 0 ? Da + 1 : Da;
     ldp = chunk + 1;
@@ -249,7 +251,7 @@ struct Smem {
     Dpad = round_up(Da, kTile);
     ldh = Dpad + 8;
     ldph = chunk + 8;
-    f = ah = bh = ch = ph = ex = bytes;
+    f = ah = bh = ch = ph = ex = pf = bytes;
     if (tensor) {  // acc_t is float; the operands are 2 bytes
       f = round_up(bytes, 32);
       ah = round_up(f + chunk * ldf * 4, 32);
@@ -257,8 +259,10 @@ struct Smem {
       ch = bh + chunk * ldh * 2;
       ph = ah;  // Ah and Bh are dead once S is formed; Ph (<= their size) reuses them
       ex = ch + chunk * ldch * 2;
-      bytes = ex + (4 * chunk + 1) * 4;  // int exponents of the rows of A, B, C and Ph,
-                                         // and whether C holds a non-finite value
+      // int exponents of the rows of A, B, C and Ph, and C's first non-finite row; then
+      // the float P of the rows from there on
+      pf = round_up(ex + (4 * chunk + 1) * 4, 16);
+      bytes = pf + chunk * ldf * 4;
     }
   }
 };
@@ -300,7 +304,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   scalar_t *Ch = reinterpret_cast<scalar_t*>(smem_raw + L.ch);
   scalar_t *Ph = reinterpret_cast<scalar_t*>(smem_raw + L.ph);
   int* ex = reinterpret_cast<int*>(smem_raw + L.ex);  // row exponents ea, eb, ec, ep
-  int* c_not_finite = ex + 4 * kChunk;  // this chunk's C holds a NaN or an infinity
+  int* first_bad = ex + 4 * kChunk;  // the chunk's first row of C with a NaN or inf
+  acc_t* Pf = reinterpret_cast<acc_t*>(smem_raw + L.pf);  // float P from that row on
   const int ldh = int(L.ldh), ldph = int(L.ldph);
   constexpr int ldf = Smem::ldf, ldch = Smem::ldch;
 
@@ -325,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   for (int64_t p0 = 0; p0 < g.T; p0 += kChunk) {
     const int n = g.T - p0 < kChunk ? int(g.T - p0) : kChunk;
     __syncthreads();  // the previous chunk is done with A, B, C
-    if (kTensor && tid == 0) *c_not_finite = 0;
+    if (kTensor && tid == 0) *first_bad = kChunk;
 
     for (int idx = tid; idx < kChunk * Da; idx += kThreads) {
       const int r = idx / Da, i = idx % Da;
@@ -361,7 +366,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
         }
         for (int offset = 16; offset > 0; offset /= 2)
           m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-        if (!__all_sync(0xffffffffu, finite) && which == 2 && lane == 0) *c_not_finite = 1;
+        const bool all_finite = __all_sync(0xffffffffu, finite);
+        if (!all_finite && which == 2 && lane == 0) atomicMin(first_bad, r);
         const int e = row_exponent(m);
         for (int i = lane; i < padded; i += 32)
           dst[i] = from_acc<scalar_t>(i < width ? ldexpf(src[i], -e) : 0.0f);
@@ -413,7 +419,10 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
         if (e_row == INT_MIN) e_row = 0;  // a row of zeros (or of NaN / inf: kept as is)
         Ph[r * ldph + s] = from_acc<scalar_t>(normal ? ldexpf(frac, e_pv + ec[s] - e_row) : pv);
         if (lane == 0) ep[r] = e_row;
-        if (*c_not_finite) F[r * ldf + s] = pv;  // this lane's own S entry, read above
+        if (r >= *first_bad) {
+          Pf[r * ldf + s] = pv;
+          for (int i = lane; i < kCols; i += 32) Ch[r * ldch + i] = from_acc<scalar_t>(0.0f);
+        }
         if (ps.ones_column) {
           acc_t z = pv * C[s * ldc + kCols];
           for (int offset = 16; offset > 0; offset /= 2) z += __shfl_xor_sync(0xffffffffu, z, offset);
@@ -422,11 +431,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       }
       __syncthreads();
 
-      // P C on tensor cores into F (S is dead); K runs to the diagonal tile only. Not
-      // when C holds a NaN or an infinity: inside the diagonal tile the masked P_rs = 0
-      // (s > r) would multiply it into earlier rows (0 * NaN), so that chunk takes the
-      // float P kept in F and sums s <= r only, on CUDA cores.
-      for (int tile = warp; tile < (*c_not_finite ? 0 : kPcWarps); tile += kWarps) {
+      // P C on tensor cores into F (S is dead); K runs to the diagonal tile only.
+      for (int tile = warp; tile < kPcWarps; tile += kWarps) {
         const int mt = tile / kColTiles, nt = tile % kColTiles;
         wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc;
         wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, scalar_t, wmma::row_major> fa;
@@ -477,9 +483,9 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       const int r = warp + kWarps * i;
       acc_t intra;
       if constexpr (kTensor) {
-        // 2^(ep_r) (Ph Ch)_rj, or the float P kept in F times C
-        intra = *c_not_finite ? intra_product<acc_t, ldf, ldc>(F, C, r, lane)
-                              : ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);
+        // 2^(ep_r) (Ph Ch)_rj, or from C's first non-finite row on the float Pf C
+        intra = r >= *first_bad ? intra_product<acc_t, ldf, ldc>(Pf, C, r, lane)
+                                : ldexpf(F[r * ldf + lane], ex[3 * kChunk + r]);
       } else {
         intra = intra_product<acc_t, ldp, ldc>(P, C, r, lane);
       }
