@@ -41,7 +41,9 @@ struct Registration {
 #include <c10/cuda/CUDAStream.h>
 
 namespace seqfuse {
-using DeviceGuard = c10::cuda::CUDAGuard;}  // namespace seqfuse
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+}  // namespace seqfuse
 
 #define SEQFUSE_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
 #define SEQFUSE_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(seqfuse, CUDA, m)
