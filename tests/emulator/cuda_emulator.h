@@ -212,53 +212,44 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned) { ::seqfuse::emu::nanosleep_yield(); }
 
+// Applies op to *address in place and returns the old value.
+template <typename T, typename Op>
+T seqfuse_emu_atomic(T* address, Op op) {
+  const T old = *address;
+  *address = op(old);
+  return old;
+}
 template <typename T>
 T atomicAdd(T* address, T value) {
-  const T old = *address;
-  *address = old + value;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return old + value; });
 }
 template <typename T>
 T atomicSub(T* address, T value) {
-  const T old = *address;
-  *address = old - value;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return old - value; });
 }
 template <typename T>
 T atomicMax(T* address, T value) {
-  const T old = *address;
-  *address = old < value ? value : old;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return old < value ? value : old; });
 }
 template <typename T>
 T atomicMin(T* address, T value) {
-  const T old = *address;
-  *address = value < old ? value : old;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return value < old ? value : old; });
 }
 template <typename T>
 T atomicExch(T* address, T value) {
-  const T old = *address;
-  *address = value;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T) { return value; });
 }
 template <typename T>
 T atomicCAS(T* address, T compare, T value) {
-  const T old = *address;
-  if (old == compare) *address = value;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return old == compare ? value : old; });
 }
 template <typename T>
 T atomicOr(T* address, T value) {
-  const T old = *address;
-  *address = old | value;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return old | value; });
 }
 template <typename T>
 T atomicAnd(T* address, T value) {
-  const T old = *address;
-  *address = old & value;
-  return old;
+  return seqfuse_emu_atomic(address, [&](T old) { return old & value; });
 }
 
 // ---- Bit intrinsics ----
