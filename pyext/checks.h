@@ -35,4 +35,23 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
 }
 
+// target: int64 [N] class indices in [0, V) or ignore_index, on ref's device, N =
+// ref.size(0). Reading the values is one reduction (a synchronisation on CUDA).
+inline void check_class_target(const char* op, const at::Tensor& target, int64_t V,
+                               int64_t ignore_index, const char* ref_name, const at::Tensor& ref) {
+  check_same_device(op, "target", target, ref_name, ref);
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be an int64 tensor, got ",
+              target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == ref.size(0), op,
+                    ": target must be [N] = [", ref.size(0), "] to match ", ref_name, " ",
+                    shape_str(ref), ", got shape ", shape_str(target));
+  if (target.numel() > 0) {
+    const at::Tensor bad =
+        target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(V)));
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": target must hold class indices in [0, ", V,
+                      ") or ignore_index (", ignore_index, "); got ",
+                      target.masked_select(bad)[0].item<int64_t>());
+  }
+}
+
 }  // namespace seqfuse

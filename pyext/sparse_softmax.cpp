@@ -72,20 +72,7 @@ at::Tensor check_cross_entropy(const char* op, const at::Tensor& logits, const a
   check_dim(op, "logits", logits, 2, "[N, V]");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op,
               ": logits must be a floating point tensor, got ", logits.scalar_type());
-  check_same_device(op, "target", target, "logits", logits);
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be an int64 tensor, got ",
-              target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0), op,
-                    ": target must be [N] = [", logits.size(0), "] to match logits ",
-                    shape_str(logits), ", got shape ", shape_str(target));
-  const int64_t V = logits.size(1);
-  if (target.numel() > 0) {
-    const at::Tensor bad =
-        target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(V)));
-    TORCH_CHECK_VALUE(!bad.any().item<bool>(), op, ": target must hold class indices in [0, ", V,
-                      ") or ignore_index (", ignore_index, "); got ",
-                      target.masked_select(bad)[0].item<int64_t>());
-  }
+  check_class_target(op, target, logits.size(1), ignore_index, "logits", logits);
   return target.contiguous();
 }
 
@@ -292,6 +279,8 @@ const RowKernels kCpuKernels = {
 };
 
 }  // namespace
+
+const RowKernels& cpu_row_kernels() { return kCpuKernels; }
 
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("sparse_softmax",

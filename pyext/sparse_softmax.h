@@ -36,6 +36,11 @@ struct RowKernels {
                                      at::Tensor& grad_target);
 };
 
+// The backends' kernel tables (the CUDA one in CUDA and emulated builds only), for the
+// bindings that build on the top-k selection.
+const RowKernels& cpu_row_kernels();
+const RowKernels& cuda_row_kernels();
+
 at::Tensor sparse_softmax_impl(const RowKernels& kernels, const at::Tensor& x, int64_t k);
 at::Tensor sparse_softmax_backward_impl(const RowKernels& kernels, const at::Tensor& grad,
                                         const at::Tensor& probs);

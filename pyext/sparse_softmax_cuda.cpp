@@ -139,6 +139,8 @@ const RowKernels kCudaKernels = {
 
 }  // namespace
 
+const RowKernels& cuda_row_kernels() { return kCudaKernels; }
+
 SEQFUSE_CUDA_LIBRARY_IMPL(m) {
   m.impl("sparse_softmax",
          [](const at::Tensor& x, int64_t k) { return sparse_softmax_impl(kCudaKernels, x, k); });

@@ -26,9 +26,17 @@ CALLS = {
     "linear_attention": lambda: seqfuse.causal_linear_attention(
         *(torch.randn(1, 20, 2, 8) for _ in range(3))),
     "sparse_softmax": lambda: seqfuse.sparse_softmax(torch.randn(3, 50), 5),
+    "linear_cross_entropy": lambda: _linear_cross_entropy_gradients(),
     "global_pointer": lambda: seqfuse.global_pointer_scores(
         torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)),
 }
+
+
+def _linear_cross_entropy_gradients():
+    hidden = torch.randn(6, 9, requires_grad=True)
+    weight = torch.randn(40, 9, requires_grad=True)
+    loss = seqfuse.linear_sparse_softmax_cross_entropy(hidden, weight, torch.randint(0, 40, (6,)), 4)
+    return torch.autograd.grad(loss, (hidden, weight))  # the gather and scatter kernels
 
 
 @pytest.mark.parametrize("device", EMULATED)
@@ -107,6 +115,7 @@ ASAN_SUBSET = {
     "tests/test_linear_attention.py": "test_odd_sizes or test_cuda_float16_zero_rows",
     "tests/test_sparse_softmax.py": "test_every_topk_path_in_half_types or test_single_entry_rows",
     "tests/test_global_pointer.py": "test_scores_and_fused_loss_edge_shapes",
+    "tests/test_linear_cross_entropy.py": "test_small_shapes or test_half_precision",
 }
 
 

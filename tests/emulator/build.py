@@ -26,7 +26,7 @@ from torch.utils import cpp_extension
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BUILD = ROOT / "build" / "seqfuse_emulated"
-FAMILIES = ("scan", "linear_attention", "sparse_softmax", "global_pointer")
+FAMILIES = ("scan", "linear_attention", "sparse_softmax", "linear_cross_entropy", "global_pointer")
 
 COMMON = [
     "-std=c++20", "-fPIC", "-DSEQFUSE_EMULATED=1",

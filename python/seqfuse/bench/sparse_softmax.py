@@ -7,16 +7,29 @@ The PyTorch formulations here use torch.topk (its own tie order) rather than the
 tie-exact stable sort of seqfuse.reference, so they are the fastest plain-PyTorch
 versions. GB/s counts the bytes each pass must move: the logits read once per pass,
 plus each dense [rows, V] output or gradient written and each dense input read.
+
+The LM-head case times linear_sparse_softmax_cross_entropy (the logits never stored)
+against the PyTorch formulation (F.linear + torch.topk + logsumexp + gather, autograd)
+and against seqfuse's own unfused pair (F.linear + sparse_softmax_cross_entropy), with
+each one's peak extra memory: on CPU the peak resident set of a fresh process running
+one forward+backward, less what it held before (the inputs) and the gradients of hidden
+and weight; on CUDA the peak allocated bytes above the same. TFLOP/s counts the
+products each formulation needs (fused: the forward's 2 N V D; the others three times
+that), against the matmul rate measured in the same run.
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import torch
+import torch.nn.functional as F
 
 import seqfuse
-from seqfuse.bench.common import format_table, memory_bandwidth, time_fn
+from seqfuse.bench.common import format_table, matmul_rate, memory_bandwidth, time_fn
 
 COLUMNS = ["op", "rows x V", "k", "dtype", "pass", "seqfuse_ms", "torch_ms", "entmax_ms",
            "x_torch", "x_entmax", "GB/s", "%bw"]
@@ -43,6 +56,107 @@ def torch_topk_softmax(x, k):
 def torch_cross_entropy(logits, target, k):
     lse = torch.logsumexp(torch.topk(logits, k, dim=-1).values, dim=-1)
     return (lse - logits.gather(-1, target[:, None])[:, 0]).mean()
+
+
+def torch_linear_cross_entropy(hidden, weight, target, k):
+    logits = F.linear(hidden, weight)
+    lse = torch.logsumexp(torch.topk(logits, k, dim=-1).values.float(), dim=-1)
+    return (lse - logits.gather(-1, target[:, None])[:, 0].float()).mean()
+
+
+def unfused_linear_cross_entropy(hidden, weight, target, k):
+    return seqfuse.sparse_softmax_cross_entropy(F.linear(hidden, weight), target, k).float()
+
+
+LM_HEAD = {
+    "seqfuse": "seqfuse.linear_sparse_softmax_cross_entropy",
+    "torch": "seqfuse.bench.sparse_softmax.torch_linear_cross_entropy",
+    "unfused": "seqfuse.bench.sparse_softmax.unfused_linear_cross_entropy",
+}
+LM_COLUMNS = ["op", "N x D x V", "k", "dtype", "pass", "seqfuse_ms", "torch_ms", "unfused_ms",
+              "x_torch", "x_unfused", "TFLOP/s", "%mm", "seqfuse_MB", "torch_MB", "unfused_MB",
+              "mem_x_torch"]
+
+# Runs one forward+backward of LM_HEAD[impl] in this fresh process and prints its peak
+# extra memory in bytes.
+_PEAK_SCRIPT = textwrap.dedent("""
+    import importlib, resource, sys, torch
+    impl, N, D, V, k, dtype, device = sys.argv[1:]
+    N, D, V, k, dtype = int(N), int(D), int(V), int(k), getattr(torch, dtype)
+    module, name = impl.rsplit(".", 1)
+    fn = getattr(importlib.import_module(module), name)
+    h = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    W = torch.randn(V, D, device=device, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    grads = (h.numel() + W.numel()) * h.element_size()
+    fn(h[:8], W[:64], t[:8] % 64, k).backward()  # pages in the code before the measurement
+    h.grad = W.grad = None
+    if device == "cpu":
+        rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+        before = rss()
+        fn(h, W, t, k).backward()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before - grads)
+    else:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(h, W, t, k).backward()
+        torch.cuda.synchronize()
+        print(torch.cuda.max_memory_allocated() - before - grads)
+""")
+
+
+def peak_extra_memory(impl: str, N: int, D: int, V: int, k: int, dtype: torch.dtype,
+                      device: str) -> float:
+    """Bytes above the inputs and the hidden and weight gradients that one
+    forward+backward of LM_HEAD[impl] needs at its peak, measured in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, LM_HEAD[impl], str(N), str(D), str(V), str(k),
+         str(dtype)[6:], device], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _lm_head_cases(device: str, quick: bool):
+    """(N, D, V, k, dtype)"""
+    if quick:
+        return [(256, 64, 4096, 10, torch.float32)]
+    if device == "cpu":
+        return [(4096, 1024, 32_000, 10, torch.float32)]
+    return [(4096, 1024, 32_000, 10, dt) for dt in (torch.float32, torch.bfloat16)] + [
+        (8192, 4096, 128_256, 10, torch.bfloat16)]
+
+
+def _lm_head_rows(device: str, quick: bool) -> list[dict]:
+    rows = []
+    for N, D, V, k, dtype in _lm_head_cases(device, quick):
+        rate = matmul_rate(device, dtype)
+        hidden = torch.randn(N, D, device=device, dtype=dtype)
+        weight = torch.randn(V, D, device=device, dtype=dtype)
+        target = torch.randint(0, V, (N,), device=device)
+        fns = {"seqfuse": seqfuse.linear_sparse_softmax_cross_entropy,
+               "torch": torch_linear_cross_entropy, "unfused": unfused_linear_cross_entropy}
+        for backward in (False, True):
+            row = {"op": "linear_sparse_softmax_cross_entropy", "N x D x V": f"{N}x{D}x{V}",
+                   "k": k, "dtype": str(dtype)[6:], "pass": "fwd+bwd" if backward else "fwd"}
+            for impl, fn in fns.items():
+                if backward:
+                    h, W = hidden.requires_grad_(), weight.requires_grad_()
+                    step = lambda fn=fn: torch.autograd.grad(fn(h, W, target, k), (h, W))  # noqa: E731
+                else:
+                    step = lambda fn=fn: fn(hidden, weight, target, k)  # noqa: E731
+                row[f"{impl}_ms"] = 1e3 * time_fn(step, device)
+            row["x_torch"] = row["torch_ms"] / row["seqfuse_ms"]
+            row["x_unfused"] = row["unfused_ms"] / row["seqfuse_ms"]
+            flops = 2 * N * V * D
+            row["TFLOP/s"] = flops / (row["seqfuse_ms"] / 1e3) / 1e12
+            row["%mm"] = 100 * flops / (row["seqfuse_ms"] / 1e3) / rate
+            if backward:
+                for impl in fns:
+                    extra = peak_extra_memory(impl, N, D, V, k, dtype, device)
+                    row[f"{impl}_MB"] = extra / 2**20
+                row["mem_x_torch"] = row["torch_MB"] / max(row["seqfuse_MB"], 1e-3)
+            rows.append(row)
+    return rows
 
 
 def _cases(device: str, quick: bool):
@@ -104,9 +218,12 @@ def run(device: str, quick: bool):
                 row["GB/s"] = moved / row["seqfuse_ms"] / 1e6
                 row["%bw"] = 100 * moved / (row["seqfuse_ms"] / 1e3) / bandwidth
                 rows.append(row)
+    lm_rows = _lm_head_rows(device, quick)
     limits = {"memory_bandwidth_GB/s": bandwidth / 1e9, "threads": torch.get_num_threads(),
+              "matmul_float32_TFLOP/s": matmul_rate(device, torch.float32) / 1e12,
               "entmax": "installed" if sparsemax is not None else "not installed"}
     note = ("" if device != "cpu" or quick else
             "\n(CPU: the 1024x152k and 256x256k shapes are cut to 256 and 64 rows to keep the "
             "PyTorch baselines' run time reasonable)")
-    return limits, rows, format_table(rows, COLUMNS) + note
+    return (limits, rows + lm_rows,
+            format_table(rows, COLUMNS) + note + "\n\n" + format_table(lm_rows, LM_COLUMNS))

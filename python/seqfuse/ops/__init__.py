@@ -8,6 +8,7 @@ from seqfuse.ops.global_pointer import (
     sparse_multilabel_categorical_crossentropy,
 )
 from seqfuse.ops.linear_attention import causal_linear_attention
+from seqfuse.ops.linear_cross_entropy import linear_sparse_softmax_cross_entropy
 from seqfuse.ops.scan import linear_scan
 from seqfuse.ops.sparse_softmax import (
     entropy_normalize,
@@ -26,6 +27,7 @@ __all__ = [
     "sparse_softmax",
     "topk_softmax",
     "sparse_softmax_cross_entropy",
+    "linear_sparse_softmax_cross_entropy",
     "taylor_softmax",
     "entropy_normalize",
     # GlobalPointer

@@ -15,6 +15,7 @@ from seqfuse.reference.linear_attention import (
 from seqfuse.reference.scan import linear_scan, linear_scan_logspace, lru
 from seqfuse.reference.sparse_softmax import (
     entropy_normalize,
+    linear_sparse_softmax_cross_entropy,
     sparse_softmax,
     sparse_softmax_cross_entropy,
     taylor_softmax,
@@ -33,6 +34,7 @@ __all__ = [
     "sparse_softmax",
     "topk_softmax",
     "sparse_softmax_cross_entropy",
+    "linear_sparse_softmax_cross_entropy",
     "taylor_softmax",
     "entropy_normalize",
     # GlobalPointer

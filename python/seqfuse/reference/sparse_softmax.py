@@ -87,3 +87,21 @@ def entropy_normalize(
         logits = torch.where(support, gamma[..., None] * log_q, -math.inf)
         q = torch.where(support, torch.softmax(logits, dim=-1), 0.0)
     return q.to(p.dtype).movedim(-1, dim)
+
+
+def linear_sparse_softmax_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The LM head's logits in full, then the SPACES loss on them (see
+    ``seqfuse.linear_sparse_softmax_cross_entropy``); the loss in float32 for half inputs."""
+    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    loss = sparse_softmax_cross_entropy(_acc(logits), target.reshape(-1), k, ignore_index,
+                                        reduction)
+    return loss.view(target.shape) if reduction == "none" else loss
