@@ -98,6 +98,8 @@ def linear_attention_cases(dtype, device):
 
 
 def sparse_softmax_cases(dtype, device):
+    if dtype == "float64" and device.startswith("cuda"):
+        return []  # the family has no float64 CUDA kernels (refused on the host)
     dt = getattr(torch, dtype)
     cases = []
     # V = 100: a warp per row; 5000: the row staged in shared memory; 20000: staged for
