@@ -284,7 +284,7 @@ def poisoned(x, steps, value, tail):
 @pytest.mark.parametrize("T", sorted(POISON_STEPS))
 def test_non_finite_input_leaves_earlier_outputs_unchanged(device, dtype, which, value, normalize,
                                                            decay, T):
-    # Causality (SPEC, conventions): a NaN, an infinity or the dtype's largest value at
+    # Causality (docs/README.md): a NaN, an infinity or the dtype's largest value at
     # step t changes no output before t, for every feature map: the chunked products
     # must not multiply a masked-out zero by it.
     bad = {"nan": float("nan"), "inf": float("inf"), "max": torch.finfo(dtype).max}[value]

@@ -1,4 +1,5 @@
-"""linear_scan: h_t = a_t * h_{t-1} + b_t (SPEC §1), against the sequential reference."""
+"""linear_scan: h_t = a_t * h_{t-1} + b_t (docs/scan.md), against the sequential
+reference."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""Row-wise normalisers (SPEC §3): sparse_softmax, topk_softmax, the SPACES loss,
-taylor_softmax and entropy_normalize against their plain-PyTorch references."""
+"""Row-wise normalisers (docs/sparse_softmax.md): sparse_softmax, topk_softmax, the
+SPACES loss, taylor_softmax and entropy_normalize against their plain-PyTorch
+references."""
 
 import math
 
@@ -472,8 +473,9 @@ def test_entropy_normalize_matches_reference(device):
     dtype = _dtype(device)
     p = torch.softmax(torch.randn(6, 50, dtype=torch.float64) * 2, -1)
     p[0, :10] = 0  # zeros stay zero
-    # Plain Newton (SPEC) converges from near its start only: a target far from the
-    # row's entropy can overshoot to a one-hot row (seen: H 1.04, target 2.82 -> 0).
+    # Plain Newton (docs/sparse_softmax.md) converges from near its start only: a target
+    # far from the row's entropy can overshoot to a one-hot row (seen: H 1.04, target
+    # 2.82 -> 0).
     start = _entropy(p / p.sum(-1, keepdim=True))
     target = start + (2 * torch.rand(6, dtype=torch.float64) - 1) * 0.2
     out, dx, g = _fwd_bwd(seqfuse.entropy_normalize, p.to(device, dtype), target.to(device), 4)

@@ -1,5 +1,5 @@
-// Geometry and element maths of GlobalPointer (SPEC §4), shared by the CPU and CUDA
-// kernels.
+// Geometry and element maths of GlobalPointer (docs/global_pointer.md), shared by
+// the CPU and CUDA kernels.
 //
 //   RoPE, pairs (2i, 2i+1), theta_i = base^(-2i/D), angle a = pos * theta_i:
 //     (R x)_{2i} = x_{2i} cos a - x_{2i+1} sin a,   (R x)_{2i+1} = x_{2i+1} cos a + x_{2i} sin a

@@ -1,6 +1,6 @@
-// Geometry and element maths of causal linear attention (SPEC §2), shared by the CPU
-// and CUDA kernels. Per (batch, head), with phi the feature map and gamma the head's
-// decay (1 without decay):
+// Geometry and element maths of causal linear attention (docs/linear_attention.md),
+// shared by the CPU and CUDA kernels. Per (batch, head), with phi the feature map and
+// gamma the head's decay (1 without decay):
 //
 //   S_i = gamma S_{i-1} + phi(k_i) v_i^T          z_i = gamma z_{i-1} + phi(k_i)
 //   o_i = scale phi(q_i)^T S_i / den_i,   den_i = scale phi(q_i)^T z_i + eps   (normalize)

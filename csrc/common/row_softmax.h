@@ -1,5 +1,5 @@
-// Per-element maths of the row-wise normalisers (SPEC §3), shared by the CPU and CUDA
-// kernels. Every op works on contiguous rows x[0..V) of a [R, V] view.
+// Per-element maths of the row-wise normalisers (docs/sparse_softmax.md), shared by
+// the CPU and CUDA kernels. Every op works on contiguous rows x[0..V) of a [R, V] view.
 //
 //   top-k:   Omega_k = the k largest x_i; ties go to the lower index (NaN ranks above
 //            +inf, as torch.topk; -0 equals +0). k >= V keeps the whole row.

@@ -1,4 +1,4 @@
-// Geometry and element maths of the linear recurrence scan (SPEC §1), shared by the
+// Geometry and element maths of the linear recurrence scan (docs/scan.md), shared by the
 // CPU and CUDA kernels:
 //
 //   h_t = a_t * h_{t-1} + b_t,  h_{-1} = h0             (reverse: t runs T-1 .. 0)

@@ -1,5 +1,5 @@
-// CPU GlobalPointer kernels (SPEC §4); the maths is stated in csrc/common/global_pointer.h.
-// float32 and float64; every buffer is contiguous.
+// CPU GlobalPointer kernels (docs/global_pointer.md); the maths is stated in
+// csrc/common/global_pointer.h. float32 and float64; every buffer is contiguous.
 #pragma once
 
 #include <ATen/core/Tensor.h>

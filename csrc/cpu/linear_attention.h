@@ -1,4 +1,4 @@
-// CPU causal linear attention (SPEC §2); the maths is stated in
+// CPU causal linear attention (docs/linear_attention.md); the maths is stated in
 // csrc/common/linear_attention.h.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CPU linear recurrence scan (SPEC §1); the maths is stated in csrc/common/scan.h.
+// CPU linear recurrence scan (docs/scan.md); the maths is stated in csrc/common/scan.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

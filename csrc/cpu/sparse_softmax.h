@@ -1,4 +1,5 @@
-// CPU row-wise normalisers (SPEC §3); the maths is stated in csrc/common/row_softmax.h.
+// CPU row-wise normalisers (docs/sparse_softmax.md); the maths is stated in
+// csrc/common/row_softmax.h.
 // Every tensor is contiguous; x-shaped ones are [R, V] (the normalised dim last),
 // per-row ones [R] in the accumulation dtype, index tensors int64.
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA GlobalPointer kernels (SPEC §4); the maths is stated in
+// CUDA GlobalPointer kernels (docs/global_pointer.md); the maths is stated in
 // csrc/common/global_pointer.h. No torch header: pointers, sizes, DType and a stream.
 #pragma once
 

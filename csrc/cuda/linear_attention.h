@@ -1,4 +1,4 @@
-// CUDA causal linear attention (SPEC §2); the maths is stated in
+// CUDA causal linear attention (docs/linear_attention.md); the maths is stated in
 // csrc/common/linear_attention.h.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA linear recurrence scan (SPEC §1); the maths is stated in csrc/common/scan.h.
+// CUDA linear recurrence scan (docs/scan.md); the maths is stated in csrc/common/scan.h.
 #pragma once
 
 #include <cstddef>

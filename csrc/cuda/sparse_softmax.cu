@@ -4,8 +4,9 @@
 //
 //   c_i = order_key(x_i) << 32  |  ~i        (i < 2^31, so ~i fits the low 32 bits)
 //
-// Higher composites rank first: a higher value, then a lower index (the SPEC's tie
-// rule). Composites are all distinct, so the selection is a single threshold T with
+// Higher composites rank first: a higher value, then a lower index (the tie rule of
+// docs/sparse_softmax.md). Composites are all distinct, so the selection is a single
+// threshold T with
 //
 //   Omega_k = { i : c_i >= T },   |Omega_k| = k exactly,
 //

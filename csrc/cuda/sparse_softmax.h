@@ -1,4 +1,5 @@
-// CUDA row-wise normalisers (SPEC §3); the maths is stated in csrc/common/row_softmax.h.
+// CUDA row-wise normalisers (docs/sparse_softmax.md); the maths is stated in
+// csrc/common/row_softmax.h.
 // Pointers are to device memory. x-shaped buffers are contiguous [R, V] in the element
 // type (float32, float16 or bfloat16); per-row buffers are float32 [R]; indices int64.
 // Every launch runs on `stream`. R must be below 2^31 and V at most 2^31 - 1.

@@ -1,14 +1,17 @@
 """python -m seqfuse.bench FAMILY [--device cpu|cuda] [--quick] [--json PATH]
+python -m seqfuse.bench plot RESULTS.json [...] --out DIR
 
 Times each fused op against the seqfuse reference and any installed anchors, on the
 same inputs in one run, and prints a table with the machine limits measured in that
-run. FAMILY is one of the registered families, or `all`.
+run. FAMILY is one of the registered families, or `all`. `plot` turns the JSON of
+such runs into PNG charts (seqfuse.bench.plot; needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 import torch
 
@@ -25,8 +28,14 @@ FAMILIES = {
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:
+        from seqfuse.bench import plot
+
+        sys.exit(plot.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m seqfuse.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("family", choices=[*FAMILIES, "all"])
+    parser.add_argument("family", choices=[*FAMILIES, "all"],
+                        help="a family, `all`, or `plot` (see above)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON "

@@ -30,7 +30,8 @@ class CausalLinearAttention(nn.Module):
     """Multi-head causal linear attention with q/k/v/o projections.
 
         q, k, v = x W_q, x W_k, x W_v       split into H heads of size D = d_model / H
-        o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) per head (SPEC §2), y = o W_o
+        o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) per head, y = o W_o
+        (docs/linear_attention.md)
 
     Args:
         d_model: model width; n_heads must divide it.

@@ -46,7 +46,7 @@ def _prepare(q, k, v, fmap, decay, scale, initial_state):
 def causal_linear_attention(q, k, v, *, feature_map="identity", normalize=True, decay=None,
                             scale=None, initial_state=None, return_state=False, eps=1e-6):
     """The reference: the recurrence, one step at a time. Step i reads only steps <= i,
-    so a NaN or an infinity at step t changes no output before t (SPEC, conventions)."""
+    so a NaN or an infinity at step t changes no output before t (docs/README.md)."""
     qf, kf, vv, gamma, S, z, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
     g = gamma[:, None]
     outs = []
