@@ -244,3 +244,10 @@ def test_cuda_many_chunks_float32(device, T):
     a, b, h0 = make((2, T, 96), (2, T, 96), torch.float32, device)
     assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a.double(), b.double(), h0.double()),
                  torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("h0", [False, True])
+def test_reference_of_an_empty_sequence(h0):
+    a, b, h = make((2, 0, 3), (3,), torch.float64, "cpu", h0=h0)
+    out = reference.linear_scan(a, b, h)
+    assert out.shape == (2, 0, 3) and out.dtype == torch.float64

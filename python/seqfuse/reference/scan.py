@@ -15,7 +15,8 @@ def linear_scan(
     """``h_t = a_t * h_{t-1} + b_t`` one step at a time (see ``seqfuse.linear_scan``)."""
     dtype = b.dtype
     a_t, b_t = _acc(a).expand_as(b).unbind(1), _acc(b).unbind(1)
-    h = torch.zeros_like(b_t[0]) if h0 is None else h0.to(b_t[0].dtype)
+    acc = _acc(b)
+    h = acc.new_zeros(acc.shape[0], acc.shape[2]) if h0 is None else h0.to(acc.dtype)
     steps = range(len(b_t) - 1, -1, -1) if reverse else range(len(b_t))
     out = [None] * len(b_t)
     for t in steps:
