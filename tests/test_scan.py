@@ -251,3 +251,20 @@ def test_reference_of_an_empty_sequence(h0):
     a, b, h = make((2, 0, 3), (3,), torch.float64, "cpu", h0=h0)
     out = reference.linear_scan(a, b, h)
     assert out.shape == (2, 0, 3) and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 0, 3), (0, 4, 2), (2, 3, 0)])
+def test_a_expanded_along_time_gets_its_gradient(device, shape):
+    # a.expand_as(b) is a [B, T, C] view with stride 0 in time: the kernels may read it
+    # as time-invariant, but its gradient is one entry per step (autograd sums them).
+    a = torch.rand(shape[2], dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    grad = torch.randn(shape, dtype=torch.float64, device=device)
+    results = []
+    for fn in (seqfuse.linear_scan, reference.linear_scan):
+        h = fn(a.expand(shape), b)
+        grads = torch.autograd.grad(h, (a, b), grad, allow_unused=True)  # T = 0: a unused
+        results.append([h, *(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (a, b)))])
+    for got, want in zip(*results):
+        assert_close(got, want)
