@@ -1,5 +1,7 @@
 """linear_scan: h_t = a_t * h_{t-1} + b_t (SPEC §1), against the sequential reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -268,3 +270,17 @@ def test_a_expanded_along_time_gets_its_gradient(device, shape):
         results.append([h, *(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (a, b)))])
     for got, want in zip(*results):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_complex_infinity_keeps_its_zero_imaginary_part(device):
+    # (inf + 0j) + a * 0 is inf + 0j in complex arithmetic; torch's complex add (x + 1 * y,
+    # a complex product with alpha) made it inf + nanj in the reference.
+    a = torch.tensor([0.5 + 0.25j, -0.5j], dtype=torch.complex64).to(device)
+    b = torch.zeros(1, 3, 2, dtype=torch.complex64, device=device)
+    b[0, 1, 0] = complex(math.inf, 0.0)
+    want = torch.tensor([[[0, 0], [complex(math.inf, 0), 0], [complex(math.inf, math.inf), 0]]],
+                        dtype=torch.complex128)
+    for h in (seqfuse.linear_scan(a, b), reference.linear_scan(a.cpu().cdouble(), b.cpu().cdouble())):
+        assert torch.equal(torch.isnan(torch.view_as_real(h.cpu())), torch.isnan(torch.view_as_real(want)))
+        assert torch.equal(h.cpu().cdouble(), want)

@@ -9,6 +9,16 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _step(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * h + b``; complex in real and imaginary parts, the textbook product, since
+    torch's complex add computes ``h + 1 * b`` with a complex product (inf + 0j -> inf + nanj)."""
+    if not h.is_complex():
+        return a * h + b
+    re = a.real * h.real - a.imag * h.imag + b.real
+    im = a.real * h.imag + a.imag * h.real + b.imag
+    return torch.complex(re, im)
+
+
 def linear_scan(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *, reverse: bool = False
 ) -> torch.Tensor:
@@ -20,7 +30,7 @@ def linear_scan(
     steps = range(len(b_t) - 1, -1, -1) if reverse else range(len(b_t))
     out = [None] * len(b_t)
     for t in steps:
-        h = a_t[t] * h + b_t[t]
+        h = _step(a_t[t], h, b_t[t])
         out[t] = h
     if not out:
         return _acc(b).to(dtype)
