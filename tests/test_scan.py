@@ -284,3 +284,15 @@ def test_complex_infinity_keeps_its_zero_imaginary_part(device):
     for h in (seqfuse.linear_scan(a, b), reference.linear_scan(a.cpu().cdouble(), b.cpu().cdouble())):
         assert torch.equal(torch.isnan(torch.view_as_real(h.cpu())), torch.isnan(torch.view_as_real(want)))
         assert torch.equal(h.cpu().cdouble(), want)
+
+
+def test_reference_complex_gradient_through_an_infinite_a():
+    # db_0 = g_0 + conj(a_1) g_1 = inf + inf j for a_1 = inf + 0j (the kernels' textbook
+    # product); autograd's complex sum of the real and imaginary parts' gradients gave NaN.
+    a = torch.tensor([[[0.5 + 0.3j], [complex(math.inf, 0)]]], dtype=torch.complex128,
+                     requires_grad=True)
+    b = torch.tensor([[[1 + 1j], [2 + 0.5j]]], dtype=torch.complex128, requires_grad=True)
+    g = torch.tensor([[[0.3 - 0.2j], [0.7 + 0.1j]]], dtype=torch.complex128)
+    for fn in (seqfuse.linear_scan, reference.linear_scan):
+        (db,) = torch.autograd.grad(fn(a, b), [b], g)
+        assert db[0, 0, 0] == complex(math.inf, math.inf), fn
