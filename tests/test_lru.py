@@ -109,3 +109,10 @@ def test_empty_sequence_passes_the_state_through(device, with_h0):
     y, h = m(torch.randn(2, 0, 3, device=device), h0)
     assert y.shape == (2, 0, 3)
     assert torch.equal(h, h0 if with_h0 else torch.zeros(2, 4, dtype=torch.complex64, device=device))
+
+
+def test_reference_of_an_empty_sequence():
+    m = seqfuse.nn.LRU(d_model=3, d_state=4).double()
+    h0 = torch.randn(2, 4, dtype=torch.complex128)
+    y, h = reference.lru(torch.randn(2, 0, 3, dtype=torch.float64), *params(m), h0=h0)
+    assert y.shape == (2, 0, 3) and torch.equal(h, h0)

@@ -78,4 +78,4 @@ def lru(
     for t in range(u.shape[1]):
         h = lam * h + u[:, t].to(B.dtype) @ B.T
         ys.append((h @ C.T).real + D * u[:, t])
-    return torch.stack(ys, dim=1), h
+    return (torch.stack(ys, dim=1) if ys else D * u), h  # T = 0: empty y, h = h0
