@@ -296,3 +296,19 @@ def test_reference_complex_gradient_through_an_infinite_a():
     for fn in (seqfuse.linear_scan, reference.linear_scan):
         (db,) = torch.autograd.grad(fn(a, b), [b], g)
         assert db[0, 0, 0] == complex(math.inf, math.inf), fn
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: the CUDA scan's combined steps make "
+                   "inf - inf = NaN after an infinite a (issue 15 note)")
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_infinite_a_follows_the_recurrence(device):
+    # h_0 = inf * h0 + b_0 = inf, then h_t = a_t h_{t-1} + b_t stays +-inf: never NaN.
+    a = torch.full((1, 13, 1), 0.5, dtype=torch.float64)
+    a[0, 0, 0] = math.inf
+    a[0, 5:, 0] = -0.5
+    b = torch.randn(1, 13, 1, dtype=torch.float64)
+    h0 = torch.ones(1, 1, dtype=torch.float64)
+    h = seqfuse.linear_scan(a.to(device), b.to(device), h0.to(device))
+    want = reference.linear_scan(a, b, h0)
+    assert torch.isinf(want).all()
+    assert torch.equal(h.cpu(), want)
