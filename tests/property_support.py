@@ -121,11 +121,12 @@ def ref_leaf(x64: torch.Tensor) -> torch.Tensor:
     return x64.detach().clone().requires_grad_()
 
 
-def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None):
+def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None, floor=None):
     """`actual` (computed in `dtype`) equals the float64 `expected`: NaN and +-inf at
     the same entries (of `expected` rounded to actual's dtype: what overflows there is
     inf), the finite entries within the dtype's tolerance, atol relative to the largest
-    finite entry of `expected` (so tiny magnitudes are checked as closely as large)."""
+    finite entry of `expected` (so tiny magnitudes are checked as closely as large), never
+    below `floor`."""
     actual = actual.detach().cpu()
     expected = expected.detach().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -151,7 +152,10 @@ def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None):
     e_keep = e[keep]
     scale = e_keep.abs().max().item()
     scale = scale if math.isfinite(scale) else torch.finfo(torch.float64).max
-    torch.testing.assert_close(a[keep], e_keep, rtol=rtol, atol=atol * max(scale, 1e-300),
+    # Below the dtype's normal range results have lost relative precision (gradual
+    # underflow), so atol never goes below a few of its smallest normals (or `floor`).
+    floor = 4 * torch.finfo(actual.real.dtype if actual.is_complex() else actual.dtype).smallest_normal if floor is None else floor
+    torch.testing.assert_close(a[keep], e_keep, rtol=rtol, atol=max(atol * scale, floor),
                                msg=lambda m: f"{what}: {m}")
 
 
