@@ -29,7 +29,14 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& a, const at::Tensor& b
   in.b = b.contiguous();
   const int64_t B = b.size(0), T = b.size(1), C = b.size(2);
   in.a = a.expand({B, T, C});
-  if (C > 1 && in.a.stride(2) > 1) in.a = a.contiguous().expand({B, T, C});
+  // An `a` with a time dim of its own but stride 0 there (a.expand_as(b)) gets one
+  // gradient entry per step: the kernels must not read it as time-invariant.
+  const bool per_step = a.dim() >= 2 && a.size(-2) != 1;
+  if (per_step && in.a.stride(1) == 0) {
+    in.a = at::empty({B, T, C}, a.options()).copy_(in.a);  // its own strides, also when empty
+  } else if (C > 1 && in.a.stride(2) > 1) {
+    in.a = a.contiguous().expand({B, T, C});
+  }
   in.geom = {B, T, C, in.a.stride(0), in.a.stride(1), C > 1 ? in.a.stride(2) : 0, reverse};
 
   if (h0.has_value()) {

@@ -13,9 +13,11 @@ every device; `runs_cuda_kernels(device)` tells a test which kernels it is exerc
 """
 
 import contextlib
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import seqfuse
 
@@ -73,6 +75,21 @@ def emulator():
         if os.environ.get("CI"):
             raise  # CI has the headers: their absence is a failure there
         pytest.skip(str(err))
+
+
+# Hypothesis profiles of the property tests (tests/test_property_*.py), chosen by
+# SEQFUSE_HYPOTHESIS_PROFILE: "ci" (the default) draws a fixed sequence of examples
+# (derandomize), 100 per property on the CPU kernels and a quarter of that on the
+# emulated device (tests/property_support.py: examples()); "thorough" draws 10x as many
+# from a fresh seed each run. A failure prints the shrunk example, the seed where it was
+# random, and a @reproduce_failure blob.
+settings.register_profile(
+    "ci", max_examples=100, derandomize=True, deadline=None, print_blob=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", settings.get_profile("ci"), max_examples=1000,
+                          derandomize=False)
+settings.load_profile(os.environ.get("SEQFUSE_HYPOTHESIS_PROFILE", "ci"))
 
 
 # Tolerances against a float64 reference, by the dtype the kernel ran in.

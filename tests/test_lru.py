@@ -98,3 +98,21 @@ def test_bad_arguments():
         m(torch.randn(2, 9, 5))
     with pytest.raises(ValueError, match="h0 must be"):
         m(torch.randn(2, 9, 4), torch.zeros(2, 9, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_empty_sequence_passes_the_state_through(device, with_h0):
+    # SPEC: empty inputs give empty results; the final state of no steps is h0 (or zeros).
+    m = seqfuse.nn.LRU(d_model=3, d_state=4).to(device)
+    h0 = torch.randn(2, 4, dtype=torch.complex64, device=device) if with_h0 else None
+    y, h = m(torch.randn(2, 0, 3, device=device), h0)
+    assert y.shape == (2, 0, 3)
+    assert torch.equal(h, h0 if with_h0 else torch.zeros(2, 4, dtype=torch.complex64, device=device))
+
+
+def test_reference_of_an_empty_sequence():
+    m = seqfuse.nn.LRU(d_model=3, d_state=4).double()
+    h0 = torch.randn(2, 4, dtype=torch.complex128)
+    y, h = reference.lru(torch.randn(2, 0, 3, dtype=torch.float64), *params(m), h0=h0)
+    assert y.shape == (2, 0, 3) and torch.equal(h, h0)

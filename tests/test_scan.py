@@ -1,6 +1,8 @@
 """linear_scan: h_t = a_t * h_{t-1} + b_t (docs/scan.md), against the sequential
 reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -245,3 +247,69 @@ def test_cuda_many_chunks_float32(device, T):
     a, b, h0 = make((2, T, 96), (2, T, 96), torch.float32, device)
     assert_close(seqfuse.linear_scan(a, b, h0), reference.linear_scan(a.double(), b.double(), h0.double()),
                  torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("h0", [False, True])
+def test_reference_of_an_empty_sequence(h0):
+    a, b, h = make((2, 0, 3), (3,), torch.float64, "cpu", h0=h0)
+    out = reference.linear_scan(a, b, h)
+    assert out.shape == (2, 0, 3) and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 0, 3), (0, 4, 2), (2, 3, 0)])
+def test_a_expanded_along_time_gets_its_gradient(device, shape):
+    # a.expand_as(b) is a [B, T, C] view with stride 0 in time: the kernels may read it
+    # as time-invariant, but its gradient is one entry per step (autograd sums them).
+    a = torch.rand(shape[2], dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    grad = torch.randn(shape, dtype=torch.float64, device=device)
+    results = []
+    for fn in (seqfuse.linear_scan, reference.linear_scan):
+        h = fn(a.expand(shape), b)
+        grads = torch.autograd.grad(h, (a, b), grad, allow_unused=True)  # T = 0: a unused
+        results.append([h, *(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (a, b)))])
+    for got, want in zip(*results):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_complex_infinity_keeps_its_zero_imaginary_part(device):
+    # (inf + 0j) + a * 0 is inf + 0j in complex arithmetic; torch's complex add (x + 1 * y,
+    # a complex product with alpha) made it inf + nanj in the reference.
+    a = torch.tensor([0.5 + 0.25j, -0.5j], dtype=torch.complex64).to(device)
+    b = torch.zeros(1, 3, 2, dtype=torch.complex64, device=device)
+    b[0, 1, 0] = complex(math.inf, 0.0)
+    want = torch.tensor([[[0, 0], [complex(math.inf, 0), 0], [complex(math.inf, math.inf), 0]]],
+                        dtype=torch.complex128)
+    for h in (seqfuse.linear_scan(a, b), reference.linear_scan(a.cpu().cdouble(), b.cpu().cdouble())):
+        assert torch.equal(torch.isnan(torch.view_as_real(h.cpu())), torch.isnan(torch.view_as_real(want)))
+        assert torch.equal(h.cpu().cdouble(), want)
+
+
+def test_reference_complex_gradient_through_an_infinite_a():
+    # db_0 = g_0 + conj(a_1) g_1 = inf + inf j for a_1 = inf + 0j (the kernels' textbook
+    # product); autograd's complex sum of the real and imaginary parts' gradients gave NaN.
+    a = torch.tensor([[[0.5 + 0.3j], [complex(math.inf, 0)]]], dtype=torch.complex128,
+                     requires_grad=True)
+    b = torch.tensor([[[1 + 1j], [2 + 0.5j]]], dtype=torch.complex128, requires_grad=True)
+    g = torch.tensor([[[0.3 - 0.2j], [0.7 + 0.1j]]], dtype=torch.complex128)
+    for fn in (seqfuse.linear_scan, reference.linear_scan):
+        (db,) = torch.autograd.grad(fn(a, b), [b], g)
+        assert db[0, 0, 0] == complex(math.inf, math.inf), fn
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: the CUDA scan's combined steps make "
+                   "inf - inf = NaN after an infinite a (issue 15 note)")
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_infinite_a_follows_the_recurrence(device):
+    # h_0 = inf * h0 + b_0 = inf, then h_t = a_t h_{t-1} + b_t stays +-inf: never NaN.
+    a = torch.full((1, 13, 1), 0.5, dtype=torch.float64)
+    a[0, 0, 0] = math.inf
+    a[0, 5:, 0] = -0.5
+    b = torch.randn(1, 13, 1, dtype=torch.float64)
+    h0 = torch.ones(1, 1, dtype=torch.float64)
+    h = seqfuse.linear_scan(a.to(device), b.to(device), h0.to(device))
+    want = reference.linear_scan(a, b, h0)
+    assert torch.isinf(want).all()
+    assert torch.equal(h.cpu(), want)

@@ -670,3 +670,19 @@ def test_torch_compile_has_no_graph_break():
     assert_close(out.detach(), f(x, target).detach())
     out.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: p = exp(x - lse) with lse rounded to "
+                   "the accumulation type loses log(sum) for large logits (issue 15 note)")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_logits_keep_their_probabilities(device, dtype):
+    # Two equal logits far from zero share the mass: p = 1/2 each, loss log 2.
+    if runs_cuda_kernels(device) and dtype == torch.float64:
+        pytest.skip("no float64 CUDA kernels")
+    big = 1e10 if dtype == torch.float32 else 1e18
+    x = torch.tensor([[big, big, 0.0]], dtype=dtype, device=device)
+    assert_close(seqfuse.sparse_softmax(x, 2), torch.tensor([[0.5, 0.5, 0.0]]), dtype)
+    assert_close(seqfuse.topk_softmax(x, 2)[0], torch.tensor([[0.5, 0.5]]), dtype)
+    loss = seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([0], device=device), 2)
+    assert_close(loss, torch.tensor(math.log(2.0)), dtype)

@@ -89,6 +89,8 @@ class LRU(nn.Module):
         bu = torch.complex(x @ (self.B_re * gamma).T, x @ (self.B_im * gamma).T)
         h = linear_scan(self.eigenvalues(), bu, h0)
         y = h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * x
+        if h.shape[1] == 0:  # no steps: the state is h0 as it came (zeros if None)
+            return y.to(u.dtype), h0 if h0 is not None else h.new_zeros(h.shape[0], h.shape[2])
         return y.to(u.dtype), h[:, -1]
 
     def step(

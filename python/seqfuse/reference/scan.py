@@ -9,21 +9,35 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _complex_step(a: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * h + b`` on (real, imaginary) pairs ``[..., 2]``, the textbook product."""
+    (ar, ai), (hr, hi), (br, bi) = a.unbind(-1), h.unbind(-1), b.unbind(-1)
+    return torch.stack([ar * hr - ai * hi + br, ar * hi + ai * hr + bi], -1)
+
+
 def linear_scan(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *, reverse: bool = False
 ) -> torch.Tensor:
-    """``h_t = a_t * h_{t-1} + b_t`` one step at a time (see ``seqfuse.linear_scan``)."""
+    """``h_t = a_t * h_{t-1} + b_t`` one step at a time (see ``seqfuse.linear_scan``).
+
+    Complex scans run on (real, imaginary) pairs: torch's complex add, and autograd's
+    sum of complex gradients, compute ``x + 1 * y`` with a complex product, which turns
+    inf + 0j into inf + nanj where the textbook arithmetic (the kernels') keeps it."""
     dtype = b.dtype
-    a_t, b_t = _acc(a).expand_as(b).unbind(1), _acc(b).unbind(1)
-    h = torch.zeros_like(b_t[0]) if h0 is None else h0.to(b_t[0].dtype)
+    a, b = _acc(a).expand_as(b), _acc(b)
+    h = b.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h0.to(b.dtype)
+    step = (lambda a_t, h, b_t: a_t * h + b_t)
+    if b.is_complex():
+        a, b, h = torch.view_as_real(a), torch.view_as_real(b), torch.view_as_real(h)
+        step = _complex_step
+    a_t, b_t = a.unbind(1), b.unbind(1)
     steps = range(len(b_t) - 1, -1, -1) if reverse else range(len(b_t))
     out = [None] * len(b_t)
     for t in steps:
-        h = a_t[t] * h + b_t[t]
+        h = step(a_t[t], h, b_t[t])
         out[t] = h
-    if not out:
-        return _acc(b).to(dtype)
-    return torch.stack(out, dim=1).to(dtype)
+    h = torch.stack(out, dim=1) if out else b
+    return (torch.view_as_complex(h) if dtype.is_complex else h).to(dtype)
 
 
 def linear_scan_logspace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -64,4 +78,4 @@ def lru(
     for t in range(u.shape[1]):
         h = lam * h + u[:, t].to(B.dtype) @ B.T
         ys.append((h @ C.T).real + D * u[:, t])
-    return torch.stack(ys, dim=1), h
+    return (torch.stack(ys, dim=1) if ys else D * u), h  # T = 0: empty y, h = h0
