@@ -44,7 +44,9 @@ LINE_CHARTS = {
         lambda r: r["pass"],
         lambda r: f"{r['dtype']}, D={_dims(r['case'])[3]}, norm={r['norm']}",
         "GFLOP/s", "GFLOP/s"),
-    "sparse_softmax": ("vocabulary size V", lambda r: _dims(r["rows x V"])[1],
+    # (the LM-head rows, "N x D x V", count products, not bytes: not on this chart)
+    "sparse_softmax": ("vocabulary size V",
+                       lambda r: _dims(r["rows x V"])[1] if "rows x V" in r else None,
                        lambda r: f"{r['op']} {r['pass']}", lambda r: f"k={r['k']}, {r['dtype']}",
                        "GB/s", "GB/s"),
 }
