@@ -78,7 +78,7 @@ LM_COLUMNS = ["op", "N x D x V", "k", "dtype", "pass", "seqfuse_ms", "torch_ms",
               "mem_x_torch"]
 
 # Runs one forward+backward of LM_HEAD[impl] in this fresh process and prints its peak
-# extra memory in bytes.
+# extra memory in bytes (on CPU: VmHWM, the peak resident set of this process image).
 _PEAK_SCRIPT = textwrap.dedent("""
     import importlib, resource, sys, torch
     impl, N, D, V, k, dtype, device = sys.argv[1:]
@@ -93,9 +93,12 @@ _PEAK_SCRIPT = textwrap.dedent("""
     h.grad = W.grad = None
     if device == "cpu":
         rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+        # The peak of this process image (ru_maxrss would carry the parent's over exec).
+        hwm = lambda: 1024 * int(next(line.split()[1] for line in open("/proc/self/status")
+                                      if line.startswith("VmHWM")))
         before = rss()
         fn(h, W, t, k).backward()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before - grads)
+        print(hwm() - before - grads)
     else:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
