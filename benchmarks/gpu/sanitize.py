@@ -123,6 +123,17 @@ def sparse_softmax_cases(dtype, device):
         e = seqfuse.entropy_normalize(p, target, iters=3)
         _backward(t, e, inputs=[x, p, target])
     cases.append(("taylor_softmax/entropy_normalize", run_dense))
+
+    # The LM-head loss: several vocabulary chunks (one shorter), the sparse backward's
+    # gather and scatter, and k = V's dense path; an ignored row.
+    for k in (4, 300):
+        def run_linear(k=k):
+            hidden, weight, bias = (_leaf(s, dt, device) for s in ((5, 40), (300, 40), (300,)))
+            target = torch.tensor([0, 299, -100, 7, 7], device=device)
+            loss = seqfuse.linear_sparse_softmax_cross_entropy(
+                hidden, weight, target, k, bias=bias, reduction="sum", chunk_size=128)
+            _backward(loss, inputs=[hidden, weight, bias])
+        cases.append((f"linear_sparse_softmax_cross_entropy k={k}", run_linear))
     return cases
 
 
