@@ -74,7 +74,7 @@ LM_HEAD = {
     "unfused": "seqfuse.bench.sparse_softmax.unfused_linear_cross_entropy",
 }
 LM_COLUMNS = ["op", "N x D x V", "k", "dtype", "pass", "seqfuse_ms", "torch_ms", "unfused_ms",
-              "x_torch", "x_unfused", "TFLOP/s", "%mm", "seqfuse_MB", "torch_MB", "unfused_MB",
+              "x_torch", "x_unfused", "TFLOP/s", "%matmul", "seqfuse_MB", "torch_MB", "unfused_MB",
               "mem_x_torch"]
 
 # Runs one forward+backward of LM_HEAD[impl] in this fresh process and prints its peak
@@ -152,7 +152,7 @@ def _lm_head_rows(device: str, quick: bool) -> list[dict]:
             row["x_unfused"] = row["unfused_ms"] / row["seqfuse_ms"]
             flops = 2 * N * V * D
             row["TFLOP/s"] = flops / (row["seqfuse_ms"] / 1e3) / 1e12
-            row["%mm"] = 100 * flops / (row["seqfuse_ms"] / 1e3) / rate
+            row["%matmul"] = 100 * flops / (row["seqfuse_ms"] / 1e3) / rate
             if backward:
                 for impl in fns:
                     extra = peak_extra_memory(impl, N, D, V, k, dtype, device)
