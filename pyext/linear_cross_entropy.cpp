@@ -237,7 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_imp
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "linear_sparse_softmax_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, "
-      "Tensor target, int k, int ignore_index, int? chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor target, int k, int ignore_index, int? chunk_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_sparse_softmax_cross_entropy_backward(Tensor grad_loss, Tensor hidden, "
       "Tensor weight, Tensor? bias, Tensor target, Tensor lse, Tensor probs, Tensor indices, "
@@ -254,30 +255,12 @@ void check_cpu_dtype(const at::Tensor& hidden) {
 
 // 4M logits (16 MB in float32) per chunk: the product stays efficient and the chunk
 // mostly in cache while its top k are taken.
-const LinearCrossEntropyKernels kCpuKernels = {
-    cpu_row_kernels, cpu::gather_weight_rows, cpu::scatter_weight_rows, int64_t(1) << 22};
+const LinearCrossEntropyKernels kCpuKernels = {cpu_row_kernels, cpu::gather_weight_rows,
+                                               cpu::scatter_weight_rows, int64_t(1) << 22,
+                                               check_cpu_dtype};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
-  m.impl("linear_sparse_softmax_cross_entropy",
-         [](const at::Tensor& hidden, const at::Tensor& weight,
-            const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t k,
-            int64_t ignore_index, std::optional<int64_t> chunk_size) {
-           check_cpu_dtype(hidden);
-           return linear_cross_entropy_impl(kCpuKernels, hidden, weight, bias, target, k,
-                                            ignore_index, chunk_size);
-         });
-  m.impl("linear_sparse_softmax_cross_entropy_backward",
-         [](const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
-            const std::optional<at::Tensor>& bias, const at::Tensor& target,
-            const at::Tensor& lse, const at::Tensor& probs, const at::Tensor& indices, int64_t k,
-            int64_t ignore_index, std::optional<int64_t> chunk_size) {
-           check_cpu_dtype(hidden);
-           return linear_cross_entropy_backward_impl(kCpuKernels, grad_loss, hidden, weight,
-                                                     bias, target, lse, probs, indices, k,
-                                                     ignore_index, chunk_size);
-         });
-}
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) { register_linear_cross_entropy<kCpuKernels>(m); }
 
 }  // namespace seqfuse

@@ -48,29 +48,11 @@ void scatter_weight_rows(const at::Tensor& sorted, const at::Tensor& order, cons
 
 // 32M logits (128 MB in float32) per chunk: products large enough to fill the GPU.
 const LinearCrossEntropyKernels kCudaKernels = {cuda_row_kernels, gather_weight_rows,
-                                                scatter_weight_rows, int64_t(1) << 25};
+                                                scatter_weight_rows, int64_t(1) << 25,
+                                                check_cuda_dtype};
 
 }  // namespace
 
-SEQFUSE_CUDA_LIBRARY_IMPL(m) {
-  m.impl("linear_sparse_softmax_cross_entropy",
-         [](const at::Tensor& hidden, const at::Tensor& weight,
-            const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t k,
-            int64_t ignore_index, std::optional<int64_t> chunk_size) {
-           check_cuda_dtype(hidden);
-           return linear_cross_entropy_impl(kCudaKernels, hidden, weight, bias, target, k,
-                                            ignore_index, chunk_size);
-         });
-  m.impl("linear_sparse_softmax_cross_entropy_backward",
-         [](const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
-            const std::optional<at::Tensor>& bias, const at::Tensor& target,
-            const at::Tensor& lse, const at::Tensor& probs, const at::Tensor& indices, int64_t k,
-            int64_t ignore_index, std::optional<int64_t> chunk_size) {
-           check_cuda_dtype(hidden);
-           return linear_cross_entropy_backward_impl(kCudaKernels, grad_loss, hidden, weight,
-                                                     bias, target, lse, probs, indices, k,
-                                                     ignore_index, chunk_size);
-         });
-}
+SEQFUSE_CUDA_LIBRARY_IMPL(m) { register_linear_cross_entropy<kCudaKernels>(m); }
 
 }  // namespace seqfuse

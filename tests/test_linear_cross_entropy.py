@@ -26,10 +26,10 @@ def _dtype(device):
 def _problem(N, D, V, *, dtype=torch.float64, bias=True, ignored=0.0, integers=False):
     """float64 hidden [N, D], weight [V, D], bias [V] and target [N] (a share of rows set
     to ignore_index). Integer-valued inputs make every logit exact in any dtype."""
-    if integers:
-        draw = lambda *shape: torch.randint(-3, 4, shape).double()  # noqa: E731
-    else:
-        draw = lambda *shape: torch.randn(*shape, dtype=torch.float64).to(dtype).double()  # noqa: E731
+    def draw(*shape):
+        if integers:
+            return torch.randint(-3, 4, shape).double()
+        return torch.randn(*shape, dtype=torch.float64).to(dtype).double()
     hidden, weight = draw(N, D), draw(V, D)
     b = draw(V) if bias else None
     target = torch.randint(0, V, (N,))

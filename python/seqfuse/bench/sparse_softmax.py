@@ -142,11 +142,11 @@ def _lm_head_rows(device: str, quick: bool) -> list[dict]:
             row = {"op": "linear_sparse_softmax_cross_entropy", "N x D x V": f"{N}x{D}x{V}",
                    "k": k, "dtype": str(dtype)[6:], "pass": "fwd+bwd" if backward else "fwd"}
             for impl, fn in fns.items():
-                if backward:
+                def step(fn=fn, backward=backward):
+                    if not backward:
+                        return fn(hidden, weight, target, k)
                     h, W = hidden.requires_grad_(), weight.requires_grad_()
-                    step = lambda fn=fn: torch.autograd.grad(fn(h, W, target, k), (h, W))  # noqa: E731
-                else:
-                    step = lambda fn=fn: fn(hidden, weight, target, k)  # noqa: E731
+                    return torch.autograd.grad(fn(h, W, target, k), (h, W))
                 row[f"{impl}_ms"] = 1e3 * time_fn(step, device)
             row["x_torch"] = row["torch_ms"] / row["seqfuse_ms"]
             row["x_unfused"] = row["unfused_ms"] / row["seqfuse_ms"]
