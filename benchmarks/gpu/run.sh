@@ -24,12 +24,14 @@
 #   env        machine record                              ~3 s        cap 20 / 20
 #   anchors    pip install from --wheels                   ~5 s        cap 60 / 60
 #   build      setup.py build_ext, this GPU's arch only    ~100-150 s  cap 240 / 240
-#   tests      pytest -m cuda tests (~780 cases, 4 workers) ~60-120 s  cap 120 / 60
+#   tests      pytest -m cuda tests (~870 cases, 8 workers) ~60-120 s  cap 150 / 60
 #   memcheck   compute-sanitizer over sanitize.py          ~30-45 s    cap 45 / 30
-#   racecheck  (shared-memory hazards; the slowest tool)   ~30-60 s    cap 60 / 40
-#   initcheck                                              ~30-45 s    cap 45 / 30
 #   ceilings   copy bandwidth, bf16/fp16/fp32 matmul       ~10 s       cap 30 / 30
 #   bench-*    python -m seqfuse.bench FAMILY --device cuda ~30-70 s each, cap 70 / 25
+#              (each row is printed as it is measured: a family cut short keeps its
+#              rows in its log, and the report takes them from there)
+#   racecheck  (shared-memory hazards; the slowest tool)   ~30-60 s    cap 60 / 40
+#   initcheck                                              ~30-45 s    cap 45 / 30
 # The build estimate is measured here, on a 2-core VM shared with other work (load 3
 # to 5): nvcc for sm_90 alone took 17-60 s per csrc/cuda/*.cu file (linear_attention
 # 60, global_pointer 55, sparse_softmax 29, scan 17) and g++ 45-220 s per torch-header
@@ -176,30 +178,35 @@ else
   fi
 fi
 
-# ---- CUDA tests. About 800 cases, most of them small: their float64 references and
-# Python overhead are CPU work, so 4 pytest-xdist workers (when installed) share the GPU.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
-TESTS=("$PY" -m pytest -q -p no:cacheprovider -rfE $XDIST -m cuda tests
+# ---- CUDA tests. About 870 cases, most of them small: their float64 references and
+# Python overhead are CPU work, so 8 pytest-xdist workers (when installed) share the GPU.
+# -v: a line per case as it finishes, so a run cut short by its limit still says which
+# cases passed and failed (the junit XML and the summary are written only at the end).
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+TESTS=("$PY" -m pytest -v -p no:cacheprovider -rfE --durations=25 $XDIST -m cuda tests
        --junitxml="$OUT/logs/tests.xml")
 if [[ $DRY == 1 ]]; then
   # Collecting them takes 10 s here, and CI's own test run already imports every file.
   skip tests "would run: ${TESTS[*]}"
 else
-  step tests "$(cap 120 60)" "${TESTS[@]}"
+  step tests "$(cap 150 60)" "${TESTS[@]}"
 fi
 
 # ---- compute-sanitizer over every CUDA kernel (on a dry run: the same calls on the CPU).
+# memcheck here; racecheck and initcheck after the benchmarks, with what time is left
+# (the emulated device's tests already check barriers and unwritten shared memory).
 SANITIZE_DTYPES=$([[ $QUICK == 1 ]] && echo "--dtypes float32,float16")
+# Without the caching allocator every tensor is its own allocation, so memcheck sees
+# an access past a tensor's end and initcheck a read of memory never written.
+sanitize() {
+  local tool=$1 limit=$2
+  step "$tool" "$limit" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+    --tool "$tool" --error-exitcode 1 "$PY" "$HERE/sanitize.py" $SANITIZE_DTYPES
+}
 if [[ $DRY == 1 ]]; then
   step sanitize-cpu 60 "$PY" "$HERE/sanitize.py" --device cpu --dtypes float32
 else
-  # Without the caching allocator every tensor is its own allocation, so memcheck sees
-  # an access past a tensor's end and initcheck a read of memory never written.
-  for tool in memcheck racecheck initcheck; do
-    limit=$([[ $tool == racecheck ]] && cap 60 40 || cap 45 30)
-    step "$tool" "$limit" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
-      --tool "$tool" --error-exitcode 1 "$PY" "$HERE/sanitize.py" $SANITIZE_DTYPES
-  done
+  sanitize memcheck "$(cap 45 30)"
 fi
 
 # ---- the machine's ceilings, once.
@@ -219,5 +226,10 @@ for family in scan linear_attention sparse_softmax global_pointer; do
       --json "$OUT/bench/$family.json" --min-time 0.1 $([[ $QUICK == 1 ]] && echo --quick)
   fi
 done
+
+if [[ $DRY != 1 ]]; then
+  sanitize racecheck "$(cap 60 40)"
+  sanitize initcheck "$(cap 45 30)"
+fi
 
 finish 0

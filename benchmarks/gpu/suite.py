@@ -157,6 +157,20 @@ def family_summary(family: str, rows: list[dict]) -> dict:
             "%matmul": stats("%matmul"), **{k: stats(k) for k in speedups}}
 
 
+def partial_rows(log: str) -> list[dict]:
+    """The rows a benchmark printed ("row: {...}", seqfuse.bench.common.Rows) before it
+    was stopped."""
+    rows = []
+    with open(log, errors="replace") as f:
+        for line in f:
+            if line.startswith("row: "):
+                try:
+                    rows.append(json.loads(line[len("row: "):]))
+                except json.JSONDecodeError:
+                    pass  # the last line of a killed run can be cut off
+    return rows
+
+
 def build_report(outdir: str) -> dict:
     def load(name):
         path = os.path.join(outdir, name)
@@ -165,8 +179,17 @@ def build_report(outdir: str) -> dict:
     families = {}
     for path in sorted(glob.glob(os.path.join(outdir, "bench", "*.json"))):
         record = json.load(open(path))
-        record["rows"] = [annotate(r, ceilings) for r in record["rows"]]
         families[record["family"]] = record
+    # A family cut short by its time limit wrote no JSON: take the rows it printed.
+    for path in sorted(glob.glob(os.path.join(outdir, "logs", "bench-*.log"))):
+        family = os.path.basename(path)[len("bench-"):-len(".log")]
+        if family not in families:
+            rows = partial_rows(path)
+            if rows:
+                families[family] = {"family": family, "device": "(cut short: rows from its log)",
+                                    "commit": "-", "partial": True, "rows": rows}
+    for record in families.values():
+        record["rows"] = [annotate(r, ceilings) for r in record["rows"]]
     return {"env": load("env.json"), "ceilings": ceilings,
             "steps": read_steps(os.path.join(outdir, "steps.tsv")), "families": families,
             "summary": [family_summary(f, r["rows"]) for f, r in families.items()]}

@@ -21,6 +21,24 @@ import torch
 MIN_TIME = 0.3
 
 
+class Rows(list):
+    """A family's result rows; each row is also printed as one JSON line ("row: {...}")
+    when it is added, so a run that is cut short (the GPU suite's time limits) still
+    leaves every row it measured in its log."""
+
+    def append(self, row: dict) -> None:
+        print("row: " + json.dumps(row, default=str), flush=True)
+        super().append(row)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -22,7 +22,7 @@ import sys
 import torch
 
 import seqfuse
-from seqfuse.bench.common import format_table, matmul_rate, time_fn
+from seqfuse.bench.common import Rows, format_table, matmul_rate, time_fn
 
 COLUMNS = ["case", "shape", "dtype", "method", "fwd+bwd_ms", "x_torch", "peak_MB",
            "mem_vs_seqfuse", "TFLOP/s"]
@@ -152,7 +152,7 @@ def _cases(device, quick):
 
 def run(device: str, quick: bool):
     dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
-    rows = []
+    rows = Rows()
     for dtype in dtypes:
         for case, shape, methods in _cases(device, quick):
             B, L, H, D = shape

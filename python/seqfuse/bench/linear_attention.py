@@ -17,7 +17,8 @@ import torch
 
 import seqfuse
 from seqfuse import reference
-from seqfuse.bench.common import format_table, matmul_rate, memory_bandwidth, time_fn
+from seqfuse.bench.common import (Rows, format_table, matmul_rate, memory_bandwidth,
+                                   time_fn)
 
 COLUMNS = ["case", "dtype", "norm", "pass", "seqfuse_ms", "quadratic_ms", "recurrent_ms",
            "fla_chunk_ms", "fla_fused_ms", "x_quadratic", "x_recurrent", "x_fla_chunk",
@@ -82,7 +83,7 @@ def run(device: str, quick: bool):
     bandwidth = memory_bandwidth(device)
     fla = _fla() if device.startswith("cuda") else {}
     rates = {}
-    rows = []
+    rows = Rows()
     for B, H, T, D, dtype, normalize in _cases(device, quick):
         if dtype not in rates:
             rates[dtype] = matmul_rate(device, dtype)

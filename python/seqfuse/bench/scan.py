@@ -9,7 +9,7 @@ import torch
 
 import seqfuse
 from seqfuse import reference
-from seqfuse.bench.common import format_table, memory_bandwidth, time_fn
+from seqfuse.bench.common import Rows, format_table, memory_bandwidth, time_fn
 
 COLUMNS = ["shape", "a", "dtype", "pass", "seqfuse_ms", "loop_ms", "logspace_ms",
            "accel_scan_ms", "addcmul_ms", "x_loop", "x_accel", "vs_addcmul", "GB/s",
@@ -59,7 +59,7 @@ def _fwd_bwd(fn, *inputs):
 def run(device: str, quick: bool):
     bandwidth = memory_bandwidth(device)
     accel = _accelerated_scan() if device.startswith("cuda") else None
-    rows = []
+    rows = Rows()
     for shape, a_kind, dtype in _cases(device, quick):
         a, b = _inputs(shape, a_kind, dtype, device)
         B, T, C = shape

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import seqfuse
-from seqfuse.bench.common import format_table, matmul_rate, memory_bandwidth, time_fn
+from seqfuse.bench.common import (Rows, format_table, matmul_rate, memory_bandwidth,
+                                   time_fn)
 
 COLUMNS = ["op", "rows x V", "k", "dtype", "pass", "seqfuse_ms", "torch_ms", "entmax_ms",
            "x_torch", "x_entmax", "GB/s", "%bw"]
@@ -130,7 +131,7 @@ def _lm_head_cases(device: str, quick: bool):
 
 
 def _lm_head_rows(device: str, quick: bool) -> list[dict]:
-    rows = []
+    rows = Rows()
     for N, D, V, k, dtype in _lm_head_cases(device, quick):
         rate = matmul_rate(device, dtype)
         hidden = torch.randn(N, D, device=device, dtype=dtype)
@@ -190,7 +191,7 @@ def _step(fn, x, *args, backward: bool):
 def run(device: str, quick: bool):
     bandwidth = memory_bandwidth(device)
     sparsemax = _sparsemax()
-    rows = []
+    rows = Rows()
     for R, V, k, dtype in _cases(device, quick):
         x = torch.randn(R, V, device=device, dtype=dtype)
         target = torch.randint(0, V, (R,), device=device)
