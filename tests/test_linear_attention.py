@@ -619,7 +619,7 @@ def test_cuda_float16_zero_rows_do_not_flush_their_tile(device):
     B, T, H, D = 1, 512, 1, 64
     q, k, v = make_inputs(B, T, H, D, D, feature_map="elu1", dtype=torch.float16, device=device,
                           requires_grad=True)
-    up = 1e-3 * torch.randn(B, T, H, D, dtype=torch.float64)
+    up = 1e-3 * torch.randn(B, T, H, D, dtype=torch.float64, device=device)
     up[:, 500:] = 0
     out = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1")
     wide = [t.detach().double().requires_grad_() for t in (q, k, v)]

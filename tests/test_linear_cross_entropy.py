@@ -102,7 +102,7 @@ def test_leading_dims_and_non_contiguous_inputs(device):
     loss = OP(h, W, t, 9, bias=bias.to(device, dtype), reduction="none")
     assert loss.shape == (2, 3, 5)
     loss_ref = reference.linear_sparse_softmax_cross_entropy(
-        h.double(), W.double(), t, 9, bias=bias, reduction="none")
+        h.double(), W.double(), t, 9, bias=bias.to(device), reduction="none")
     assert_close(loss, loss_ref, dtype)
 
 

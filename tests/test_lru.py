@@ -30,6 +30,14 @@ def test_initialisation_follows_the_paper():
     assert abs(m.C_im.std().item() - 1 / math.sqrt(4096)) < 0.001
 
 
+def test_reference_builds_its_state_on_the_inputs_device():
+    # With h0 None the reference made its zero state on the CPU: on a GPU the first step
+    # mixed devices (found by the property tests on an H200). Meta tensors show it here.
+    m = seqfuse.nn.LRU(d_model=3, d_state=4).to("meta")
+    y, h = reference.lru(torch.empty(2, 5, 3, device="meta"), *params(m))
+    assert y.device.type == "meta" and h.device.type == "meta" and h.shape == (2, 4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_and_gradients_match_reference(device):
     # float64 where the scan has it (CPU); the CUDA scan runs complex64 at most.

@@ -73,7 +73,8 @@ def lru(
     lam = torch.exp(torch.complex(-torch.exp(nu_log), torch.exp(theta_log)))
     B = torch.complex(B_re, B_im) * torch.exp(gamma_log)[:, None]
     C = torch.complex(C_re, C_im)
-    h = torch.zeros(u.shape[0], nu_log.shape[0], dtype=lam.dtype) if h0 is None else h0
+    h = (torch.zeros(u.shape[0], nu_log.shape[0], dtype=lam.dtype, device=u.device)
+         if h0 is None else h0)
     ys = []
     for t in range(u.shape[1]):
         h = lam * h + u[:, t].to(B.dtype) @ B.T
