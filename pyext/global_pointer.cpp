@@ -81,12 +81,14 @@ at::Tensor prepare_pos_index(const char* op, const at::Tensor& pos_index, at::In
                              int64_t N, bool mask_zero, const at::Tensor& scores_like) {
   check_same_device(op, "pos_index", pos_index, "scores", scores_like);
   check_integer(op, "pos_index", pos_index);
-  const auto expected = c10::str(rows).substr(0, c10::str(rows).size() - 1) +
-                        (rows.empty() ? "P]" : ", P]");
-  TORCH_CHECK_VALUE(pos_index.dim() == int64_t(rows.size()) + 1 &&
-                        pos_index.sizes().slice(0, rows.size()) == rows,
-                    op, ": pos_index must be ", expected, " (one list of P flat positive "
-                    "indices per row), got shape ", shape_str(pos_index));
+  if (pos_index.dim() != int64_t(rows.size()) + 1 ||
+      pos_index.sizes().slice(0, rows.size()) != rows) {
+    // Formatted only on failure: this runs on every call.
+    const std::string leading = c10::str(rows);  // "[B, H]"
+    TORCH_CHECK_VALUE(false, op, ": pos_index must be ", leading.substr(0, leading.size() - 1),
+                      rows.empty() ? "P]" : ", P]", " (one list of P flat positive indices "
+                      "per row), got shape ", shape_str(pos_index));
+  }
   at::Tensor idx = pos_index.to(at::kLong).contiguous();
   if (idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
