@@ -64,12 +64,13 @@ def test_dry_run_layout(dry_run):
     env = json.loads((out / "env.json").read_text())
     assert env["dry_run"] is True and env["torch"] and env["commit"]
     steps = {s["step"]: s for s in suite.read_steps(str(out / "steps.tsv"))}
-    expected = ["env", "anchors", "build", "tests", "sanitize-cpu", "ceilings",
+    expected = ["env", "anchors", "build", "probe", "tests", "sanitize-cpu", "ceilings",
                 *(f"bench-{f}" for f in FAMILIES)]
     assert list(steps) == expected
     for name in ["env", "anchors", "sanitize-cpu", "ceilings"]:
         assert steps[name]["status"] == "ok", (name, (out / steps[name]["log"]).read_text())
     assert steps["build"]["status"] == steps["tests"]["status"] == "skipped"
+    assert steps["probe"]["status"] == "skipped"
     assert "TORCH_CUDA_ARCH_LIST=" in (out / "logs" / "build.log").read_text()
     assert "-m cuda tests" in (out / "logs" / "tests.log").read_text()
     for s in steps.values():
@@ -121,6 +122,42 @@ def test_bad_arguments(args, tmp_path):
     proc = run_suite(*args, timeout=30)
     assert proc.returncode == 2
     assert "run.sh" in proc.stderr or "usage" in proc.stderr.lower()
+
+
+def test_report_takes_the_rows_of_a_benchmark_cut_short(tmp_path):
+    # A family stopped by its time limit writes no JSON; the rows it printed count.
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "bench").mkdir()
+    row = {"shape": "8x4096x1536", "dtype": "float32", "GB/s": 1000.0}
+    (tmp_path / "logs" / "bench-scan.log").write_text(
+        "device: x\nrow: " + json.dumps(row) + "\nrow: {\"shape\": \"8x")  # killed mid-line
+    (tmp_path / "ceilings.json").write_text(json.dumps({"copy_GB/s": 4000.0}))
+    report = suite.build_report(str(tmp_path))
+    scan = report["families"]["scan"]
+    assert scan["partial"] is True and len(scan["rows"]) == 1
+    assert scan["rows"][0]["%copy"] == pytest.approx(25.0)
+
+
+def test_bench_rows_are_printed_as_they_are_measured(capsys):
+    from seqfuse.bench.common import Rows
+
+    rows = Rows()
+    rows.append({"a": 1})
+    rows += [{"a": 2}, {"a": 3}]
+    printed = [json.loads(line[len("row: "):]) for line in capsys.readouterr().out.splitlines()]
+    assert printed == list(rows) == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
+def test_probe_records_the_toolchain_and_runs_the_cpu_probe(tmp_path):
+    # Here (no GPU) the CUDA probes fail; the CPU one must pass, in its own process.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu", "suite.py"),
+                           "probe", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["probes"]["cpu error with a number"]["rc"] == 0, record
+    assert record["loaded libstdc++"] and record["ldd (libstdc++, libgcc, libgomp)"]
+    import torch
+    assert proc.returncode == (0 if torch.cuda.is_available() else 1), proc.stdout
 
 
 def test_annotate_rates():

@@ -185,9 +185,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     failures = 0
     start = time.perf_counter()
-    for dtype in dtypes:
-        for family in FAMILIES:
+    # Family by family (GlobalPointer last), every dtype of one family before the next:
+    # a case that kills the process (a host crash) then leaves every other family's
+    # kernels checked in every dtype, and its "case" line names it.
+    for family in FAMILIES:
+        for dtype in dtypes:
             for name, run in family(dtype, device):
+                print(f"case  {dtype:9} {name}", flush=True)
                 try:
                     run()
                     if device.startswith("cuda"):

@@ -4,12 +4,15 @@ report. run.sh runs the steps; this file turns what they left in OUTDIR into res
     python benchmarks/gpu/suite.py env OUTDIR [--dry-run]
     python benchmarks/gpu/suite.py ceilings OUTDIR --device cuda|cpu
     python benchmarks/gpu/suite.py report OUTDIR
+    python benchmarks/gpu/suite.py probe OUTDIR [--name NAME]
 
 `report` reads OUTDIR/env.json, OUTDIR/ceilings.json, OUTDIR/steps.tsv (one line per
 step: name, exit status, seconds, time allowed, log) and OUTDIR/bench/*.json (written
 by `python -m seqfuse.bench`), and writes OUTDIR/results.json (all of it, with every
 benchmark row's % of the suite's ceilings) and OUTDIR/results.md, then prints a short
-summary table. It needs neither a GPU nor seqfuse's extension.
+summary table. It needs neither a GPU nor seqfuse's extension. `probe` records the
+toolchain of the build (compilers, the libstdc++ linked and loaded) and runs a few calls
+in child processes that a miscompiled build crashes on (PROBES); exit 1 if one fails.
 """
 
 from __future__ import annotations
@@ -87,6 +90,73 @@ def measure_ceilings(device: str) -> dict:
         out["matmul_n"][name] = n
         out["matmul_TFLOP/s"][name] = common.matmul_rate(device, dtype, n) / 1e12
     return out
+
+
+# ---- the build probe -----------------------------------------------------------------
+
+# Each runs in a child process, so a crash is an exit status, not the end of the suite.
+# On the first H200 run every error message of seqfuse's CUDA ops that printed a number
+# (a shape, an eps) killed the process with SIGSEGV, and so did the sparse GlobalPointer
+# losses, which then formatted a shape on every call; messages without numbers were
+# raised cleanly. These calls tell such a build apart from a sound one.
+PROBES = {
+    "cpu error with a number": (
+        "import torch, seqfuse\n"
+        "try:\n"
+        "    seqfuse.causal_linear_attention(torch.zeros(2, 5, 2), torch.zeros(2, 5, 2), "
+        "torch.zeros(2, 5, 2))\n"
+        "except ValueError as e:\n"
+        "    assert '[2, 5, 2]' in str(e), str(e)\n"),
+    "cuda error with a number": (
+        "import torch, seqfuse\n"
+        "x = torch.zeros(2, 5, 2, device='cuda')\n"
+        "try:\n"
+        "    seqfuse.causal_linear_attention(x, x, x)\n"
+        "except ValueError as e:\n"
+        "    assert '[2, 5, 2]' in str(e), str(e)\n"),
+    "cuda sparse multilabel loss": (
+        "import torch, seqfuse\n"
+        "s = torch.randn(3, 10, device='cuda')\n"
+        "pos = torch.tensor([[1, 2], [0, 3], [4, 4]], device='cuda')\n"
+        "out = seqfuse.sparse_multilabel_categorical_crossentropy(s, pos)\n"
+        "assert torch.isfinite(out).all()\n"),
+}
+
+
+def probe(outdir: str, name: str) -> int:
+    """The build's toolchain record and the PROBES; writes OUTDIR/NAME.json, returns 1 if
+    any probe failed or crashed."""
+    import seqfuse
+
+    so = seqfuse._C.__file__
+    maps = _run([sys.executable, "-c", "import seqfuse; print(open('/proc/self/maps').read())"])
+    record = {
+        "extension": so,
+        "CC": os.environ.get("CC"), "CXX": os.environ.get("CXX"),
+        "c++ --version": (_run([os.environ.get("CXX", "c++"), "--version"]) or "").split("\n")[0],
+        "/usr/bin/g++ --version": (_run(["/usr/bin/g++", "--version"]) or "").split("\n")[0],
+        "ldd (libstdc++, libgcc, libgomp)": [
+            line.strip() for line in (_run(["ldd", so]) or "").splitlines()
+            if any(lib in line for lib in ("stdc++", "libgcc", "gomp"))],
+        "loaded libstdc++": sorted({line.split()[-1] for line in (maps or "").splitlines()
+                                    if "libstdc++" in line}),
+        "probes": {},
+    }
+    failed = 0
+    for probe_name, code in PROBES.items():
+        try:
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  timeout=60)
+            rc, err = done.returncode, done.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            rc, err = "timeout", ""
+        record["probes"][probe_name] = {"rc": rc, "stderr": err}
+        failed += rc != 0
+        print(f"{'ok  ' if rc == 0 else 'FAIL'} {probe_name}: exit {rc}")
+    print(json.dumps({k: v for k, v in record.items() if k != "probes"}, indent=1))
+    with open(os.path.join(outdir, f"{name}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return 1 if failed else 0
 
 
 # ---- the report ----------------------------------------------------------------------
@@ -266,6 +336,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p = sub.add_parser("report")
     p.add_argument("outdir")
+    p = sub.add_parser("probe")
+    p.add_argument("outdir")
+    p.add_argument("--name", default="probe")
     args = parser.parse_args(argv)
     if args.command == "env":
         record = machine_record(args.dry_run)
@@ -275,6 +348,8 @@ def main(argv=None) -> int:
         record = measure_ceilings(args.device)
         json.dump(record, open(os.path.join(args.outdir, "ceilings.json"), "w"), indent=1)
         print(json.dumps(record, indent=1))
+    elif args.command == "probe":
+        return probe(args.outdir, args.name)
     else:
         report(args.outdir)
     return 0
