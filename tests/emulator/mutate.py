@@ -214,6 +214,28 @@ MUTATIONS: dict[str, list[Mutation]] = {
               "for (int64_t t = 0; t < parts; ++t) {", "for (int64_t t = 0; t < parts - 1; ++t) {",
               "the loss leaves out the last tile's partial"),
     ],
+    # The LM-head loss's backward: no barriers (one thread per output element), bounds only.
+    "linear_cross_entropy": [
+        bound("lce.gather-last-column",
+              "if (d >= s.D) return;\n  float acc = 0.f;\n  for (int64_t j",
+              "if (d >= s.D - 1) return;\n  float acc = 0.f;\n  for (int64_t j",
+              "dhidden: the last column of every token is never written"),
+        bound("lce.gather-vocabulary",
+              "if (v < s.V) acc +=", "if (v < s.V - 1) acc +=",
+              "dhidden: the last vocabulary row is never gathered"),
+        bound("lce.scatter-run-start",
+              "if ((p > 0 && sorted[p - 1] == v) || v >= s.V) return;",
+              "if ((p > 1 && sorted[p - 1] == v) || v >= s.V) return;",
+              "dweight: position 1 starts a second, shorter run of row sorted[0] (two writers)"),
+        bound("lce.scatter-run-end",
+              "for (int64_t q = p; q < M && sorted[q] == v; ++q) {",
+              "for (int64_t q = p; q < M - 1 && sorted[q] == v; ++q) {",
+              "dweight, dbias: the last sorted entry is left out of its run"),
+        bound("lce.scatter-last-column",
+              "if (d >= s.D) return;\n  float acc = 0.f, bias = 0.f;",
+              "if (d >= s.D - 1) return;\n  float acc = 0.f, bias = 0.f;",
+              "dweight: the last column is never written, and dbias with D = 1"),
+    ],
 }
 
 # pytest -k per family: every kernel of the family, its float16 paths, and short enough
@@ -238,8 +260,10 @@ SUBSETS: dict[str, str | None] = {
         " or (test_cuda_low_precision and dtype2 and not True-2)"
         " or test_dense_loss_matches_reference"
     ),
+    "linear_cross_entropy": None,
 }
-TEST_TIMEOUT = {"scan": 300, "linear_attention": 600, "sparse_softmax": 600, "global_pointer": 600}
+TEST_TIMEOUT = {"scan": 300, "linear_attention": 600, "sparse_softmax": 600, "global_pointer": 600,
+                "linear_cross_entropy": 600}
 BUILD_TIMEOUT = 1200
 
 
