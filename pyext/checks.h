@@ -54,4 +54,39 @@ inline void check_class_target(const char* op, const at::Tensor& target, int64_t
   }
 }
 
+// cu_seqlens: the offsets of N packed sequences in a time axis of `total` steps, an
+// integer [N + 1] tensor on ref's device, for a tensor `ref` whose batch dim must be 1.
+// Returns it as contiguous int64. Its values (0 first, non-decreasing, `total` last)
+// are checked here for the CPU kernels (check_values); the CUDA kernels check them
+// on the device, since reading them here would synchronise every call (invalid
+// offsets make their outputs NaN).
+inline at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t total,
+                                   const char* ref_name, const at::Tensor& ref,
+                                   bool check_values) {
+  check_same_device(op, "cu_seqlens", cu_seqlens, ref_name, ref);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, op,
+              ": cu_seqlens must be an int32 or int64 tensor, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op,
+                    ": cu_seqlens must be [N + 1] (the start of each of N packed sequences, "
+                    "then the packed length), got shape ", shape_str(cu_seqlens));
+  TORCH_CHECK_VALUE(ref.size(0) == 1, op, ": with cu_seqlens, ", ref_name,
+                    " must hold the packed sequences in one row (batch size 1), got shape ",
+                    shape_str(ref));
+  TORCH_CHECK_VALUE(cu_seqlens.size(0) > 1 || total == 0, op, ": cu_seqlens must end at the "
+                    "packed length ", total, " (", ref_name, "'s time dim), got one offset");
+  at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
+  if (check_values) {
+    const int64_t* v = cu.data_ptr<int64_t>();
+    const int64_t N = cu.size(0) - 1;
+    TORCH_CHECK_VALUE(v[0] == 0, op, ": cu_seqlens must start at 0, got ", v[0]);
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK_VALUE(v[n + 1] >= v[n], op, ": cu_seqlens must be non-decreasing, got ", v[n],
+                        " then ", v[n + 1], " at index ", n);
+    }
+    TORCH_CHECK_VALUE(v[N] == total, op, ": cu_seqlens must end at the packed length ", total,
+                      " (", ref_name, "'s time dim), got ", v[N]);
+  }
+  return cu;
+}
+
 }  // namespace seqfuse

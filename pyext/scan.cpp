@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../csrc/cpu/huge_pages.h"
 #include "../csrc/cpu/scan.h"
 #include "checks.h"
@@ -11,7 +13,8 @@
 namespace seqfuse {
 
 ScanInputs prepare_scan(const char* op, const at::Tensor& a, const at::Tensor& b,
-                        const std::optional<at::Tensor>& h0, bool reverse) {
+                        const std::optional<at::Tensor>& h0, bool reverse,
+                        const std::optional<at::Tensor>& cu_seqlens, bool on_cpu) {
   check_dim(op, "b", b, 3, "[B, T, C]");
   TORCH_CHECK(at::isFloatingType(b.scalar_type()) || at::isComplexType(b.scalar_type()), op,
               ": b must be a floating point or complex tensor, got ", b.scalar_type());
@@ -38,12 +41,19 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& a, const at::Tensor& b
     in.a = a.contiguous().expand({B, T, C});
   }
   in.geom = {B, T, C, in.a.stride(0), in.a.stride(1), C > 1 ? in.a.stride(2) : 0, reverse};
+  if (cu_seqlens.has_value()) {
+    in.cu_seqlens = check_cu_seqlens(op, *cu_seqlens, T, "b", b, on_cpu);
+    in.geom.cu_seqlens = in.cu_seqlens.data_ptr<int64_t>();
+    in.geom.N = in.cu_seqlens.size(0) - 1;
+  }
 
   if (h0.has_value()) {
     const at::Tensor& h = *h0;
+    const int64_t S = in.geom.sequences();
     check_same_device(op, "h0", h, "b", b);
-    TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == B && h.size(1) == C, op,
-                      ": h0 must be [B, C] = [", B, ", ", C, "], got shape ", shape_str(h));
+    TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == S && h.size(1) == C, op, ": h0 must be ",
+                      cu_seqlens.has_value() ? "[N, C] = [" : "[B, C] = [", S, ", ", C,
+                      "], got shape ", shape_str(h));
     TORCH_CHECK(at::isComplexType(h.scalar_type()) == at::isComplexType(b.scalar_type()) &&
                     (at::isFloatingType(h.scalar_type()) || at::isComplexType(h.scalar_type())),
                 op, ": h0 has dtype ", h.scalar_type(), ", which does not suit b's dtype ",
@@ -64,8 +74,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_scan_backward(
 namespace {
 
 at::Tensor linear_scan_cpu(const at::Tensor& a, const at::Tensor& b,
-                           const std::optional<at::Tensor>& h0, bool reverse) {
-  const ScanInputs in = prepare_scan("linear_scan", a, b, h0, reverse);
+                           const std::optional<at::Tensor>& h0, bool reverse,
+                           const std::optional<at::Tensor>& cu_seqlens) {
+  const ScanInputs in = prepare_scan("linear_scan", a, b, h0, reverse, cu_seqlens, true);
   at::Tensor h = at::empty_like(in.b);
   cpu::advise_huge_pages(h);
   cpu::linear_scan_forward(in.geom, in.a, in.b, in.h0, h);
@@ -74,19 +85,23 @@ at::Tensor linear_scan_cpu(const at::Tensor& a, const at::Tensor& b,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cpu(
     const at::Tensor& grad_h, const at::Tensor& a, const at::Tensor& h,
-    const std::optional<at::Tensor>& h0, bool reverse) {
-  const ScanInputs in = prepare_scan("linear_scan_backward", a, h, h0, reverse);
+    const std::optional<at::Tensor>& h0, bool reverse,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  const ScanInputs in =
+      prepare_scan("linear_scan_backward", a, h, h0, reverse, cu_seqlens, true);
   const ScanGeometry& g = in.geom;
   const auto acc = acc_dtype(h.scalar_type());
   at::Tensor grad = grad_h.contiguous();
   at::Tensor grad_b = at::empty_like(in.b);
-  // The kernel writes every element of grad_a, but does not run for T = 0.
-  const auto grad_a_shape = {g.B, g.a_sT == 0 ? 1 : g.T, g.C};
+  // The kernel writes every element of grad_a (a time-invariant a: one sum per
+  // sequence), but does not run for T = 0.
+  const auto grad_a_shape = g.a_sT == 0 ? std::vector<int64_t>{g.sequences(), 1, g.C}
+                                        : std::vector<int64_t>{g.B, g.T, g.C};
   at::Tensor grad_a = g.T > 0 ? at::empty(grad_a_shape, h.options().dtype(acc))
                               : at::zeros(grad_a_shape, h.options().dtype(acc));
   cpu::advise_huge_pages(grad_b);
   cpu::advise_huge_pages(grad_a);
-  at::Tensor grad_h0 = at::zeros({g.B, g.C}, h.options().dtype(acc));
+  at::Tensor grad_h0 = at::zeros({g.sequences(), g.C}, h.options().dtype(acc));
   if (g.T > 0) cpu::linear_scan_backward(g, in.a, grad, in.b, in.h0, grad_b, grad_a, grad_h0);
   return finish_scan_backward(a, h0, grad_a, grad_b, grad_h0);
 }
@@ -94,10 +109,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
-  m.def("linear_scan(Tensor a, Tensor b, Tensor? h0=None, bool reverse=False) -> Tensor");
   m.def(
-      "linear_scan_backward(Tensor grad_h, Tensor a, Tensor h, Tensor? h0, bool reverse) "
-      "-> (Tensor, Tensor, Tensor)");
+      "linear_scan(Tensor a, Tensor b, Tensor? h0=None, bool reverse=False, "
+      "Tensor? cu_seqlens=None) -> Tensor");
+  m.def(
+      "linear_scan_backward(Tensor grad_h, Tensor a, Tensor h, Tensor? h0, bool reverse, "
+      "Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {

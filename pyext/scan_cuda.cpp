@@ -16,8 +16,9 @@ at::Tensor workspace_for(const ScanGeometry& g, cuda::DType dtype, const at::Ten
 }
 
 at::Tensor linear_scan_cuda(const at::Tensor& a, const at::Tensor& b,
-                            const std::optional<at::Tensor>& h0, bool reverse) {
-  const ScanInputs in = prepare_scan("linear_scan", a, b, h0, reverse);
+                            const std::optional<at::Tensor>& h0, bool reverse,
+                            const std::optional<at::Tensor>& cu_seqlens) {
+  const ScanInputs in = prepare_scan("linear_scan", a, b, h0, reverse, cu_seqlens, false);
   const auto dtype = cuda_dtype("linear_scan", in.b);
   const DeviceGuard guard(b.device());
   at::Tensor h = at::empty_like(in.b);
@@ -35,8 +36,10 @@ at::Tensor linear_scan_cuda(const at::Tensor& a, const at::Tensor& b,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cuda(
     const at::Tensor& grad_h, const at::Tensor& a, const at::Tensor& h,
-    const std::optional<at::Tensor>& h0, bool reverse) {
-  const ScanInputs in = prepare_scan("linear_scan_backward", a, h, h0, reverse);
+    const std::optional<at::Tensor>& h0, bool reverse,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  const ScanInputs in =
+      prepare_scan("linear_scan_backward", a, h, h0, reverse, cu_seqlens, false);
   check_same_device("linear_scan_backward", "grad_h", grad_h, "h", h);
   const ScanGeometry& g = in.geom;
   const auto dtype = cuda_dtype("linear_scan_backward", in.b);
@@ -46,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_backward_cuda(
   at::Tensor grad_b = at::empty_like(in.b);
   const bool per_chunk = g.a_sT == 0;
   at::Tensor grad_a = at::zeros({g.B, per_chunk ? cuda::scan_chunks(g.T) : g.T, g.C}, acc);
-  at::Tensor grad_h0 = at::zeros({g.B, g.C}, acc);
+  at::Tensor grad_h0 = at::zeros({g.sequences(), g.C}, acc);  // an empty sequence: 0
   at::Tensor workspace = workspace_for(g, dtype, in.b);
   cuda::ScanArgs args{};
   args.geom = g;

@@ -124,3 +124,47 @@ def test_reference_of_an_empty_sequence():
     h0 = torch.randn(2, 4, dtype=torch.complex128)
     y, h = reference.lru(torch.randn(2, 0, 3, dtype=torch.float64), *params(m), h0=h0)
     assert y.shape == (2, 0, 3) and torch.equal(h, h0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_packed_sequences_equal_one_call_each(device, with_h0):
+    # cu_seqlens: one state per sequence, nothing crosses a boundary, empty sequences
+    # return their h0; the gradients of u, h0 and every parameter match.
+    real, cplx = ((torch.float32, torch.complex64) if runs_cuda_kernels(device)
+                  else (torch.float64, torch.complex128))
+    lengths = [5, 0, 70, 1, 13, 0]
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    cu = torch.tensor(bounds, device=device)
+    m = seqfuse.nn.LRU(d_model=4, d_state=6, r_min=0.5).to(real).to(device)
+    u = torch.randn(1, bounds[-1], 4, dtype=real, device=device, requires_grad=True)
+    h0 = (torch.randn(len(lengths), 6, dtype=cplx, device=device, requires_grad=True)
+          if with_h0 else None)
+    y, hT = m(u, h0, cu_seqlens=cu)
+    assert y.shape == u.shape and hT.shape == (len(lengths), 6)
+    runs = [m(u[:, s:e], None if h0 is None else h0[n:n + 1])
+            for n, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+    y_loop, hT_loop = torch.cat([r[0] for r in runs], 1), torch.cat([r[1] for r in runs])
+    assert_close(y, y_loop, real)
+    assert_close(hT, hT_loop, cplx)
+    leaves = [u, *params(m)] + ([h0] if with_h0 else [])
+    weight = torch.randn_like(y)
+    got = torch.autograd.grad((y * weight).sum() + hT.abs().sum(), leaves)
+    want = torch.autograd.grad((y_loop * weight).sum() + hT_loop.abs().sum(), leaves)
+    for g, w in zip(got, want):
+        assert_close(g, w, g.dtype, atol=1e-4 if real == torch.float32 else 1e-12)
+    y_ref, hT_ref = reference.lru(u.detach().double(), *(p.detach().double() for p in params(m)),
+                                  h0=None if h0 is None else h0.detach().to(torch.complex128),
+                                  cu_seqlens=cu)
+    assert_close(y, y_ref, real)
+    assert_close(hT, hT_ref, cplx)
+
+
+def test_packed_compiles_without_graph_breaks():
+    m = seqfuse.nn.LRU(d_model=8, d_state=16)
+    cu = torch.tensor([0, 5, 5, 33])
+    u = torch.randn(1, 33, 8, requires_grad=True)
+    y, hT = torch.compile(m, fullgraph=True)(u, cu_seqlens=cu)
+    y_eager, hT_eager = m(u, cu_seqlens=cu)
+    assert_close(y, y_eager)
+    assert_close(hT, hT_eager)

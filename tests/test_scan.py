@@ -313,3 +313,148 @@ def test_cuda_infinite_a_follows_the_recurrence(device):
     want = reference.linear_scan(a, b, h0)
     assert torch.isinf(want).all()
     assert torch.equal(h.cpu(), want)
+
+
+# ---- packed sequences (cu_seqlens) ------------------------------------------------------
+
+# Lengths with empty sequences, single steps, primes, chunk sizes +- 1 (the CUDA kernel's
+# time chunk is 64 steps), and one sequence longer than all the others together.
+PACKED_LENGTHS = {
+    "mixed": [0, 1, 7, 63, 64, 65, 0, 2, 131, 1],
+    "one long": [3, 300, 0, 5],
+    "all empty but one": [0, 0, 11, 0],
+    "1000 of length 1": [1] * 1000,
+}
+
+
+def offsets(lengths, device, dtype=torch.int64):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype,
+                        device=device)
+
+
+def per_sequence(fn, a, b, h0, cu, reverse):
+    """The packed call's meaning: one call per sequence, concatenated."""
+    bounds = cu.tolist()
+    outs = []
+    for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        a_n = a if a.dim() == 1 else a[:, s:e]
+        outs.append(fn(a_n, b[:, s:e], None if h0 is None else h0[n:n + 1], reverse=reverse))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths", list(PACKED_LENGTHS))
+@pytest.mark.parametrize("a_kind", ["full", "per-channel [C]"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_packed_equals_one_call_per_sequence(device, lengths, a_kind, reverse, with_h0):
+    lengths = PACKED_LENGTHS[lengths]
+    N, T, C = len(lengths), sum(lengths), 37
+    cu = offsets(lengths, device)
+    a, b, _ = make((1, T, C), A_SHAPES[a_kind](1, T, C), torch.float64, device, h0=False)
+    h0 = torch.randn(N, C, dtype=torch.float64, device=device, requires_grad=True) if with_h0 else None
+    leaves = [x for x in (a, b, h0) if x is not None]
+    grad = torch.randn(1, T, C, dtype=torch.float64, device=device)
+    got = seqfuse.linear_scan(a, b, h0, reverse=reverse, cu_seqlens=cu)
+    want = per_sequence(seqfuse.linear_scan, a, b, h0, cu, reverse)
+    ref = reference.linear_scan(a, b, h0, reverse=reverse, cu_seqlens=cu)
+    assert_close(got, want)
+    assert_close(got, ref)
+    grads = torch.autograd.grad(got, leaves, grad)
+    for g, w in zip(grads, torch.autograd.grad(want, leaves, grad)):
+        assert_close(g, w)
+    if with_h0:  # an empty sequence passes its h0 through: zero gradient
+        empty = torch.tensor(lengths, device=device) == 0
+        assert torch.equal(grads[-1][empty], torch.zeros_like(grads[-1][empty]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_half_and_complex_types(device):
+    lengths = [5, 0, 70, 1, 33]
+    cu = offsets(lengths, device, torch.int32)
+    for dtype in (torch.float32, torch.bfloat16, torch.complex64):
+        a, b, h0 = make((1, sum(lengths), 9), (9,), dtype, device, h0=False)
+        h0 = torch.randn(len(lengths), 9, dtype=torch.complex64 if dtype.is_complex else
+                         torch.float32, device=device)
+        got = seqfuse.linear_scan(a, b, h0, cu_seqlens=cu)
+        want = per_sequence(seqfuse.linear_scan, a, b, h0, cu, False)
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_special_values_stay_in_their_sequence(device):
+    # An inf or NaN at the end of one sequence must not reach the next one, in either
+    # direction, not even as 0 * inf through a coefficient.
+    lengths = [40, 30, 50]
+    cu = offsets(lengths, device)
+    for reverse in (False, True):
+        a, b, _ = make((1, 120, 4), (1, 120, 4), torch.float64, device, h0=False)
+        a, b = a.detach().clone(), b.detach().clone()
+        a[0, 40] = 0.0 if not reverse else a[0, 40]  # the next sequence's first coefficient
+        b[0, 39 if not reverse else 40] = math.inf
+        b[0, 69 if not reverse else 70, 1] = math.nan
+        got = seqfuse.linear_scan(a, b, cu_seqlens=cu, reverse=reverse)
+        want = reference.linear_scan(a, b, cu_seqlens=cu, reverse=reverse)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        assert_close(got[finite], want[finite])
+        assert want[0, 70:].isfinite().all() if not reverse else want[0, :40].isfinite().all()
+
+
+def test_packed_gradcheck_cpu():
+    lengths = [3, 0, 1, 4]
+    cu = offsets(lengths, "cpu")
+    for a_kind in ("full", "per-channel [C]"):
+        for reverse in (False, True):
+            a, b, _ = make((1, 8, 3), A_SHAPES[a_kind](1, 8, 3), torch.float64, "cpu", h0=False)
+            h0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(
+                lambda a, b, h0: seqfuse.linear_scan(a, b, h0, reverse=reverse, cu_seqlens=cu),
+                (a, b, h0))
+
+
+def test_packed_opcheck():
+    cu = offsets([3, 0, 5], "cpu")
+    a, b, _ = make((1, 8, 4), (4,), torch.float32, "cpu", h0=False)
+    h0 = torch.randn(3, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.seqfuse.linear_scan.default, (a, b, h0, True, cu))
+
+
+BAD_OFFSETS = [
+    ("cu_seqlens must be \\[N \\+ 1\\]", lambda T: torch.zeros(2, 2, dtype=torch.long)),
+    ("cu_seqlens must be an int32 or int64", lambda T: torch.tensor([0.0, T])),
+    ("cu_seqlens must start at 0", lambda T: torch.tensor([1, T])),
+    ("cu_seqlens must be non-decreasing", lambda T: torch.tensor([0, 6, 4, T])),
+    ("cu_seqlens must end at the packed length", lambda T: torch.tensor([0, 3, T - 1])),
+    ("cu_seqlens must end at the packed length", lambda T: torch.tensor([0])),
+]
+
+
+@pytest.mark.parametrize("match,make_offsets", BAD_OFFSETS)
+def test_bad_cu_seqlens_raise_clear_errors(match, make_offsets):
+    a, b = torch.rand(5), torch.randn(1, 10, 5)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        seqfuse.linear_scan(a, b, cu_seqlens=make_offsets(10))
+
+
+def test_packed_needs_one_row_and_h0_per_sequence():
+    cu = offsets([4, 6], "cpu")
+    with pytest.raises(ValueError, match="with cu_seqlens, b must hold the packed sequences"):
+        seqfuse.linear_scan(torch.rand(5), torch.randn(2, 10, 5), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="h0 must be \\[N, C\\] = \\[2, 5\\]"):
+        seqfuse.linear_scan(torch.rand(5), torch.randn(1, 10, 5), torch.zeros(1, 5),
+                            cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_invalid_offsets_give_nan(device):
+    # The CUDA kernels read cu_seqlens on the device (a host check would synchronise):
+    # offsets that break the rules poison the outputs instead of raising.
+    a = torch.rand(5, device=device, requires_grad=True)
+    b = torch.randn(1, 10, 5, device=device, requires_grad=True)
+    for bad in ([0, 6, 4, 10], [1, 10], [0, 3, 9]):
+        cu = torch.tensor(bad, device=device)
+        h = seqfuse.linear_scan(a, b, cu_seqlens=cu)
+        assert h.isnan().all(), bad
+        grads = torch.autograd.grad(h, (a, b), torch.ones_like(h))
+        assert all(g.isnan().all() for g in grads), bad

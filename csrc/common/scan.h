@@ -21,10 +21,32 @@ namespace seqfuse {
 // b, h, grad_h and grad_b are contiguous [B, T, C]. `a` is addressed through its
 // strides after broadcasting to [B, T, C]: a zero stride is a broadcast dimension, so
 // a per-channel `a` ([C]) is read from C numbers and never materialised.
+//
+// Packed sequences: with `cu_seqlens` (N + 1 offsets, 0 = cu_seqlens[0] <= ... <=
+// cu_seqlens[N] = T), the tensors hold one row (B = 1) and sequence n is the stretch
+// of steps [cu_seqlens[n], cu_seqlens[n+1]), a recurrence of its own that starts from
+// h0[n]: no state crosses a boundary, and `reverse` walks each stretch backwards.
+// Without it, each of the B rows is one sequence of T steps.
 struct ScanGeometry {
   int64_t B, T, C;
   int64_t a_sB, a_sT, a_sC;
   bool reverse;
+  const int64_t* cu_seqlens = nullptr;  // host or device memory, as the kernel runs
+  int64_t N = 0;                        // sequences, with cu_seqlens
+
+  // One recurrence: `length` steps from `start` in tensor row `row`.
+  struct Span {
+    int64_t row, start, length;
+  };
+  SEQFUSE_HD int64_t sequences() const { return cu_seqlens ? N : B; }
+  SEQFUSE_HD Span span(int64_t n) const {
+    return cu_seqlens ? Span{0, cu_seqlens[n], cu_seqlens[n + 1] - cu_seqlens[n]}
+                      : Span{n, 0, T};
+  }
+  // The time of scan position p (0 .. length-1) of a span.
+  SEQFUSE_HD int64_t time_in(const Span& s, int64_t p) const {
+    return s.start + (reverse ? s.length - 1 - p : p);
+  }
 
   SEQFUSE_HD int64_t time_at(int64_t p) const { return reverse ? T - 1 - p : p; }
   SEQFUSE_HD int64_t a_offset(int64_t b, int64_t t, int64_t c) const {
@@ -36,15 +58,18 @@ struct ScanGeometry {
 };
 
 // The affine map x -> A x + B that a stretch of the recurrence applies to its
-// carry-in. `then` composes: first *this, then `next`.
+// carry-in. A stretch in which a packed sequence starts ignores its carry-in (`cut`,
+// A unused): nothing before the boundary reaches it, not even an inf or NaN as 0 * inf.
+// `then` composes: first *this, then `next`.
 template <typename acc_t>
 struct Affine {
   acc_t A, B;
+  bool cut = false;
   SEQFUSE_HD static Affine identity() { return {acc_t(1), acc_t(0)}; }
   SEQFUSE_HD Affine then(const Affine& next) const {
-    return {next.A * A, next.A * B + next.B};
+    return next.cut ? next : Affine{next.A * A, next.A * B + next.B, cut};
   }
-  SEQFUSE_HD acc_t apply(acc_t x) const { return A * x + B; }
+  SEQFUSE_HD acc_t apply(acc_t x) const { return cut ? B : A * x + B; }
 };
 
 }  // namespace seqfuse

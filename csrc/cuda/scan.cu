@@ -15,10 +15,17 @@
 // The backward pass is the same kernel walking the other way over
 //   g_p = dL/dh_p + conj(a_{p+1}) * g_{p+1}
 // with an epilogue writing db = g, da = g * conj(h_{p-1}) and dh0.
+//
+// Packed sequences (cu_seqlens) are one row of steps in which each sequence's first
+// step (in the direction of the walk) cuts the carry: h = a h0[n] + b there, and the
+// gradient walk starts afresh at each sequence's last step. A cut is an Affine flag,
+// so the look-back needs no knowledge of where sequences lie and a chunk may hold any
+// number of boundaries; each step finds its sequence by a binary search of cu_seqlens.
 #include <cuda/atomic>
 
 #include "dtype.cuh"
 #include "scan.h"
+#include "seqlens.cuh"
 
 namespace seqfuse::cuda {
 namespace {
@@ -33,18 +40,21 @@ SEQFUSE_HD int64_t chunks_for(int64_t T) { return (T + kChunk - 1) / kChunk; }
 enum : int { kFlagEmpty = 0, kFlagAggregate = 1, kFlagInclusive = 2 };
 
 // Scratch for the look-back, one slot per tile (chunk-major, as tiles are numbered).
-// counter and flags must be zero at launch.
+// counter, invalid and flags must be zero at launch.
 template <typename acc_t>
 struct Lookback {
   unsigned* counter;
+  int* invalid;  // packed sequences: validate_offsets' verdict
   int* flags;    // [tiles]
   acc_t* agg_a;  // [tiles * 32] each
   acc_t* agg_b;
   acc_t* inclusive;
+  bool* agg_cut;
 
   __device__ void publish(int64_t tile, int lane, const Affine<acc_t>& agg) {
     agg_a[tile * kLanes + lane] = agg.A;
     agg_b[tile * kLanes + lane] = agg.B;
+    agg_cut[tile * kLanes + lane] = agg.cut;
     release(tile, lane, kFlagAggregate);
   }
   __device__ void publish(int64_t tile, int lane, acc_t prefix) {
@@ -84,16 +94,17 @@ struct Lookback {
         carry = between.apply(inclusive[prev * kLanes + lane]);
         break;
       }
-      between = Affine<acc_t>{agg_a[prev * kLanes + lane], agg_b[prev * kLanes + lane]}.then(
-          between);
+      const int64_t slot = prev * kLanes + lane;
+      between = Affine<acc_t>{agg_a[slot], agg_b[slot], agg_cut[slot]}.then(between);
     }
     publish(tile, lane, agg.apply(carry));
     return carry;
   }
 };
 
+// Byte offsets in the workspace; [0, values) is zeroed before each launch.
 struct Layout {
-  size_t counter, flags, values, total;
+  size_t counter, invalid, flags, values, stride, cuts, total;
 };
 
 template <typename acc_t>
@@ -102,9 +113,12 @@ Layout workspace_layout(const ScanGeometry& g) {
   const size_t tiles = size_t(g.B) * ((g.C + kLanes - 1) / kLanes) * scan_chunks(g.T);
   Layout l;
   l.counter = 0;
-  l.flags = align(sizeof(unsigned));
+  l.invalid = align(sizeof(unsigned));
+  l.flags = l.invalid + align(sizeof(int));
   l.values = l.flags + align(tiles * sizeof(int));
-  l.total = l.values + 3 * align(tiles * kLanes * sizeof(acc_t));
+  l.stride = align(tiles * kLanes * sizeof(acc_t));
+  l.cuts = l.values + 3 * l.stride;
+  l.total = l.cuts + align(tiles * kLanes * sizeof(bool));
   return l;
 }
 
@@ -112,11 +126,26 @@ template <typename acc_t>
 Lookback<acc_t> lookback_in(void* workspace, const ScanGeometry& g) {
   const Layout l = workspace_layout<acc_t>(g);
   char* base = static_cast<char*>(workspace);
-  const size_t stride = (l.total - l.values) / 3;
-  return {reinterpret_cast<unsigned*>(base + l.counter), reinterpret_cast<int*>(base + l.flags),
-          reinterpret_cast<acc_t*>(base + l.values),
-          reinterpret_cast<acc_t*>(base + l.values + stride),
-          reinterpret_cast<acc_t*>(base + l.values + 2 * stride)};
+  return {reinterpret_cast<unsigned*>(base + l.counter), reinterpret_cast<int*>(base + l.invalid),
+          reinterpret_cast<int*>(base + l.flags), reinterpret_cast<acc_t*>(base + l.values),
+          reinterpret_cast<acc_t*>(base + l.values + l.stride),
+          reinterpret_cast<acc_t*>(base + l.values + 2 * l.stride),
+          reinterpret_cast<bool*>(base + l.cuts)};
+}
+
+// Where a step lies among packed sequences. Forward walk: the sequence's first step
+// cuts the carry; backward walk: its last one (the first the gradient walk meets).
+struct Boundary {
+  int64_t n;   // the sequence (the row's index without cu_seqlens)
+  bool first;  // the sequence's first step in scan order
+  bool last;   // its last step in scan order
+};
+
+__device__ inline Boundary boundary_at(const ScanGeometry& g, int64_t bi, int64_t t) {
+  if (!g.cu_seqlens) return {bi, t == g.time_at(0), t == g.time_at(g.T - 1)};
+  const int64_t n = sequence_of(g.cu_seqlens, g.N, t);
+  const int64_t begin = g.cu_seqlens[n], end = g.cu_seqlens[n + 1] - 1;
+  return {n, t == (g.reverse ? end : begin), t == (g.reverse ? begin : end)};
 }
 
 template <typename scalar_t, bool BACKWARD>
@@ -145,30 +174,43 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   const int64_t c = (series % c_tiles) * kLanes + lane;
   const bool active = c < g.C;
   const int64_t q0 = chunk * kChunk + warp * kSteps;
+  const bool packed = g.cu_seqlens != nullptr;
+  // Packed sequences with invalid offsets: every output is NaN (seqlens.cuh).
+  const bool poisoned = packed && *lookback.invalid != 0;
 
   // Scan position q visits forward position p = q (forward) or T-1-q (backward).
   auto position = [&](int64_t q) { return BACKWARD ? g.T - 1 - q : q; };
   auto a_at = [&](int64_t p) { return to_acc(a[g.a_offset(bi, g.time_at(p), c)]); };
 
-  // 1. Load this thread's steps and compose them.
+  // 1. Load this thread's steps and compose them. A step that starts a recurrence
+  //    (a sequence's first step forwards, its last one backwards) cuts the carry; a
+  //    packed sequence's first step takes h0 here, a row's first step at its carry-in.
   acc_t coef[kSteps], val[kSteps];
+  bool cut[kSteps];
 #pragma unroll
   for (int k = 0; k < kSteps; ++k) {
     const int64_t q = q0 + k;
     coef[k] = acc_t(1);
     val[k] = acc_t(0);
+    cut[k] = false;
     if (!active || q >= g.T) continue;
     const int64_t p = position(q);
+    const Boundary at = boundary_at(g, bi, g.time_at(p));
     val[k] = to_acc(b[g.offset(bi, g.time_at(p), c)]);
     if (!BACKWARD) {
       coef[k] = a_at(p);
+      if (packed && at.first) {
+        cut[k] = true;
+        if (h0) val[k] = coef[k] * h0[at.n * g.C + c] + val[k];
+      }
     } else {
       coef[k] = p + 1 < g.T ? conj_of(a_at(p + 1)) : acc_t(0);
+      cut[k] = packed && at.last;
     }
   }
   Affine<acc_t> agg = Affine<acc_t>::identity();
 #pragma unroll
-  for (int k = 0; k < kSteps; ++k) agg = agg.then({coef[k], val[k]});
+  for (int k = 0; k < kSteps; ++k) agg = agg.then({coef[k], val[k], cut[k]});
   s_agg[warp][lane] = agg;
   __syncthreads();
 
@@ -176,7 +218,7 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   if (warp == 0) {
     Affine<acc_t> chunk_agg = Affine<acc_t>::identity();
     for (int w = 0; w < kWarps; ++w) chunk_agg = chunk_agg.then(s_agg[w][lane]);
-    const acc_t first = !BACKWARD && h0 && active ? h0[bi * g.C + c] : acc_t(0);
+    const acc_t first = !BACKWARD && !packed && h0 && active ? h0[bi * g.C + c] : acc_t(0);
     acc_t carry = lookback.carry_in(chunk, n_series, series, lane, chunk_agg, first);
     for (int w = 0; w < kWarps; ++w) {
       s_carry[w][lane] = carry;
@@ -186,27 +228,33 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   __syncthreads();
 
   // 3. Replay from the carry-in and write.
+  const acc_t nan = acc_t(NAN);
   acc_t x = s_carry[warp][lane];
   acc_t da_sum = acc_t(0);
 #pragma unroll
   for (int k = 0; k < kSteps; ++k) {
     const int64_t q = q0 + k;
     if (!active || q >= g.T) continue;
-    x = coef[k] * x + val[k];
+    x = cut[k] ? val[k] : coef[k] * x + val[k];
     const int64_t p = position(q);
-    const int64_t i = g.offset(bi, g.time_at(p), c);
-    static_cast<scalar_t*>(args.out)[i] = from_acc<scalar_t>(x);
+    const int64_t t = g.time_at(p);
+    const int64_t i = g.offset(bi, t, c);
+    static_cast<scalar_t*>(args.out)[i] = from_acc<scalar_t>(poisoned ? nan : x);
     if constexpr (BACKWARD) {
+      const Boundary at = boundary_at(g, bi, t);
       const auto* h = static_cast<const scalar_t*>(args.h);
-      const acc_t h_prev = p > 0 ? to_acc(h[g.offset(bi, g.time_at(p - 1), c)])
-                                 : (h0 ? h0[bi * g.C + c] : acc_t(0));
-      const acc_t da = x * conj_of(h_prev);
+      const acc_t h_prev = !at.first ? to_acc(h[g.offset(bi, g.time_at(p - 1), c)])
+                                     : (h0 ? h0[at.n * g.C + c] : acc_t(0));
+      const acc_t da = poisoned ? nan : x * conj_of(h_prev);
       if (g.a_sT == 0) {
         da_sum += da;
       } else {
         static_cast<acc_t*>(args.grad_a)[i] = da;
       }
-      if (p == 0) static_cast<acc_t*>(args.grad_h0)[bi * g.C + c] = conj_of(a_at(0)) * x;
+      if (at.first) {
+        static_cast<acc_t*>(args.grad_h0)[at.n * g.C + c] =
+            poisoned ? nan : conj_of(a_at(p)) * x;
+      }
     }
   }
 
@@ -239,8 +287,13 @@ cudaError_t launch(const ScanArgs& args, DType dtype, cudaStream_t stream) {
     const Layout layout = workspace_layout<acc_t>(g);
     err = cudaMemsetAsync(args.workspace, 0, layout.values, stream);
     if (err != cudaSuccess) return;
+    const Lookback<acc_t> lookback = lookback_in<acc_t>(args.workspace, g);
+    if (g.cu_seqlens) {
+      err = validate_offsets(g.cu_seqlens, g.N, g.T, lookback.invalid, stream);
+      if (err != cudaSuccess) return;
+    }
     SEQFUSE_LAUNCH(unsigned(tiles), kWarps * kLanes, 0, stream, scan_kernel<scalar_t, BACKWARD>)(
-        args, lookback_in<acc_t>(args.workspace, g));
+        args, lookback);
     err = cudaGetLastError();
   });
   return err;

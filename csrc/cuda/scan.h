@@ -16,10 +16,10 @@ struct ScanArgs {
   const void* a;   // addressed through geom's strides
   const void* b;   // forward: b; backward: dL/dh. Contiguous [B, T, C]
   const void* h;   // backward: the forward's output
-  const void* h0;  // acc [B, C], or null for zeros
+  const void* h0;  // acc [S, C] (S = geom.sequences()), or null for zeros
   void* out;       // forward: h; backward: dL/db. Contiguous [B, T, C]
   void* grad_a;    // backward: acc [B, T, C], or [B, scan_chunks(T), C] when geom.a_sT == 0
-  void* grad_h0;   // backward: acc [B, C]
+  void* grad_h0;   // backward: acc [S, C], zeroed (an empty sequence's stays 0)
   void* workspace;  // scan_workspace_bytes(geom, dtype) bytes, any contents
 };
 

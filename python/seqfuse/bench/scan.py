@@ -1,7 +1,13 @@
 """Benchmark of linear_scan: seqfuse vs the sequential loop reference, the log-space
 closed form (valid here: a in (0.5, 1), b > 0), torch.addcmul as the floor with the
 same memory traffic (two tensors read, one written) and, on CUDA, accelerated-scan
-when it is installed (timed in its native [B, C, T] layout)."""
+when it is installed (timed in its native [B, C, T] layout).
+
+Packed sequences: 64 sequences with lengths drawn uniformly from [1, 2048] (a fixed
+seed), C = 512, float32, a per-channel `a`, forward and forward+backward: one call
+with cu_seqlens against a Python loop of one call per sequence and against padding
+every sequence to the longest (a [64, T_max, C] call whose padded steps are masked
+out of the result)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from seqfuse.bench.common import Rows, format_table, memory_bandwidth, time_fn
 COLUMNS = ["shape", "a", "dtype", "pass", "seqfuse_ms", "loop_ms", "logspace_ms",
            "accel_scan_ms", "addcmul_ms", "x_loop", "x_accel", "vs_addcmul", "GB/s",
            "%bw"]
+PACKED_COLUMNS = ["case", "dtype", "pass", "packed_ms", "per_sequence_ms", "padded_ms",
+                  "x_per_sequence", "x_padded", "GB/s", "%bw"]
 
 
 def _accelerated_scan():
@@ -97,5 +105,53 @@ def run(device: str, quick: bool):
                 row["GB/s"] = moved / row["seqfuse_ms"] / 1e6
                 row["%bw"] = 100 * moved / (row["seqfuse_ms"] / 1e3) / bandwidth
             rows.append(row)
+    packed = _packed_rows(device, quick, bandwidth)
+    rows += packed
     limits = {"memory_bandwidth_GB/s": bandwidth / 1e9, "threads": torch.get_num_threads()}
-    return limits, rows, format_table(rows, COLUMNS)
+    return limits, rows, format_table(rows[:-len(packed)], COLUMNS) + "\n\n" + format_table(
+        packed, PACKED_COLUMNS)
+
+
+def _packed_rows(device: str, quick: bool, bandwidth: float):
+    """One packed call against a loop of per-sequence calls and against padding."""
+    N, C, longest = (8, 64, 200) if quick else (64, 512, 2048)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, longest + 1, (N,), generator=gen)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)
+    T, T_max = int(lengths.sum()), int(lengths.max())
+    a = torch.empty(C, device=device).uniform_(0.5, 1)
+    b = torch.rand(1, T, C, device=device) + 0.1
+    bounds = cu.tolist()
+    # Padding: every sequence at the start of its own row; the mask keeps real steps.
+    steps = torch.arange(T_max, device=device)
+    mask = steps[None, :] < lengths.to(device)[:, None]
+    padded = b.new_zeros(N, T_max, C)
+    padded[mask] = b[0]
+
+    def packed_call(a, b):
+        return seqfuse.linear_scan(a, b, cu_seqlens=cu)
+
+    def per_sequence_call(a, b):
+        return torch.cat([seqfuse.linear_scan(a, b[:, s:e]) for s, e in zip(bounds, bounds[1:])],
+                         dim=1)
+
+    def padded_call(a, b_padded):
+        return seqfuse.linear_scan(a, b_padded)[mask]
+
+    rows = Rows()
+    for pass_name in ("fwd", "fwd+bwd"):
+        row = {"case": f"{N} seqs, lengths 1..{longest}, T={T}, C={C}", "dtype": "float32",
+               "pass": pass_name}
+        for col, fn, data in (("packed_ms", packed_call, b), ("per_sequence_ms", per_sequence_call,
+                              b), ("padded_ms", padded_call, padded)):
+            step = (lambda fn=fn, data=data: (lambda: fn(a, data))) if pass_name == "fwd" else (
+                lambda fn=fn, data=data: _fwd_bwd(fn, a, data))
+            row[col] = 1e3 * time_fn(step(), device)
+        row["x_per_sequence"] = row["per_sequence_ms"] / row["packed_ms"]
+        row["x_padded"] = row["padded_ms"] / row["packed_ms"]
+        if pass_name == "fwd":
+            moved = 2 * b.numel() * b.element_size()  # b read, h written; a is C numbers
+            row["GB/s"] = moved / row["packed_ms"] / 1e6
+            row["%bw"] = 100 * moved / (row["packed_ms"] / 1e3) / bandwidth
+        rows.append(row)
+    return rows

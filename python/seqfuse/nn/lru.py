@@ -26,7 +26,9 @@ class LRU(nn.Module):
 
     ``forward(u [B, T, H], h0=None)`` returns ``(y [B, T, H], h_T [B, N])``: pass
     ``h_T`` back as ``h0`` to continue the sequence (streaming, or decoding with T=1).
-    The state is complex64 (complex128 for float64 modules).
+    The state is complex64 (complex128 for float64 modules). With
+    ``cu_seqlens`` (packed sequences, see ``seqfuse.linear_scan``), ``u`` is
+    ``[1, T, H]`` and ``h0`` and ``h_T`` are ``[S, N]``, one state per sequence.
     """
 
     def __init__(
@@ -79,19 +81,36 @@ class LRU(nn.Module):
         return torch.complex(modulus * torch.cos(phase), modulus * torch.sin(phase))
 
     def forward(
-        self, u: torch.Tensor, h0: torch.Tensor | None = None
+        self, u: torch.Tensor, h0: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``u``: [B, T, H]; ``h0``: complex [B, N] or None. Returns ``(y, h_T)``."""
+        """``u``: [B, T, H]; ``h0``: complex [B, N] or None. Returns ``(y, h_T)``.
+        With ``cu_seqlens`` [S + 1]: ``u`` [1, T, H], ``h0`` and ``h_T`` [S, N]."""
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"LRU: u must be [B, T, {self.d_model}], got {tuple(u.shape)}")
         x = u.to(self.B_re.dtype)
         gamma = torch.exp(self.gamma_log)[:, None]
         bu = torch.complex(x @ (self.B_re * gamma).T, x @ (self.B_im * gamma).T)
-        h = linear_scan(self.eigenvalues(), bu, h0)
+        h = linear_scan(self.eigenvalues(), bu, h0, cu_seqlens=cu_seqlens)
         y = h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * x
+        if cu_seqlens is not None:
+            return y.to(u.dtype), self._final_states(h, h0, cu_seqlens)
         if h.shape[1] == 0:  # no steps: the state is h0 as it came (zeros if None)
             return y.to(u.dtype), h0 if h0 is not None else h.new_zeros(h.shape[0], h.shape[2])
         return y.to(u.dtype), h[:, -1]
+
+    @staticmethod
+    def _final_states(h, h0, cu_seqlens):
+        """Each packed sequence's last state (h0, or zeros, for an empty one), gathered on
+        the device: no host synchronisation, as a decoding loop needs."""
+        ends = cu_seqlens.long()[1:]
+        # A zero row in front: ends - 1 + 1 indexes the padded steps, in range also
+        # for empty sequences (masked below) and T = 0.
+        padded = torch.cat([h.new_zeros(1, h.shape[2]), h[0]])
+        last = padded.index_select(0, ends)
+        empty = (ends == cu_seqlens.long()[:-1])[:, None]
+        start = h0 if h0 is not None else torch.zeros_like(last)
+        return torch.where(empty, start.to(last.dtype), last)
 
     def step(
         self, u_t: torch.Tensor, h: torch.Tensor | None = None

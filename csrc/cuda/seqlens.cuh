@@ -1,0 +1,54 @@
+// Packed sequences on the device: cu_seqlens (N + 1 int64 offsets into a time axis of
+// T steps; sequence n spans [cu_seqlens[n], cu_seqlens[n+1])) read by the kernels
+// themselves, so a call never waits for the host to see them.
+//
+// The host cannot check the values without a synchronisation, so validate_offsets runs
+// on the device first and raises a flag that the kernels read: with invalid offsets
+// (not 0 first, decreasing, not T last) they write NaN instead of a result. Whatever
+// the values, every index the helpers below return stays in bounds.
+#pragma once
+
+#include <cstdint>
+
+#include "portability.cuh"
+
+namespace seqfuse::cuda {
+namespace {  // one copy per kernel file that includes this
+
+__global__ void validate_offsets_kernel(const int64_t* cu, int64_t N, int64_t T, int* invalid) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i > N) return;
+  const bool bad = (i == 0 && cu[0] != 0) || (i == N && cu[N] != T) ||
+                   (i < N && cu[i + 1] < cu[i]);
+  if (bad) atomicOr(invalid, 1);
+}
+
+}  // namespace
+
+// *invalid must be zero before; it is 1 after the kernel iff the offsets are invalid.
+inline cudaError_t validate_offsets(const int64_t* cu, int64_t N, int64_t T, int* invalid,
+                                    cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = (N + kThreads) / kThreads;  // N + 1 offsets
+  if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
+  SEQFUSE_LAUNCH(unsigned(blocks), kThreads, 0, stream, validate_offsets_kernel)(cu, N, T,
+                                                                                 invalid);
+  return cudaGetLastError();
+}
+
+// The sequence that holds step t: the last n in [0, N) with cu[n] <= t (an empty
+// sequence shares its offset with the next one and is skipped). Needs N >= 1.
+__device__ inline int64_t sequence_of(const int64_t* cu, int64_t N, int64_t t) {
+  int64_t lo = 0, hi = N - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+}  // namespace seqfuse::cuda
