@@ -37,7 +37,8 @@ at::Tensor state_input(const char* op, const char* name, const std::optional<at:
 LinearAttentionInputs prepare_linear_attention(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::string& feature_map, const std::optional<at::Tensor>& decay, double scale,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps) {
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps,
+    const std::optional<at::Tensor>& cu_seqlens, bool on_cpu) {
   check_dim(op, "q", q, 4, "[B, T, H, Dk]");
   check_dim(op, "k", k, 4, "[B, T, H, Dk]");
   check_dim(op, "v", v, 4, "[B, T, H, Dv]");
@@ -66,6 +67,11 @@ LinearAttentionInputs prepare_linear_attention(
   in.k = k.contiguous();
   in.v = v.contiguous();
   in.geom = {B, T, H, Dk, Dv};
+  if (cu_seqlens.has_value()) {
+    in.cu_seqlens = check_cu_seqlens(op, *cu_seqlens, T, "q", q, on_cpu);
+    in.geom.cu_seqlens = in.cu_seqlens.data_ptr<int64_t>();
+    in.geom.N = in.cu_seqlens.size(0) - 1;
+  }
   if (decay.has_value()) {
     const at::Tensor& d = *decay;
     check_same_device(op, "decay", d, "q", q);
@@ -81,8 +87,12 @@ LinearAttentionInputs prepare_linear_attention(
                           at::logical_and(in.decay > 0, in.decay <= 1).all().item<bool>(),
                       op, ": decay must lie in (0, 1], got ", in.decay);
   }
-  in.S0 = state_input(op, "initial_state S", S0, {B, H, Dk, Dv}, "[B, H, Dk, Dv]", q);
-  in.z0 = state_input(op, "initial_state z", z0, {B, H, Dk}, "[B, H, Dk]", q);
+  const int64_t S = in.geom.sequences();
+  const bool packed = cu_seqlens.has_value();
+  in.S0 = state_input(op, "initial_state S", S0, {S, H, Dk, Dv},
+                      packed ? "[N, H, Dk, Dv]" : "[B, H, Dk, Dv]", q);
+  in.z0 = state_input(op, "initial_state z", z0, {S, H, Dk}, packed ? "[N, H, Dk]" : "[B, H, Dk]",
+                      q);
   return in;
 }
 
@@ -104,28 +114,58 @@ LinearAttentionGrads prepare_linear_attention_grads(
   out.grad_o = grad_o.to(in.q.scalar_type()).contiguous();
   out.o = o.to(in.q.scalar_type()).contiguous();
   out.den = den.to(acc_dtype(in.q.scalar_type())).contiguous();
-  out.grad_S = state_input(op, "grad_S", grad_S, {g.B, g.H, g.Dk, g.Dv}, "[B, H, Dk, Dv]", in.q);
-  out.grad_z = state_input(op, "grad_z", grad_z, {g.B, g.H, g.Dk}, "[B, H, Dk]", in.q);
+  const int64_t S = g.sequences();
+  out.grad_S = state_input(op, "grad_S", grad_S, {S, g.H, g.Dk, g.Dv}, "[S, H, Dk, Dv]", in.q);
+  out.grad_z = state_input(op, "grad_z", grad_z, {S, g.H, g.Dk}, "[S, H, Dk]", in.q);
   return out;
 }
 
 namespace {
 
+// Packed sequences on the CPU: sequence n's stretch of the row, [1, length, H, D] (a
+// contiguous slice of a tensor with one row), and its rows of a per-sequence tensor.
+at::Tensor steps_of(const at::Tensor& t, const LinearAttentionGeometry::Span& s) {
+  return t.narrow(1, s.start, s.length);
+}
+at::Tensor state_of(const at::Tensor& t, int64_t n) {
+  return t.defined() ? t.narrow(0, n, 1) : t;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::string_view feature_map,
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps) {
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps,
+    const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "causal_linear_attention";
-  const LinearAttentionInputs in =
-      prepare_linear_attention(op, q, k, v, std::string(feature_map), decay, scale, S0, z0, eps);
+  const LinearAttentionInputs in = prepare_linear_attention(
+      op, q, k, v, std::string(feature_map), decay, scale, S0, z0, eps, cu_seqlens, true);
   const LinearAttentionGeometry& g = in.geom;
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
+  const cpu::LinearAttentionOptions opt{in.feature_map, normalize, scale, eps};
   at::Tensor o = at::empty_like(in.v);
-  at::Tensor S_T = at::empty({g.B, g.H, g.Dk, g.Dv}, acc);
-  at::Tensor z_T = at::empty({g.B, g.H, g.Dk}, acc);
+  at::Tensor S_T = at::empty({g.sequences(), g.H, g.Dk, g.Dv}, acc);
+  at::Tensor z_T = at::empty({g.sequences(), g.H, g.Dk}, acc);
   at::Tensor den = at::empty({g.B, g.H, g.T}, acc);
-  cpu::linear_attention_forward(g, {in.feature_map, normalize, scale, eps}, in.q, in.k, in.v,
-                                in.decay, in.S0, in.z0, o, S_T, z_T, den);
+  if (!g.cu_seqlens) {
+    cpu::linear_attention_forward(g, opt, in.q, in.k, in.v, in.decay, in.S0, in.z0, o, S_T, z_T,
+                                  den);
+    return {o, S_T, z_T, den};
+  }
+  // Packed: one kernel call per sequence on its own stretch (parallel inside).
+  for (int64_t n = 0; n < g.N; ++n) {
+    const LinearAttentionGeometry::Span span = g.span(n);
+    at::Tensor S_n = state_of(S_T, n), z_n = state_of(z_T, n);
+    if (span.length == 0) {  // no steps: the state passes through
+      in.S0.defined() ? S_n.copy_(state_of(in.S0, n)) : S_n.zero_();
+      in.z0.defined() ? z_n.copy_(state_of(in.z0, n)) : z_n.zero_();
+      continue;
+    }
+    at::Tensor o_n = steps_of(o, span), den_n = at::empty({1, g.H, span.length}, acc);
+    cpu::linear_attention_forward({1, span.length, g.H, g.Dk, g.Dv}, opt, steps_of(in.q, span),
+                                  steps_of(in.k, span), steps_of(in.v, span), in.decay,
+                                  state_of(in.S0, n), state_of(in.z0, n), o_n, S_n, z_n, den_n);
+    den.narrow(2, span.start, span.length).copy_(den_n);
+  }
   return {o, S_T, z_T, den};
 }
 
@@ -135,19 +175,40 @@ causal_linear_attention_backward_cpu(
     const std::optional<at::Tensor>& grad_z, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& den, c10::string_view feature_map,
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0) {
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0,
+    const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "causal_linear_attention_backward";
-  const LinearAttentionInputs in =
-      prepare_linear_attention(op, q, k, v, std::string(feature_map), decay, scale, S0, z0, 0.0);
-  const LinearAttentionGrads gr = prepare_linear_attention_grads(op, in, grad_o, grad_S, grad_z, o, den);
+  const LinearAttentionInputs in = prepare_linear_attention(
+      op, q, k, v, std::string(feature_map), decay, scale, S0, z0, 0.0, cu_seqlens, true);
+  const LinearAttentionGrads gr =
+      prepare_linear_attention_grads(op, in, grad_o, grad_S, grad_z, o, den);
   const LinearAttentionGeometry& g = in.geom;
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
+  const cpu::LinearAttentionOptions opt{in.feature_map, normalize, scale, 0.0};
   at::Tensor dq = at::empty_like(in.q), dk = at::empty_like(in.k), dv = at::empty_like(in.v);
-  at::Tensor dS0 = at::empty({g.B, g.H, g.Dk, g.Dv}, acc);
-  at::Tensor dz0 = at::empty({g.B, g.H, g.Dk}, acc);
-  cpu::linear_attention_backward(g, {in.feature_map, normalize, scale, 0.0}, gr.grad_o, gr.grad_S,
-                                 gr.grad_z, in.q, in.k, in.v, gr.o, gr.den, in.decay, in.S0, in.z0,
-                                 dq, dk, dv, dS0, dz0);
+  at::Tensor dS0 = at::empty({g.sequences(), g.H, g.Dk, g.Dv}, acc);
+  at::Tensor dz0 = at::empty({g.sequences(), g.H, g.Dk}, acc);
+  if (!g.cu_seqlens) {
+    cpu::linear_attention_backward(g, opt, gr.grad_o, gr.grad_S, gr.grad_z, in.q, in.k, in.v,
+                                   gr.o, gr.den, in.decay, in.S0, in.z0, dq, dk, dv, dS0, dz0);
+    return {dq, dk, dv, dS0, dz0};
+  }
+  for (int64_t n = 0; n < g.N; ++n) {
+    const LinearAttentionGeometry::Span span = g.span(n);
+    at::Tensor dS_n = state_of(dS0, n), dz_n = state_of(dz0, n);
+    if (span.length == 0) {  // the state passed through: so does its gradient
+      gr.grad_S.defined() ? dS_n.copy_(state_of(gr.grad_S, n)) : dS_n.zero_();
+      gr.grad_z.defined() ? dz_n.copy_(state_of(gr.grad_z, n)) : dz_n.zero_();
+      continue;
+    }
+    at::Tensor dq_n = steps_of(dq, span), dk_n = steps_of(dk, span), dv_n = steps_of(dv, span);
+    cpu::linear_attention_backward(
+        {1, span.length, g.H, g.Dk, g.Dv}, opt, steps_of(gr.grad_o, span),
+        state_of(gr.grad_S, n), state_of(gr.grad_z, n), steps_of(in.q, span),
+        steps_of(in.k, span), steps_of(in.v, span), steps_of(gr.o, span),
+        gr.den.narrow(2, span.start, span.length).contiguous(), in.decay, state_of(in.S0, n),
+        state_of(in.z0, n), dq_n, dk_n, dv_n, dS_n, dz_n);
+  }
   return {dq, dk, dv, dS0, dz0};
 }
 
@@ -156,12 +217,12 @@ causal_linear_attention_backward_cpu(
 TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
   m.def(
       "causal_linear_attention(Tensor q, Tensor k, Tensor v, str feature_map, bool normalize, "
-      "Tensor? decay, float scale, Tensor? S0, Tensor? z0, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? decay, float scale, Tensor? S0, Tensor? z0, float eps, "
+      "Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "causal_linear_attention_backward(Tensor grad_o, Tensor? grad_S, Tensor? grad_z, "
       "Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, str feature_map, bool normalize, "
-      "Tensor? decay, float scale, Tensor? S0, Tensor? z0) "
+      "Tensor? decay, float scale, Tensor? S0, Tensor? z0, Tensor? cu_seqlens=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -10,10 +10,12 @@
 
 namespace seqfuse {
 
-// Checked and normalised inputs: q, k, v contiguous; decay ([H]), S0 ([B, H, Dk, Dv])
-// and z0 ([B, H, Dk]) contiguous in the accumulation dtype, or undefined.
+// Checked and normalised inputs: q, k, v contiguous; decay ([H]), S0 ([S, H, Dk, Dv])
+// and z0 ([S, H, Dk]) contiguous in the accumulation dtype, or undefined, for S = B
+// sequences (N with cu_seqlens, whose int64 copy geom.cu_seqlens points into). on_cpu:
+// for the CPU kernels, so the offsets' values are checked here (checks.h).
 struct LinearAttentionInputs {
-  at::Tensor q, k, v, decay, S0, z0;
+  at::Tensor q, k, v, decay, S0, z0, cu_seqlens;
   LinearAttentionGeometry geom;
   FeatureMap feature_map;
 };
@@ -21,11 +23,12 @@ struct LinearAttentionInputs {
 LinearAttentionInputs prepare_linear_attention(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::string& feature_map, const std::optional<at::Tensor>& decay, double scale,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps);
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps,
+    const std::optional<at::Tensor>& cu_seqlens, bool on_cpu);
 
 // The backward's extra inputs, checked against the forward's geometry: grad_o, o
-// contiguous [B, T, H, Dv]; den [B, H, T]; grad_S, grad_z in the accumulation dtype
-// or undefined.
+// contiguous [B, T, H, Dv]; den [B, H, T]; grad_S, grad_z ([S, H, ...]) in the
+// accumulation dtype or undefined.
 struct LinearAttentionGrads {
   at::Tensor grad_o, o, den, grad_S, grad_z;
 };

@@ -30,22 +30,31 @@ cuda::LinearAttentionArgs base_args(const LinearAttentionInputs& in, bool normal
   return args;
 }
 
+// With packed sequences, the zeroed flag in which the kernels' check of the offsets
+// leaves its verdict (csrc/cuda/seqlens.cuh); undefined otherwise.
+at::Tensor offsets_flag(const LinearAttentionInputs& in) {
+  return in.cu_seqlens.defined() ? at::zeros({1}, in.q.options().dtype(at::kInt)) : at::Tensor();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::string_view feature_map,
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps) {
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, double eps,
+    const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "causal_linear_attention";
   const DeviceGuard guard(q.device());
-  const LinearAttentionInputs in =
-      prepare_linear_attention(op, q, k, v, std::string(feature_map), decay, scale, S0, z0, eps);
+  const LinearAttentionInputs in = prepare_linear_attention(
+      op, q, k, v, std::string(feature_map), decay, scale, S0, z0, eps, cu_seqlens, false);
   const LinearAttentionGeometry& g = in.geom;
   const auto dtype = cuda_dtype(op, in.q);
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
   at::Tensor o = at::empty_like(in.v);
-  at::Tensor S_T = at::empty({g.B, g.H, g.Dk, g.Dv}, acc);
-  at::Tensor z_T = at::empty({g.B, g.H, g.Dk}, acc);
+  at::Tensor S_T = at::empty({g.sequences(), g.H, g.Dk, g.Dv}, acc);
+  at::Tensor z_T = at::empty({g.sequences(), g.H, g.Dk}, acc);
   at::Tensor den = at::empty({g.B, g.H, g.T}, acc);
+  at::Tensor invalid = offsets_flag(in);
   cuda::LinearAttentionArgs args = base_args(in, normalize, scale, eps);
+  args.invalid = data_or_null<int>(invalid);
   args.o = o.data_ptr();
   args.S_out = S_T.data_ptr();
   args.z_out = z_T.data_ptr();
@@ -60,18 +69,20 @@ causal_linear_attention_backward_cuda(
     const std::optional<at::Tensor>& grad_z, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& o, const at::Tensor& den, c10::string_view feature_map,
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0) {
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0,
+    const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "causal_linear_attention_backward";
   const DeviceGuard guard(q.device());
-  const LinearAttentionInputs in =
-      prepare_linear_attention(op, q, k, v, std::string(feature_map), decay, scale, S0, z0, 0.0);
+  const LinearAttentionInputs in = prepare_linear_attention(
+      op, q, k, v, std::string(feature_map), decay, scale, S0, z0, 0.0, cu_seqlens, false);
   const LinearAttentionGrads gr = prepare_linear_attention_grads(op, in, grad_o, grad_S, grad_z, o, den);
   const LinearAttentionGeometry& g = in.geom;
   const auto dtype = cuda_dtype(op, in.q);
   const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
   at::Tensor dq = at::empty_like(in.q), dk = at::empty_like(in.k), dv = at::empty_like(in.v);
-  at::Tensor dS0 = at::empty({g.B, g.H, g.Dk, g.Dv}, acc);
-  at::Tensor dz0 = at::empty({g.B, g.H, g.Dk}, acc);
+  at::Tensor dS0 = at::empty({g.sequences(), g.H, g.Dk, g.Dv}, acc);
+  at::Tensor dz0 = at::empty({g.sequences(), g.H, g.Dk}, acc);
+  at::Tensor invalid = offsets_flag(in);
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(cuda::linear_attention_workspace_bytes(g, dtype))},
       q.options().dtype(at::kByte));
@@ -87,6 +98,7 @@ causal_linear_attention_backward_cuda(
   args.grad_S_in = dS0.data_ptr();
   args.grad_z_in = dz0.data_ptr();
   args.workspace = workspace.data_ptr();
+  args.invalid = data_or_null<int>(invalid);
   SEQFUSE_CUDA_CHECK(cuda::linear_attention_backward(args, dtype, current_stream()));
   return {dq, dk, dv, dS0, dz0};
 }

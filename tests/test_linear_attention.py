@@ -684,3 +684,228 @@ def test_elu1_feature_map_float32_is_exact_to_two_ulp():
     ok = ~want.isnan()
     # 2 ulp relative, and results below float32's normal range (e^-87.33) may flush to 0.
     torch.testing.assert_close(got[ok], want[ok], rtol=2 * 2.0**-23, atol=1.2e-38)
+
+
+# ---- packed sequences (cu_seqlens) and the prefix-LM mask ------------------------------
+
+# Empty sequences, single steps, primes, chunk sizes +- 1 (CUDA chunks are 32 steps in
+# float, 16 in double; CPU chunks up to 128), one longer than all others together.
+PACKED = {"mixed": [0, 1, 17, 31, 33, 0, 2, 129], "one long": [3, 200, 0, 5],
+          "100 of length 1": [1] * 100}
+
+
+def packed_offsets(lengths, device, dtype=torch.int64):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype,
+                        device=device)
+
+
+def one_call_per_sequence(fn, q, k, v, cu, state, **kw):
+    """The packed call's meaning: each sequence on its own, outputs joined along time,
+    states stacked."""
+    bounds = cu.tolist()
+    outs, S, z = [], [], []
+    for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        st = None if state is None else (state[0][n:n + 1], state[1][n:n + 1])
+        o, (S_n, z_n) = fn(q[:, s:e], k[:, s:e], v[:, s:e], initial_state=st, return_state=True,
+                           **kw)
+        outs.append(o), S.append(S_n), z.append(z_n)
+    return torch.cat(outs, 1), torch.cat(S), torch.cat(z)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths", list(PACKED))
+@pytest.mark.parametrize("feature_map,normalize", [("elu1", True), ("identity", False),
+                                                   ("relu", True)])
+@pytest.mark.parametrize("with_state,decay", [(True, False), (False, True)])
+def test_packed_equals_one_call_per_sequence(device, lengths, feature_map, normalize,
+                                             with_state, decay):
+    lengths = PACKED[lengths]
+    N, T, H = len(lengths), sum(lengths), 2
+    cu = packed_offsets(lengths, device)
+    q, k, v = make_inputs(1, T, H, 5, 3, device=device, feature_map=feature_map,
+                          normalize=normalize, requires_grad=True)
+    state = None
+    if with_state:
+        state = (torch.randn(N, H, 5, 3, dtype=torch.float64, device=device, requires_grad=True),
+                 (torch.rand(N, H, 5, dtype=torch.float64) + 0.5).to(device).requires_grad_())
+    kw = kwargs_for(feature_map, normalize, decay, H, device)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, initial_state=state, return_state=True,
+                                                cu_seqlens=cu, **kw)
+    o_loop, S_loop, z_loop = one_call_per_sequence(seqfuse.causal_linear_attention, q, k, v, cu,
+                                                   state, **kw)
+    with cpu_kernels():
+        o_ref, (S_ref, z_ref) = reference.causal_linear_attention(
+            q, k, v, initial_state=state, return_state=True, cu_seqlens=cu, **kw)
+    for got, loop, ref in ((o, o_loop, o_ref), (S, S_loop, S_ref), (z, z_loop, z_ref)):
+        assert got.shape == ref.shape
+        assert_close(got, loop)
+        assert_close(got, ref)
+    leaves = [q, k, v, *(state or ())]
+    w_o, w_S, w_z = torch.randn_like(o), torch.randn_like(S), torch.randn_like(z)
+    loss = lambda o, S, z: (o * w_o).sum() + (S * w_S).sum() + (z * w_z).sum()
+    for g, w in zip(torch.autograd.grad(loss(o, S, z), leaves),
+                    torch.autograd.grad(loss(o_loop, S_loop, z_loop), leaves)):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_low_precision_and_int32_offsets(device):
+    lengths = [40, 0, 3, 70]
+    cu = packed_offsets(lengths, device, torch.int32)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, v = make_inputs(1, sum(lengths), 2, 16, 8, dtype=dtype, device=device,
+                              feature_map="elu1")
+        o = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", cu_seqlens=cu)
+        o_loop, _, _ = one_call_per_sequence(seqfuse.causal_linear_attention, q, k, v, cu, None,
+                                             feature_map="elu1")
+        assert_close(o, o_loop, dtype)
+
+
+def test_packed_gradcheck_cpu():
+    cu = packed_offsets([3, 0, 1, 4], "cpu")
+    q, k, v = make_inputs(1, 8, 2, 3, 2, feature_map="elu1", requires_grad=True)
+    S0 = torch.randn(4, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    z0 = (torch.rand(4, 2, 3, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, S0, z0: seqfuse.causal_linear_attention(
+            q, k, v, feature_map="elu1", initial_state=(S0, z0), return_state=True,
+            cu_seqlens=cu)[1][0], (q, k, v, S0, z0))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: seqfuse.causal_linear_attention(q, k, v, feature_map="elu1",
+                                                        cu_seqlens=cu), (q, k, v))
+
+
+def test_packed_opcheck():
+    cu = packed_offsets([3, 0, 5], "cpu")
+    q, k, v = make_inputs(1, 8, 2, 4, 3, dtype=torch.float32, feature_map="elu1",
+                          requires_grad=True)
+    S0, z0 = torch.randn(3, 2, 4, 3), torch.rand(3, 2, 4) + 0.5
+    torch.library.opcheck(torch.ops.seqfuse.causal_linear_attention.default,
+                          (q, k, v, "elu1", True, None, 0.5, S0, z0, 1e-6, cu))
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_packed_invalid_offsets_give_nan(device):
+    q, k, v = make_inputs(1, 10, 2, 4, 3, dtype=torch.float32, device=device,
+                          feature_map="elu1", requires_grad=True)
+    for bad in ([0, 6, 4, 10], [1, 10], [0, 3, 9]):
+        cu = torch.tensor(bad, device=device)
+        o, (S, z) = seqfuse.causal_linear_attention(q, k, v, feature_map="elu1", cu_seqlens=cu,
+                                                    return_state=True)
+        assert o.isnan().all() and S.isnan().all() and z.isnan().all(), bad
+        grads = torch.autograd.grad(o.sum(), (q, k, v))
+        assert all(g.isnan().all() for g in grads), bad
+
+
+@pytest.mark.parametrize("match,cu", [
+    ("cu_seqlens must be \\[N \\+ 1\\]", torch.zeros(2, 2, dtype=torch.long)),
+    ("cu_seqlens must be an int32 or int64", torch.tensor([0.0, 10.0])),
+    ("cu_seqlens must start at 0", torch.tensor([2, 10])),
+    ("cu_seqlens must be non-decreasing", torch.tensor([0, 6, 4, 10])),
+    ("cu_seqlens must end at the packed length 10", torch.tensor([0, 3, 9])),
+])
+def test_bad_cu_seqlens(match, cu):
+    q, k, v = make_inputs(1, 10, 2, 4, 3, dtype=torch.float32)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        seqfuse.causal_linear_attention(q, k, v, cu_seqlens=cu)
+
+
+def test_packed_needs_one_row_and_states_per_sequence():
+    cu = packed_offsets([4, 6], "cpu")
+    q, k, v = make_inputs(2, 10, 2, 4, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="with cu_seqlens, q must hold the packed sequences"):
+        seqfuse.causal_linear_attention(q, k, v, cu_seqlens=cu)
+    q, k, v = (x[:1] for x in (q, k, v))
+    with pytest.raises(ValueError, match="initial_state S must be \\[N, H, Dk, Dv\\]"):
+        seqfuse.causal_linear_attention(q, k, v, cu_seqlens=cu,
+                                        initial_state=(torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature_map,normalize", [("elu1", True), ("identity", False),
+                                                   ("relu", True), ("identity", True)])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_prefix_lm_matches_the_unilm_mask(device, feature_map, normalize, with_state, packed):
+    # Prefix lengths 0 (causal), T (all bidirectional) and in between; against the
+    # recurrence and the quadratic form with the explicit mask M_ij = j < P or j <= i.
+    H, Dk, Dv = 2, 5, 3
+    if packed:
+        lengths, prefixes = [9, 0, 33, 12, 40], [4, 0, 0, 12, 37]
+        q, k, v = make_inputs(1, sum(lengths), H, Dk, Dv, device=device, feature_map=feature_map,
+                              normalize=normalize, requires_grad=True)
+        extra = dict(cu_seqlens=packed_offsets(lengths, device))
+    else:
+        prefixes = [0, 17, 41]
+        q, k, v = make_inputs(3, 41, H, Dk, Dv, device=device, feature_map=feature_map,
+                              normalize=normalize, requires_grad=True)
+        extra = {}
+    P = torch.tensor(prefixes, device=device)
+    state = None
+    if with_state:
+        N = len(prefixes)
+        state = (torch.randn(N, H, Dk, Dv, dtype=torch.float64, device=device, requires_grad=True),
+                 (torch.rand(N, H, Dk, dtype=torch.float64) + 0.5).to(device).requires_grad_())
+    kw = dict(feature_map=feature_map, normalize=normalize, initial_state=state,
+              return_state=True, **extra)
+    o, (S, z) = seqfuse.causal_linear_attention(q, k, v, prefix_lengths=P, **kw)
+    with cpu_kernels():
+        o_ref, (S_ref, z_ref) = reference.causal_linear_attention(q, k, v, prefix_lengths=P, **kw)
+        o_quad, (S_quad, z_quad) = reference.causal_linear_attention_quadratic(
+            q, k, v, prefix_lengths=P, **kw)
+    for got, ref, quad in ((o, o_ref, o_quad), (S, S_ref, S_quad), (z, z_ref, z_quad)):
+        assert got.shape == ref.shape
+        assert_close(got, ref)
+        assert_close(ref, quad)
+    leaves = [q, k, v, *(state or ())]
+    w = torch.randn_like(o)
+    got = torch.autograd.grad((o * w).sum() + S.sum() + z.sum(), leaves)
+    want = torch.autograd.grad((o_ref * w).sum() + S_ref.sum() + z_ref.sum(), leaves)
+    for g, r in zip(got, want):
+        assert_close(g, r)
+
+
+def test_prefix_lm_gradcheck_cpu():
+    q, k, v = make_inputs(2, 6, 1, 3, 2, feature_map="elu1", requires_grad=True)
+    P = torch.tensor([2, 6])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: seqfuse.causal_linear_attention(q, k, v, feature_map="elu1",
+                                                        prefix_lengths=P), (q, k, v))
+
+
+def test_prefix_lm_bad_arguments():
+    q, k, v = make_inputs(2, 6, 1, 3, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="prefix_lengths with decay"):
+        seqfuse.causal_linear_attention(q, k, v, prefix_lengths=torch.tensor([1, 2]),
+                                        decay=torch.tensor([0.9]))
+    with pytest.raises(ValueError, match="prefix_lengths must be \\[B\\] = \\[2\\]"):
+        seqfuse.causal_linear_attention(q, k, v, prefix_lengths=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="prefix_lengths must be an integer tensor"):
+        seqfuse.causal_linear_attention(q, k, v, prefix_lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="prefix_lengths must lie in \\[0, T_n\\]"):
+        seqfuse.causal_linear_attention(q, k, v, prefix_lengths=torch.tensor([1, 7]))
+    with pytest.raises(ValueError, match="prefix_lengths must lie in \\[0, T_n\\]"):
+        seqfuse.causal_linear_attention(q, k, v, prefix_lengths=torch.tensor([-1, 2]))
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "favor"])
+def test_module_packed_and_prefix(feature_map):
+    # The module passes cu_seqlens and prefix_lengths through: packed equals one forward
+    # per sequence; a prefix mask equals the functional op on the module's projections.
+    torch.manual_seed(0)
+    layer = CausalLinearAttention(12, 3, feature_map).double()
+    lengths = [5, 0, 9, 2]
+    cu = packed_offsets(lengths, "cpu")
+    x = torch.randn(1, sum(lengths), 12, dtype=torch.float64)
+    y, (S, z) = layer(x, return_state=True, cu_seqlens=cu)
+    bounds = cu.tolist()
+    parts = [layer(x[:, s:e], return_state=True) for s, e in zip(bounds, bounds[1:])]
+    assert_close(y, torch.cat([p[0] for p in parts], 1))
+    assert_close(S, torch.cat([p[1][0] for p in parts]))
+    P = torch.tensor([3, 0, 9, 1])
+    y_prefix = layer(x, cu_seqlens=cu, prefix_lengths=P)
+    for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        want = layer(x[:, s:e], prefix_lengths=P[n:n + 1])
+        assert_close(y_prefix[:, s:e], want)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert_close(compiled(x, cu_seqlens=cu, prefix_lengths=P), y_prefix)

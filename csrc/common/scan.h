@@ -61,10 +61,12 @@ struct ScanGeometry {
 // carry-in. A stretch in which a packed sequence starts ignores its carry-in (`cut`,
 // A unused): nothing before the boundary reaches it, not even an inf or NaN as 0 * inf.
 // `then` composes: first *this, then `next`.
+// (No default member initialisers: Affine lives in __shared__ arrays. Brace
+// initialisation without `cut` leaves it false.)
 template <typename acc_t>
 struct Affine {
   acc_t A, B;
-  bool cut = false;
+  bool cut;
   SEQFUSE_HD static Affine identity() { return {acc_t(1), acc_t(0)}; }
   SEQFUSE_HD Affine then(const Affine& next) const {
     return next.cut ? next : Affine{next.A * A, next.A * B + next.B, cut};

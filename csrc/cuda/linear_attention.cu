@@ -20,7 +20,11 @@
 // phi'(q), phi'(k).
 //
 // A block owns one (batch, head) and a tile of kCols columns of c, and keeps its
-// [Da, kCols (+1)] slice of X in shared memory for the whole sequence. The forward pass
+// [Da, kCols (+1)] slice of X in shared memory for the whole sequence. With packed
+// sequences (cu_seqlens) a block owns one (sequence, head) instead and walks that
+// sequence's stretch of the row, its state X its own: the offsets are read on the
+// device, validated by a small kernel first, and invalid ones make every output NaN
+// (seqlens.cuh). The forward pass
 // also carries c's ones column (the normaliser z) in every block, so each block can
 // normalise its own columns. A T = 1 forward (decoding with a carried state) takes a
 // separate kernel that streams the state through registers.
@@ -57,6 +61,7 @@
 
 #include "dtype.cuh"
 #include "linear_attention.h"
+#include "seqlens.cuh"
 
 namespace seqfuse::cuda {
 namespace {
@@ -175,9 +180,10 @@ struct Pass {
   bool normalize;
   acc_t eps;
 
-  // The time of step p0 + r.
-  __device__ __forceinline__ int64_t time_at(int64_t p0, int r) const {
-    return reverse ? geom.T - 1 - (p0 + r) : p0 + r;
+  // The time of step p0 + r of a sequence.
+  __device__ __forceinline__ int64_t time_at(const LinearAttentionGeometry::Span& sp,
+                                             int64_t p0, int r) const {
+    return sp.start + (reverse ? sp.length - 1 - (p0 + r) : p0 + r);
   }
   // Column j of the tile starting at c0: c0 + j, or the ones column for j == kCols;
   // -1 where there is none.
@@ -309,10 +315,13 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
   const int ldh = int(L.ldh), ldph = int(L.ldph);
   constexpr int ldf = Smem::ldf, ldch = Smem::ldch;
 
-  // 32-bit index arithmetic: launches have fewer than 2^31 blocks.
+  // 32-bit index arithmetic: launches have fewer than 2^31 blocks. bh: the state's
+  // (sequence, head); bi: the tensors' row.
   const unsigned bh32 = blockIdx.x / tiles, heads = unsigned(g.H);
   const int64_t bh = bh32, c0 = int64_t(blockIdx.x % tiles) * kCols;
-  const int64_t bi = bh32 / heads, h = bh32 % heads;
+  const int64_t h = bh32 % heads;
+  const LinearAttentionGeometry::Span sp = g.span(bh32 / heads);
+  const int64_t bi = sp.row;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const acc_t gamma = head_decay(ps.decay, h);
   const acc_t kappa = ps.off == 0 ? ps.kappa * gamma : ps.kappa;
@@ -327,23 +336,24 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
     X[idx] = x0 ? *x0 : acc_t(0);
   }
 
-  for (int64_t p0 = 0; p0 < g.T; p0 += kChunk) {
-    const int n = g.T - p0 < kChunk ? int(g.T - p0) : kChunk;
+  for (int64_t p0 = 0; p0 < sp.length; p0 += kChunk) {
+    const int n = sp.length - p0 < kChunk ? int(sp.length - p0) : kChunk;
     __syncthreads();  // the previous chunk is done with A, B, C
     if (kTensor && tid == 0) *first_bad = kChunk;
 
     for (int idx = tid; idx < kChunk * Da; idx += kThreads) {
       const int r = idx / Da, i = idx % Da;
       const bool live = r < n;
-      const int64_t t = ps.time_at(p0, r);
+      const int64_t t = ps.time_at(sp, p0, r);
       A[r * L.lda + i] = live ? ps.a.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
       Bs[r * L.lda + i] = live ? ps.b.load(g, ps.feature_map, bi, h, t, i) : acc_t(0);
     }
     for (int idx = tid; idx < kChunk * ldc; idx += kThreads) {
       const int r = idx / ldc;
       const int64_t col = ps.column(c0, idx % ldc);
-      C[idx] = r < n && col >= 0 ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(p0, r), col)
-                                 : acc_t(0);
+      C[idx] = r < n && col >= 0
+                   ? ps.c.load(g, ps.feature_map, bi, h, ps.time_at(sp, p0, r), col)
+                   : acc_t(0);
     }
     __syncthreads();
 
@@ -498,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
     for (int i = 0; i < kRows; ++i) {
       const int r = warp + kWarps * i;
       if (r >= n || col >= ps.out_cols) continue;
-      const int64_t t = ps.time_at(p0, r);
+      const int64_t t = ps.time_at(sp, p0, r);
       const int64_t o = ((bi * g.T + t) * g.H + h) * ps.out_cols + col;
       acc_t y = val[i];
       if (ps.epilogue == Epilogue::Normalize) {
@@ -509,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunk_kernel(Pass<scalar_t> ps, u
       ps.out[o] = from_acc<scalar_t>(y);
     }
     if (ps.epilogue == Epilogue::Normalize && c0 == 0 && tid < n) {
-      ps.den[bh * g.T + ps.time_at(p0, tid)] = den[tid];
+      ps.den[(bi * g.H + h) * g.T + ps.time_at(sp, p0, tid)] = den[tid];
     }
     __syncthreads();  // every product has read X
 
@@ -656,7 +666,7 @@ template <typename scalar_t, int kDa>
 cudaError_t launch_pass_with(const Pass<scalar_t>& ps, cudaStream_t stream) {
   using acc_t = acc_of<scalar_t>;
   const int64_t tiles = (ps.Dc + kCols - 1) / kCols;
-  const int64_t blocks = ps.geom.B * ps.geom.H * tiles;
+  const int64_t blocks = ps.geom.sequences() * ps.geom.H * tiles;
   if (blocks == 0) return cudaSuccess;
   if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
   const size_t bytes = size_t(
@@ -681,11 +691,48 @@ cudaError_t launch_pass(const Pass<scalar_t>& ps, cudaStream_t stream) {
   }
 }
 
+// Packed sequences with invalid offsets: NaN into each output, every element (the
+// kernels walk the stretches the offsets describe, which need not cover the row).
+struct Output {
+  void* data;
+  int64_t numel;
+  bool acc;  // in the accumulation type (else the element type)
+};
+
+template <typename T>
+T quiet_nan() {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(NAN);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(NAN);
+  } else {
+    return T(NAN);
+  }
+}
+
+template <typename scalar_t>
+cudaError_t poison_if_invalid(const LinearAttentionArgs& args,
+                              std::initializer_list<Output> outputs, cudaStream_t stream) {
+  using acc_t = acc_of<scalar_t>;
+  for (const Output& out : outputs) {
+    const cudaError_t err =
+        out.acc ? fill_if_invalid(static_cast<acc_t*>(out.data), out.numel, quiet_nan<acc_t>(),
+                                  args.invalid, stream)
+                : fill_if_invalid(static_cast<scalar_t*>(out.data), out.numel,
+                                  quiet_nan<scalar_t>(), args.invalid, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <typename scalar_t>
 cudaError_t forward(const LinearAttentionArgs& args, cudaStream_t stream) {
   using acc_t = acc_of<scalar_t>;
   const LinearAttentionGeometry& g = args.geom;
-  if (g.T == 1) {
+  if (g.cu_seqlens) {
+    const cudaError_t err = validate_offsets(g.cu_seqlens, g.N, g.T, args.invalid, stream);
+    if (err != cudaSuccess) return err;
+  } else if (g.T == 1) {
     const int64_t tiles = (g.Dv + kCols - 1) / kCols, blocks = g.B * g.H * tiles;
     if (blocks == 0) return cudaSuccess;
     if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
@@ -706,13 +753,23 @@ cudaError_t forward(const LinearAttentionArgs& args, cudaStream_t stream) {
   ps.out_cols = g.Dv;
   ps.out = static_cast<scalar_t*>(args.o);
   ps.den = static_cast<acc_t*>(args.den);
-  return launch_pass(ps, stream);
+  const cudaError_t err = launch_pass(ps, stream);
+  if (err != cudaSuccess || !g.cu_seqlens) return err;
+  const int64_t S = g.sequences() * g.H;
+  return poison_if_invalid<scalar_t>(args, {{args.o, g.B * g.T * g.H * g.Dv, false},
+                                  {args.den, g.B * g.H * g.T, true},
+                                  {args.S_out, S * g.Dk * g.Dv, true},
+                                  {args.z_out, S * g.Dk, true}}, stream);
 }
 
 template <typename scalar_t>
 cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
   using acc_t = acc_of<scalar_t>;
   const LinearAttentionGeometry& g = args.geom;
+  if (g.cu_seqlens) {
+    const cudaError_t err = validate_offsets(g.cu_seqlens, g.N, g.T, args.invalid, stream);
+    if (err != cudaSuccess) return err;
+  }
   const int64_t rows = g.B * g.T * g.H;
   if (rows > 0) {
     const int64_t blocks = (rows + kWarps - 1) / kWarps;
@@ -771,7 +828,13 @@ cudaError_t backward(const LinearAttentionArgs& args, cudaStream_t stream) {
     const cudaError_t err = launch_pass(*ps, stream);
     if (err != cudaSuccess) return err;
   }
-  return cudaSuccess;
+  if (!g.cu_seqlens) return cudaSuccess;
+  const int64_t S = g.sequences() * g.H;
+  return poison_if_invalid<scalar_t>(args, {{args.dq, g.B * g.T * g.H * g.Dk, false},
+                                  {args.dk, g.B * g.T * g.H * g.Dk, false},
+                                  {args.dv, g.B * g.T * g.H * g.Dv, false},
+                                  {args.grad_S_in, S * g.Dk * g.Dv, true},
+                                  {args.grad_z_in, S * g.Dk, true}}, stream);
 }
 
 }  // namespace

@@ -15,7 +15,10 @@ namespace seqfuse::cuda {
 // (acc [B, H, Dk, Dv]) and z (acc [B, H, Dk]), each read or written in place by the
 // kernels (no joined copy per call); the kernels treat them as one S' = [S, z].
 // decay is not range-checked on the host (that would synchronise every call): a
-// factor outside (0, 1] makes the kernels produce NaN for that head.
+// factor outside (0, 1] makes the kernels produce NaN for that head. With packed
+// sequences (geom.cu_seqlens, device memory) states are per (sequence, head), [N, H,
+// ...], and `invalid` points to a zeroed int: the offsets are validated on the device
+// first (seqlens.cuh) and invalid ones make every output NaN.
 struct LinearAttentionArgs {
   LinearAttentionGeometry geom;
   FeatureMap feature_map;
@@ -27,6 +30,7 @@ struct LinearAttentionArgs {
   const void* v;      // [B, T, H, Dv]
   const void* S_in;  // acc S_0, or null for zeros
   const void* z_in;  // acc z_0, or null for zeros
+  int* invalid;      // packed sequences: a zeroed int (see above); else null
 
   // forward
   void* o;          // [B, T, H, Dv]

@@ -3,9 +3,10 @@
 // themselves, so a call never waits for the host to see them.
 //
 // The host cannot check the values without a synchronisation, so validate_offsets runs
-// on the device first and raises a flag that the kernels read: with invalid offsets
-// (not 0 first, decreasing, not T last) they write NaN instead of a result. Whatever
-// the values, every index the helpers below return stays in bounds.
+// on the device first and raises a flag that the kernels read (or fill_if_invalid, after
+// them): with invalid offsets (not 0 first, decreasing, not T last) every output is NaN
+// instead of a result. Whatever the values, every index the helpers below return stays
+// in bounds.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,15 @@ __global__ void validate_offsets_kernel(const int64_t* cu, int64_t N, int64_t T,
   if (bad) atomicOr(invalid, 1);
 }
 
+template <typename T>
+__global__ void fill_if_invalid_kernel(T* data, int64_t n, T value, const int* invalid) {
+  if (*invalid == 0) return;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    data[i] = value;
+  }
+}
+
 }  // namespace
 
 // *invalid must be zero before; it is 1 after the kernel iff the offsets are invalid.
@@ -33,6 +43,21 @@ inline cudaError_t validate_offsets(const int64_t* cu, int64_t N, int64_t T, int
   if (blocks >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
   SEQFUSE_LAUNCH(unsigned(blocks), kThreads, 0, stream, validate_offsets_kernel)(cu, N, T,
                                                                                  invalid);
+  return cudaGetLastError();
+}
+
+// After the kernels: n elements of `data` set to `value` if *invalid (a kernel that
+// only walks the stretches the offsets describe leaves the rest of its outputs
+// unwritten when they are invalid). When they are valid its blocks return at once.
+template <typename T>
+cudaError_t fill_if_invalid(T* data, int64_t n, T value, const int* invalid,
+                            cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  if (n == 0) return cudaSuccess;
+  const int64_t needed = (n + kThreads - 1) / kThreads;
+  const int64_t blocks = needed < 1024 ? needed : 1024;
+  SEQFUSE_LAUNCH(unsigned(blocks), kThreads, 0, stream, fill_if_invalid_kernel<T>)(data, n, value,
+                                                                                  invalid);
   return cudaGetLastError();
 }
 

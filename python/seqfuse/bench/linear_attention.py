@@ -9,6 +9,12 @@ intra-chunk products, the read of the state and its update), forward+backward th
 times that. Bytes are q, k, v read and o written once (twice that for fwd+bwd). The
 recurrent reference is timed forward only (its backward is T steps of autograd), and
 skipped above T = 1024 on CPU; the quadratic one where its [B, H, T, T] scores pass 2 GiB.
+
+Packed sequences: 64 sequences with lengths drawn uniformly from [1, 2048] (a fixed
+seed), H = 8, D = 64, float32, elu1, normalised, forward and forward+backward: one call
+with cu_seqlens against a Python loop of one call per sequence and against padding
+every sequence to the longest (a [64, T_max, H, D] call whose padded steps are masked
+out of the result).
 """
 
 from __future__ import annotations
@@ -133,7 +139,56 @@ def run(device: str, quick: bool):
             row["%bw"] = 100 * moved / (row["seqfuse_ms"] / 1e3) / bandwidth
             rows.append(row)
     rows += _decode_rows(device, quick)
+    packed = _packed_rows(device, quick)
+    rows += packed
     limits = {"memory_bandwidth_GB/s": bandwidth / 1e9,
               **{f"matmul_{str(d)[6:]}_GFLOP/s": r / 1e9 for d, r in rates.items()},
               "threads": torch.get_num_threads()}
-    return limits, rows, format_table(rows, COLUMNS)
+    return limits, rows, format_table(rows[:-len(packed)], COLUMNS) + "\n\n" + format_table(
+        packed, PACKED_COLUMNS)
+
+
+PACKED_COLUMNS = ["case", "dtype", "pass", "packed_ms", "per_sequence_ms", "padded_ms",
+                  "x_per_sequence", "x_padded"]
+
+
+def _packed_rows(device: str, quick: bool):
+    """One packed call against a loop of per-sequence calls and against padding."""
+    N, H, D, longest = (6, 2, 16, 100) if quick else (64, 8, 64, 2048)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, longest + 1, (N,), generator=gen)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)
+    T, T_max = int(lengths.sum()), int(lengths.max())
+    q, k, v = (torch.randn(1, T, H, D, device=device) for _ in range(3))
+    bounds = cu.tolist()
+    mask = torch.arange(T_max, device=device)[None, :] < lengths.to(device)[:, None]
+    padded = []
+    for x in (q, k, v):
+        p = x.new_zeros(N, T_max, H, D)
+        p[mask] = x[0]
+        padded.append(p)
+    kw = dict(feature_map="elu1", normalize=True)
+
+    def packed_call(q, k, v):
+        return seqfuse.causal_linear_attention(q, k, v, cu_seqlens=cu, **kw)
+
+    def per_sequence_call(q, k, v):
+        return torch.cat([seqfuse.causal_linear_attention(q[:, s:e], k[:, s:e], v[:, s:e], **kw)
+                          for s, e in zip(bounds, bounds[1:])], dim=1)
+
+    def padded_call(q, k, v):
+        return seqfuse.causal_linear_attention(q, k, v, **kw)[mask]
+
+    rows = Rows()
+    for backward in (False, True):
+        row = {"case": f"{N} seqs, lengths 1..{longest}, T={T}, H={H}, D={D}", "dtype": "float32",
+               "pass": "fwd+bwd" if backward else "fwd"}
+        for col, fn, data in (("packed_ms", packed_call, (q, k, v)),
+                              ("per_sequence_ms", per_sequence_call, (q, k, v)),
+                              ("padded_ms", padded_call, padded)):
+            leaves = [x.detach().requires_grad_(backward) for x in data]
+            row[col] = 1e3 * _timed(fn, leaves, backward, device)
+        row["x_per_sequence"] = row["per_sequence_ms"] / row["packed_ms"]
+        row["x_padded"] = row["padded_ms"] / row["packed_ms"]
+        rows.append(row)
+    return rows

@@ -46,10 +46,14 @@ class CausalLinearAttention(nn.Module):
         decay: None, one gamma for every head, or H values in (0, 1] (RetNet style).
         bias: biases in the projections.
 
-    ``forward(x [B, T, d_model], state=None, return_state=False)`` returns ``y`` (and the
-    final state ``(S [B, H, Dk, D], z [B, H, Dk])`` with return_state); ``step(x_t [B,
-    d_model], state)`` decodes one token and returns ``(y_t, state)``, equal to the
-    matching row of the full forward.
+    ``forward(x [B, T, d_model], state=None, return_state=False, *, cu_seqlens=None,
+    prefix_lengths=None)`` returns ``y`` (and the final state ``(S [B, H, Dk, D], z [B, H,
+    Dk])`` with return_state); ``step(x_t [B, d_model], state)`` decodes one token and
+    returns ``(y_t, state)``, equal to the matching row of the full forward. With
+    ``cu_seqlens`` (packed sequences, ``x`` [1, T, d_model]) the states are per sequence,
+    ``[N, ...]``; ``prefix_lengths`` ([B], or [N] with cu_seqlens) makes the first P
+    positions of each sequence a bidirectional prefix (UniLM), the rest causal; see
+    ``seqfuse.causal_linear_attention``.
     """
 
     def __init__(self, d_model: int, n_heads: int, feature_map: str = "elu1", *,
@@ -101,7 +105,8 @@ class CausalLinearAttention(nn.Module):
         return torch.exp(proj - 0.5 * (x * x).sum(-1, keepdim=True)) * self.n_features ** -0.5
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_state: bool = False):
+                return_state: bool = False, *, cu_seqlens: torch.Tensor | None = None,
+                prefix_lengths: torch.Tensor | None = None):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"CausalLinearAttention: x must be [B, T, {self.d_model}], "
                              f"got {tuple(x.shape)}")
@@ -113,7 +118,8 @@ class CausalLinearAttention(nn.Module):
             q, k, fmap, scale = self._favor(q), self._favor(k), "identity", 1.0
         o, new_state = causal_linear_attention(
             q, k, v, feature_map=fmap, normalize=self.normalize, decay=self.decay, scale=scale,
-            initial_state=state, return_state=True, eps=self.eps)
+            initial_state=state, return_state=True, eps=self.eps, cu_seqlens=cu_seqlens,
+            prefix_lengths=prefix_lengths)
         y = self.o_proj(o.reshape(B, T, self.d_model))
         return (y, new_state) if return_state else y
 

@@ -6,7 +6,9 @@
 ``causal_linear_attention`` (the recurrence) is the reference; the quadratic masked form
 is kept beside it. Both take the arguments of ``seqfuse.causal_linear_attention`` and
 compute in float32 for half inputs (float64 for float64), returning outputs in the input
-dtype.
+dtype. Packed sequences (``cu_seqlens``) run one sequence at a time; the prefix-LM mask
+(``prefix_lengths``): positions ``i < P`` read the state after the whole prefix,
+``S_P = S_0 + sum_{j<P} phi(k_j) v_j^T``, the rest runs on causally from there.
 """
 
 from __future__ import annotations
@@ -43,34 +45,90 @@ def _prepare(q, k, v, fmap, decay, scale, initial_state):
     return qf, kf, vv, gamma, S0, z0, scale
 
 
+def _per_sequence(fn, q, k, v, kw, cu_seqlens, prefix_lengths):
+    """Calls fn once per packed sequence (or, for a prefix mask, per batch row) and joins
+    the outputs along time (batch) and the states along their first dim."""
+    initial_state = kw.pop("initial_state")
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        if q.shape[0] != 1 or bounds[0] != 0 or bounds[-1] != q.shape[1] or any(
+                y < x for x, y in zip(bounds, bounds[1:])):
+            raise ValueError("cu_seqlens must be offsets 0, ..., T of packed sequences in [1, T, ...]")
+        pieces = [(slice(None), slice(s, e)) for s, e in zip(bounds, bounds[1:])]
+        join = 1
+    else:
+        pieces = [(slice(b, b + 1), slice(None)) for b in range(q.shape[0])]
+        join = 0
+    outs, states = [], []
+    for n, (rows, steps) in enumerate(pieces):
+        state = None if initial_state is None else tuple(s[n:n + 1] for s in initial_state)
+        P = None if prefix_lengths is None else prefix_lengths[n:n + 1]
+        o, st = fn(q[rows, steps], k[rows, steps], v[rows, steps], initial_state=state,
+                   prefix_lengths=P, return_state=True, **kw)
+        outs.append(o)
+        states.append(st)
+    if not outs:  # no sequences at all
+        H, Dk, Dv = q.shape[2], q.shape[3], v.shape[3]
+        return v[:, :0] if join else v[:0], (v.new_zeros(0, H, Dk, Dv), v.new_zeros(0, H, Dk))
+    return torch.cat(outs, join), tuple(torch.cat(parts) for parts in zip(*states))
+
+
 def causal_linear_attention(q, k, v, *, feature_map="identity", normalize=True, decay=None,
-                            scale=None, initial_state=None, return_state=False, eps=1e-6):
-    """The reference: the recurrence, one step at a time. Step i reads only steps <= i,
-    so a NaN or an infinity at step t changes no output before t (docs/README.md)."""
+                            scale=None, initial_state=None, return_state=False, eps=1e-6,
+                            cu_seqlens=None, prefix_lengths=None):
+    """The reference: the recurrence, one step at a time. Step i reads only steps <= i
+    (steps < P too, for a prefix position i < P), so a NaN or an infinity at step t
+    changes no output before t outside a prefix (docs/linear_attention.md)."""
+    if cu_seqlens is not None or (prefix_lengths is not None and q.shape[0] != 1):
+        kw = dict(feature_map=feature_map, normalize=normalize, decay=decay, scale=scale,
+                  initial_state=initial_state, eps=eps)
+        out, state = _per_sequence(causal_linear_attention, q, k, v, kw, cu_seqlens,
+                                   prefix_lengths)
+        return (out, state) if return_state else out
+    P = 0 if prefix_lengths is None else int(prefix_lengths[0])
+    if P and decay is not None:
+        raise ValueError("prefix_lengths with decay is not defined")
     qf, kf, vv, gamma, S, z, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
     g = gamma[:, None]
-    outs = []
-    for i in range(q.shape[1]):
-        S = g[..., None] * S + kf[:, :, i, :, None] * vv[:, :, i, None, :]
-        z = g * z + kf[:, :, i]
+
+    def update(S, z, i):
+        return (g[..., None] * S + kf[:, :, i, :, None] * vv[:, :, i, None, :],
+                g * z + kf[:, :, i])
+
+    def read(S, z, i):
         o = scale * (qf[:, :, i, None, :] @ S)[:, :, 0]
         if normalize:
             o = o / (scale * (qf[:, :, i] * z).sum(-1, keepdim=True) + eps)
-        outs.append(o)
+        return o
+
+    for i in range(P):  # the prefix's state first: its positions all read it
+        S, z = update(S, z, i)
+    outs = [read(S, z, i) for i in range(P)]
+    for i in range(P, q.shape[1]):
+        S, z = update(S, z, i)
+        outs.append(read(S, z, i))
     out = (torch.stack(outs, dim=2) if outs else vv).transpose(1, 2).to(q.dtype)
     return (out, (S, z)) if return_state else out
 
 
 def causal_linear_attention_quadratic(q, k, v, *, feature_map="identity", normalize=True,
                                       decay=None, scale=None, initial_state=None,
-                                      return_state=False, eps=1e-6):
+                                      return_state=False, eps=1e-6, cu_seqlens=None,
+                                      prefix_lengths=None):
     """The quadratic masked form: ``o = scale ((phi(Q) phi(K)^T . M) V + gamma^(i+1) phi(Q) S0)``
-    with ``M_ij = gamma^(i-j)`` for ``j <= i``, divided by the same with ``V -> 1``.
+    with ``M_ij = gamma^(i-j)`` for ``j <= i``, divided by the same with ``V -> 1``. With
+    ``prefix_lengths`` (no decay), the UniLM mask ``M_ij = 1`` for ``j < P or j <= i``.
 
     The maths of the chunked kernels and a benchmark baseline, not the reference: its
     matrix products multiply the mask's zeros by every score and value, so a NaN or an
     infinity in k or v at step t turns outputs before t NaN too (0 * NaN = NaN). Equal to
     ``causal_linear_attention`` for finite inputs."""
+    if cu_seqlens is not None:
+        kw = dict(feature_map=feature_map, normalize=normalize, decay=decay, scale=scale,
+                  initial_state=initial_state, eps=eps)
+        out, state = _per_sequence(causal_linear_attention_quadratic, q, k, v, kw, cu_seqlens,
+                                   prefix_lengths)
+        return (out, state) if return_state else out
     qf, kf, vv, gamma, S0, z0, scale = _prepare(q, k, v, feature_map, decay, scale, initial_state)
     T = q.shape[1]
     t = torch.arange(T, device=q.device)
@@ -78,6 +136,12 @@ def causal_linear_attention_quadratic(q, k, v, *, feature_map="identity", normal
     g = gamma[:, None, None]
     mask = torch.where(lag >= 0, g ** lag.clamp(min=0), torch.zeros_like(lag))  # [H, T, T]
     carry = g[..., 0] ** (t + 1).to(qf.dtype)                           # gamma^(i+1), [H, T]
+    if prefix_lengths is not None:
+        if decay is not None:
+            raise ValueError("prefix_lengths with decay is not defined")
+        P = prefix_lengths.to(q.device)[:, None, None, None]           # [B, 1, 1, 1]
+        unilm = (t[None, :] < P) | (t[None, :] <= t[:, None])            # M_ij: j < P or j <= i
+        mask = unilm.to(qf.dtype)                                       # [B, 1, T, T]
     scores = (qf @ kf.transpose(-1, -2)) * mask
     num = scores @ vv + carry[..., None] * (qf @ S0)
     out = scale * num
