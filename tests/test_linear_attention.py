@@ -691,7 +691,7 @@ def test_elu1_feature_map_float32_is_exact_to_two_ulp():
 # Empty sequences, single steps, primes, chunk sizes +- 1 (CUDA chunks are 32 steps in
 # float, 16 in double; CPU chunks up to 128), one longer than all others together.
 PACKED = {"mixed": [0, 1, 17, 31, 33, 0, 2, 129], "one long": [3, 200, 0, 5],
-          "100 of length 1": [1] * 100}
+          "1000 of length 1": [1] * 1000}
 
 
 def packed_offsets(lengths, device, dtype=torch.int64):
@@ -808,6 +808,13 @@ def test_bad_cu_seqlens(match, cu):
     q, k, v = make_inputs(1, 10, 2, 4, 3, dtype=torch.float32)
     with pytest.raises((RuntimeError, ValueError), match=match):
         seqfuse.causal_linear_attention(q, k, v, cu_seqlens=cu)
+
+
+@pytest.mark.cuda
+def test_cu_seqlens_on_another_device():
+    q, k, v = make_inputs(1, 10, 2, 4, 3, dtype=torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match="cu_seqlens is on cpu"):
+        seqfuse.causal_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 10]))
 
 
 def test_packed_needs_one_row_and_states_per_sequence():

@@ -437,6 +437,13 @@ def test_bad_cu_seqlens_raise_clear_errors(match, make_offsets):
         seqfuse.linear_scan(a, b, cu_seqlens=make_offsets(10))
 
 
+@pytest.mark.cuda
+def test_cu_seqlens_on_another_device():
+    with pytest.raises(RuntimeError, match="cu_seqlens is on cpu"):
+        seqfuse.linear_scan(torch.rand(5, device="cuda"), torch.randn(1, 10, 5, device="cuda"),
+                            cu_seqlens=torch.tensor([0, 4, 10]))
+
+
 def test_packed_needs_one_row_and_h0_per_sequence():
     cu = offsets([4, 6], "cpu")
     with pytest.raises(ValueError, match="with cu_seqlens, b must hold the packed sequences"):
