@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -45,22 +46,23 @@ namespace {
 // read, which the micro-kernel wants at least a few dozen deep.
 int64_t chunk_length(int64_t Dk, int64_t Dv) {
   const int64_t d = std::max(Dk, Dv);
-  return d <= 32 ? 32 : 64;
+  return d <= 64 ? 16 : 64;
 }
 
-// The AVX2+FMA kernels when the processor has both, unless SEQFUSE_CPU_ISA=sse2 asks for
-// the baseline ones (read once; it lets the tests run those on any machine).
+// The AVX2+FMA kernels when they are built and the processor has both, unless
+// SEQFUSE_CPU_ISA=baseline asks for the baseline ones (read once: it lets the tests run
+// those on any machine).
 bool use_avx2() {
+#ifdef SEQFUSE_CHUNKS_AVX2
   static const bool yes = [] {
     const char* forced = std::getenv("SEQFUSE_CPU_ISA");
-    if (forced && std::strcmp(forced, "sse2") == 0) return false;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (forced && std::strcmp(forced, "baseline") == 0) return false;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
   }();
   return yes;
+#else
+  return false;
+#endif
 }
 
 // How the steps of every head are cut. Segments: what the work items of the main pass
@@ -172,21 +174,29 @@ class Runner {
  private:
   void forward_item(int64_t bh, int64_t t0, int64_t t1, acc_t* S, acc_t* z, bool outputs,
                     acc_t* tiles) const {
-    if (use_avx2()) chunked_forward_avx2(p_, bh, t0, t1, S, z, outputs, tiles);
-    else chunked_forward_sse2(p_, bh, t0, t1, S, z, outputs, tiles);
+#ifdef SEQFUSE_CHUNKS_AVX2
+    if (use_avx2()) return chunked_forward_avx2(p_, bh, t0, t1, S, z, outputs, tiles);
+#endif
+    chunked_forward_baseline(p_, bh, t0, t1, S, z, outputs, tiles);
   }
   void backward_item(int64_t bh, int64_t t0, int64_t t1, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
                      bool grads, acc_t* tiles) const {
-    if (use_avx2()) chunked_backward_avx2(p_, bh, t0, t1, S, z, W, Wz, grads, tiles);
-    else chunked_backward_sse2(p_, bh, t0, t1, S, z, W, Wz, grads, tiles);
+#ifdef SEQFUSE_CHUNKS_AVX2
+    if (use_avx2()) return chunked_backward_avx2(p_, bh, t0, t1, S, z, W, Wz, grads, tiles);
+#endif
+    chunked_backward_baseline(p_, bh, t0, t1, S, z, W, Wz, grads, tiles);
   }
 
-  // item(bh, j, scratch) for every head bh and j < per_head, in parallel.
+  // item(bh, j, scratch) for every head bh and j < per_head, in parallel. Threads take
+  // the next item as they finish one rather than a fixed share, so that a thread slowed
+  // by other work on the machine does not leave the others waiting at the end.
   template <typename Item>
   void run_items(int64_t per_head, const Item& item) const {
-    at::parallel_for(0, BH_ * per_head, 1, [&](int64_t begin, int64_t end) {
+    const int64_t total = BH_ * per_head;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       ItemScratch<acc_t> scratch(p_.chunk, g_.Dk, g_.Dv);
-      for (int64_t i = begin; i < end; ++i) item(i / per_head, i % per_head, scratch);
+      for (int64_t i = next++; i < total; i = next++) item(i / per_head, i % per_head, scratch);
     });
   }
 

@@ -3,6 +3,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -12,6 +14,7 @@
 #include "linear_attention_chunks.h"
 #include "vec_math.h"
 
+#ifdef SEQFUSE_CHUNKS_AVX2
 // Everything below is compiled for AVX2 and FMA; chunked_*_avx2 may only be called on a
 // processor that has both (linear_attention.cpp checks). The headers above, included
 // first, stay at the baseline: their inline functions may be shared with other files.
@@ -46,3 +49,4 @@ SEQFUSE_INSTANTIATE(c10::BFloat16, float)
 #undef SEQFUSE_INSTANTIATE
 
 }  // namespace seqfuse::cpu
+#endif  // SEQFUSE_CHUNKS_AVX2

@@ -69,8 +69,11 @@ class Chunks {
   }
 
   void forward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, bool outputs) {
+    prefetch_forward(t_begin, t_begin, t_end, outputs);
+    prefetch_forward(t_begin + C_, t_begin, t_end, outputs);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
       const int64_t n = std::min(C_, t_end - t0);
+      prefetch_forward(t0 + 2 * C_, t_begin, t_end, outputs);
       const Rows K = feature_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n, k_);
       transpose(K, n, Dk_, kt_, C_);
       const Rows V = value_rows(p_.v + g_.v_offset(b_, t0, h_), n, v_);
@@ -78,24 +81,37 @@ class Chunks {
       // S <- gamma^n S + phi(K)^T diag(gamma^(n-1-s)) V, z likewise.
       const Rows Vd = decay() ? scaled_rows(V, n, Dv_, /*into_state=*/true, vd_) : V;
       if (decay()) scale_by(S, Dk_ * Dv_, gpow_[n]), scale_by(z, Dk_, gpow_[n]);
-      for (int64_t d = 0; d < Dk_; ++d) z[d] += weighted_sum(kt_ + d * C_, n, true);
+      if (decay()) {
+        for (int64_t s = 0; s < n; ++s) part_[s] = gpow_[n - 1 - s];
+        for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_dot(kt_ + d * C_, part_, n);
+      } else {
+        for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_sum(kt_ + d * C_, n);
+      }
       tile_gemm(TileShape::Full, Dk_, Dv_, n, acc_t(1), kt_, C_, 1, Vd.p, Vd.ld, acc_t(1), S, Dv_);
     }
+    tile_stream_fence();
   }
 
   void backward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
                 bool grads) {
     if (grads) {
       transpose({S, Dv_}, Dk_, Dv_, st_, Dk_);  // S^T, [Dv, Dk]
+      prefetch_backward(t_begin, t_begin, t_end, true, true);
+      prefetch_backward(t_begin + C_, t_begin, t_end, true, true);
       for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
+        prefetch_backward(t0 + 2 * C_, t_begin, t_end, true, true);
         query_grads(t0, std::min(C_, t_end - t0), z);
       }
       transpose({W, Dv_}, Dk_, Dv_, wt_, Dk_);
     }
     const int64_t last = t_begin + (t_end - t_begin - 1) / C_ * C_;
+    prefetch_backward(last, t_begin, t_end, false, grads);
+    prefetch_backward(last - C_, t_begin, t_end, false, grads);
     for (int64_t t0 = last; t0 >= t_begin && t_end > t_begin; t0 -= C_) {
+      prefetch_backward(t0 - 2 * C_, t_begin, t_end, false, grads);
       key_value_grads(t0, std::min(C_, t_end - t0), W, Wz, grads);
     }
+    tile_stream_fence();
   }
 
  private:
@@ -106,21 +122,9 @@ class Chunks {
   };
 
   bool decay() const { return p_.decay != nullptr; }
-  static constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
 
   static void scale_by(acc_t* x, int64_t n, acc_t f) {
     for (int64_t i = 0; i < n; ++i) x[i] *= f;
-  }
-
-  // sum_s w_s x[s] over s < n with w_s = gamma^(n-1-s) (into_state) or 1 without decay.
-  acc_t weighted_sum(const acc_t* x, int64_t n, bool into_state) const {
-    acc_t sum = 0;
-    if (!decay()) {
-      for (int64_t s = 0; s < n; ++s) sum += x[s];
-    } else {
-      for (int64_t s = 0; s < n; ++s) sum += gpow_[into_state ? n - 1 - s : s + 1] * x[s];
-    }
-    return sum;
   }
 
   // phi of D values of one row, converted to acc_t.
@@ -137,27 +141,67 @@ class Chunks {
     }
   }
 
-  // phi of n rows of q or k starting at x: in place when they are already acc_t rows
-  // and phi is the identity, else gathered into tile ([n, D]).
-  Rows feature_rows(const scalar_t* x, int64_t D, int64_t n, acc_t* tile) const {
-    if constexpr (kSameType && F == FeatureMap::Identity) {
-      return {reinterpret_cast<const acc_t*>(x), g_.H * D};
-    } else {
-      for (int64_t r = 0; r < n; ++r) feature_row(x + r * g_.H * D, D, tile + r * D);
-      return {tile, D};
+  // Asks for the cache lines of n rows of D values from x (rows H * D apart) ahead of
+  // their use. Issued one chunk ahead: the rows are first touched there, and strided
+  // rows get little from the hardware prefetchers, so without this the gathers wait on
+  // memory where the products of the chunk before could have covered the wait.
+  template <typename T>
+  void prefetch_rows(const T* x, int64_t D, int64_t n) const {
+    const char* row = reinterpret_cast<const char*>(x);
+    const int64_t bytes = D * int64_t(sizeof(T)), stride = g_.H * bytes;
+    for (int64_t r = 0; r < n; ++r, row += stride) {
+      for (int64_t b = 0; b < bytes; b += 64) tile_prefetch(row + b);
+      tile_prefetch(row + bytes - 1);
     }
   }
 
-  // n rows of v (or grad_o) as acc_t rows.
+  // Prefetches the rows of the chunk at t0 (if in [t_begin, t_end)) for the forward.
+  void prefetch_forward(int64_t t0, int64_t t_begin, int64_t t_end, bool outputs) const {
+    if (t0 < t_begin || t0 >= t_end) return;
+    const int64_t n = std::min(C_, t_end - t0);
+    prefetch_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n);
+    prefetch_rows(p_.v + g_.v_offset(b_, t0, h_), Dv_, n);
+    if (outputs) prefetch_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n);
+  }
+
+  // Prefetches the rows of the chunk at t0 for a sweep of the backward: the one in time
+  // (query) or the one back in time (keys, values).
+  void prefetch_backward(int64_t t0, int64_t t_begin, int64_t t_end, bool query, bool grads) const {
+    if (t0 < t_begin || t0 >= t_end) return;
+    const int64_t n = std::min(C_, t_end - t0);
+    prefetch_rows(p_.grad_o + g_.v_offset(b_, t0, h_), Dv_, n);
+    if (p_.normalize) prefetch_rows(p_.o_saved + g_.v_offset(b_, t0, h_), Dv_, n);
+    if (query || grads) prefetch_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n);
+    if (query || grads) prefetch_rows(p_.v + g_.v_offset(b_, t0, h_), Dv_, n);
+    if (!query || F != FeatureMap::Identity) prefetch_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n);
+  }
+
+  // phi of n rows of q or k starting at x, gathered into a contiguous [n, D] tile.
+  // Always a copy, even where the rows are acc_t already: read in place, rows H * D
+  // apart (a power of two, often) fall into a few L1 sets and evict each other while
+  // a product sweeps them.
+  Rows feature_rows(const scalar_t* x, int64_t D, int64_t n, acc_t* tile) const {
+    for (int64_t r = 0; r < n; ++r) feature_row(x + r * g_.H * D, D, tile + r * D);
+    return {tile, D};
+  }
+
+  // n rows of v (or grad_o) as a contiguous acc_t tile.
   Rows value_rows(const scalar_t* x, int64_t n, acc_t* tile) const {
-    if constexpr (kSameType) {
-      return {reinterpret_cast<const acc_t*>(x), g_.H * Dv_};
-    } else {
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t c = 0; c < Dv_; ++c) tile[r * Dv_ + c] = acc_t(x[r * g_.H * Dv_ + c]);
-      }
-      return {tile, Dv_};
+    for (int64_t r = 0; r < n; ++r) {
+      const scalar_t* row = x + r * g_.H * Dv_;
+      for (int64_t c = 0; c < Dv_; ++c) tile[r * Dv_ + c] = acc_t(row[c]);
     }
+    return {tile, Dv_};
+  }
+
+  // One row of an output: dst[c] = scalar_t(src[c]) for c < n, streamed past the caches
+  // where it is whole acc_t vectors (the outputs are written once and not read here;
+  // plain stores would first read every line from memory).
+  static void store_row(scalar_t* dst, const acc_t* src, int64_t n) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (tile_stream(dst, src, n)) return;
+    }
+    for (int64_t c = 0; c < n; ++c) dst[c] = scalar_t(src[c]);
   }
 
   // diag(gamma^(n-1-r)) X (into_state) or diag(gamma^(r+1)) X, into tile.
@@ -174,16 +218,9 @@ class Chunks {
     for (int64_t r = 0; r < n; ++r) scale_by(x + r * ld, cols, gpow_[into_state ? n - 1 - r : r + 1]);
   }
 
-  // dst [cols, ld_dst] = X^T for an [n, cols] X, in 8 x 8 blocks that stay in L1.
+  // dst [cols, ld_dst] = X^T for an [n, cols] X.
   static void transpose(Rows x, int64_t n, int64_t cols, acc_t* dst, int64_t ld_dst) {
-    for (int64_t r0 = 0; r0 < n; r0 += 8) {
-      for (int64_t c0 = 0; c0 < cols; c0 += 8) {
-        const int64_t r1 = std::min(n, r0 + 8), c1 = std::min(cols, c0 + 8);
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = x.p[r * x.ld + c];
-        }
-      }
-    }
+    tile_transpose(x.p, x.ld, n, cols, dst, ld_dst);
   }
 
   // The decay mask on the lower triangle of an [n, n] tile (ld C), after adding
@@ -202,19 +239,12 @@ class Chunks {
 
   void forward_outputs(int64_t t0, int64_t n, Rows K, Rows V, const acc_t* S, const acc_t* z) {
     const Rows Q = feature_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n, q_);
-    // The numerator goes straight into o where o is acc_t.
     acc_t* O = acc1_;
-    int64_t ldo = Dv_;
-    if constexpr (kSameType) O = reinterpret_cast<acc_t*>(p_.o + g_.v_offset(b_, t0, h_)), ldo = g_.H * Dv_;
+    const int64_t ldo = Dv_;
 
     // Carry-in: gamma^(r+1) phi(q_r)^T [S, z].
     tile_gemm(TileShape::Full, n, Dv_, Dk_, acc_t(1), Q.p, Q.ld, 1, S, Dv_, acc_t(0), O, ldo);
-    for (int64_t r = 0; r < n; ++r) {
-      const acc_t* qr = Q.p + r * Q.ld;
-      acc_t dot = 0;
-      for (int64_t d = 0; d < Dk_; ++d) dot += qr[d] * z[d];
-      part_[r] = dot;
-    }
+    for (int64_t r = 0; r < n; ++r) part_[r] = tile_dot(Q.p + r * Q.ld, z, Dk_);
     if (decay()) {
       scale_rows(O, ldo, n, Dv_, false);
       for (int64_t r = 0; r < n; ++r) part_[r] *= gpow_[r + 1];
@@ -222,12 +252,7 @@ class Chunks {
     // Inside the chunk: P = (phi(Q) phi(K)^T) . M, then P V and P's row sums.
     tile_gemm(TileShape::LowerC, n, n, Dk_, acc_t(1), Q.p, Q.ld, 1, kt_, C_, acc_t(0), p_tile_, C_);
     mask(p_tile_, n, nullptr);
-    for (int64_t r = 0; r < n; ++r) {
-      const acc_t* pr = p_tile_ + r * C_;
-      acc_t sum = 0;
-      for (int64_t s = 0; s <= r; ++s) sum += pr[s];
-      part_[r] += sum;
-    }
+    for (int64_t r = 0; r < n; ++r) part_[r] += tile_sum(p_tile_ + r * C_, r + 1);
     tile_gemm(TileShape::LowerA, n, Dv_, n, acc_t(1), p_tile_, C_, 1, V.p, V.ld, acc_t(1), O, ldo);
 
     const acc_t scale = p_.scale, eps = p_.eps;
@@ -237,12 +262,8 @@ class Chunks {
       den[r] = d;
       const acc_t f = p_.normalize ? scale / d : scale;
       acc_t* num = O + r * ldo;
-      if constexpr (kSameType) {
-        for (int64_t c = 0; c < Dv_; ++c) num[c] *= f;
-      } else {
-        scalar_t* out = p_.o + g_.v_offset(b_, t0 + r, h_);
-        for (int64_t c = 0; c < Dv_; ++c) out[c] = scalar_t(num[c] * f);
-      }
+      for (int64_t c = 0; c < Dv_; ++c) num[c] *= f;
+      store_row(p_.o + g_.v_offset(b_, t0 + r, h_), num, Dv_);
     }
   }
 
@@ -259,11 +280,15 @@ class Chunks {
       const scalar_t* gr = grad + r * g_.H * Dv_;
       const scalar_t* orow = o + r * g_.H * Dv_;
       const acc_t inv = acc_t(1) / den[r];
-      acc_t dot = 0;
-      for (int64_t c = 0; c < Dv_; ++c) {
-        g_rows_[r * Dv_ + c] = acc_t(gr[c]) * inv;
-        dot += acc_t(gr[c]) * acc_t(orow[c]);
+      acc_t* grow = g_rows_ + r * Dv_;
+      acc_t dot;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        dot = tile_dot(gr, orow, Dv_);
+      } else {
+        dot = 0;
+        for (int64_t c = 0; c < Dv_; ++c) dot += acc_t(gr[c]) * acc_t(orow[c]);
       }
+      for (int64_t c = 0; c < Dv_; ++c) grow[c] = acc_t(gr[c]) * inv;
       gz_[r] = -dot * inv;
     }
     return {g_rows_, Dv_};
@@ -276,16 +301,17 @@ class Chunks {
     const int64_t D = Dk_, stride = g_.H * Dk_;
     for (int64_t r = 0; r < n; ++r, x += stride, dx += stride, grad += ld) {
       if constexpr (F == FeatureMap::Identity) {
-        for (int64_t d = 0; d < D; ++d) dx[d] = scalar_t(factor * grad[d]);
+        for (int64_t d = 0; d < D; ++d) row_[d] = factor * grad[d];
       } else if constexpr (F == FeatureMap::Relu) {
-        for (int64_t d = 0; d < D; ++d) dx[d] = scalar_t(factor * grad[d] * feature_grad<F>(acc_t(x[d])));
+        for (int64_t d = 0; d < D; ++d) row_[d] = factor * grad[d] * feature_grad<F>(acc_t(x[d]));
       } else {
         feature_row(x, D, row_);
         for (int64_t d = 0; d < D; ++d) {
           const acc_t slope = row_[d] > acc_t(1) ? acc_t(1) : row_[d];  // NaN stays NaN
-          dx[d] = scalar_t(factor * grad[d] * slope);
+          row_[d] = factor * grad[d] * slope;
         }
       }
+      store_row(dx, row_, D);
     }
   }
 
@@ -334,19 +360,13 @@ class Chunks {
       tile_gemm(TileShape::LowerC, n, n, Dv_, acc_t(1), G.p, G.ld, 1, vt_, C_, acc_t(0), dp_, C_);
       mask(dp_, n, p_.normalize ? gz_ : nullptr);
 
-      // dV = diag(gamma^(n-1-s)) phi(K) W + scale P^T G, straight into dv where it is acc_t.
+      // dV = diag(gamma^(n-1-s)) phi(K) W + scale P^T G.
       acc_t* dV = acc2_;
-      int64_t ldv = Dv_;
-      if constexpr (kSameType) dV = reinterpret_cast<acc_t*>(p_.dv + g_.v_offset(b_, t0, h_)), ldv = g_.H * Dv_;
+      const int64_t ldv = Dv_;
       tile_gemm(TileShape::Full, n, Dv_, Dk_, acc_t(1), kt_, 1, C_, W, Dv_, acc_t(0), dV, ldv);
       scale_rows(dV, ldv, n, Dv_, true);
       tile_gemm(TileShape::UpperA, n, Dv_, n, scale, p_tile_, 1, C_, G.p, G.ld, acc_t(1), dV, ldv);
-      if constexpr (!kSameType) {
-        for (int64_t s = 0; s < n; ++s) {
-          scalar_t* out = p_.dv + g_.v_offset(b_, t0 + s, h_);
-          for (int64_t c = 0; c < Dv_; ++c) out[c] = scalar_t(dV[s * Dv_ + c]);
-        }
-      }
+      for (int64_t s = 0; s < n; ++s) store_row(p_.dv + g_.v_offset(b_, t0 + s, h_), dV + s * Dv_, Dv_);
 
       // dphi(K) = diag(gamma^(n-1-s)) (V W^T + 1 Wz^T) + scale dP^T phi(Q).
       acc_t* dK = acc1_;

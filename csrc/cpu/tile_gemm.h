@@ -34,6 +34,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #ifndef SEQFUSE_VECTOR_BYTES
 #error "define SEQFUSE_VECTOR_BYTES (16 or 32) before including tile_gemm.h"
@@ -193,6 +198,129 @@ void tile_gemm_shaped(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int6
     tile_block_rows<T, 1, S>(mr, i0, k0, k1, a + i0 * a_rs, a_rs, a_cs, bpad, L, cpad, L, alpha,
                              beta);
     for (int r = 0; r < mr; ++r) std::copy_n(cpad + r * L, tail, c + (i0 + r) * ldc + j0);
+  }
+}
+
+// Asks for the cache line at p to be brought into L2. In assembly on x86: GCC 12 deletes
+// loops of __builtin_prefetch whose stride it cannot see as constant, as if they did
+// nothing.
+inline void tile_prefetch(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// dst[i] = src[i] for i < n with streaming stores, which write whole lines to memory
+// without reading them first (for outputs too large to stay cached and not read back
+// soon); false, writing nothing, where dst is not vector-aligned or n not a whole number
+// of vectors (or off x86). Call tile_stream_fence() before others read what was written.
+template <typename T>
+bool tile_stream(T* dst, const T* src, int64_t n) {
+#if defined(__x86_64__)
+  constexpr int64_t L = TileVec<T>::lanes;
+  if (reinterpret_cast<uintptr_t>(dst) % SEQFUSE_VECTOR_BYTES != 0 || n % L != 0) return false;
+  for (int64_t i = 0; i < n; i += L) {
+#if SEQFUSE_VECTOR_BYTES == 32
+    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    else _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+#else
+    if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    else _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+#endif
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+inline void tile_stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// sum_i a[i] b[i] and sum_i a[i] over n values, in vector partial sums (the order of the
+// additions depends on n only).
+template <typename T>
+T tile_dot(const T* a, const T* b, int64_t n) {
+  using V = typename TileVec<T>::type;
+  constexpr int L = TileVec<T>::lanes;
+  V acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 += tile_load(a + i) * tile_load(b + i);
+    acc1 += tile_load(a + i + L) * tile_load(b + i + L);
+  }
+  if (i + L <= n) acc0 += tile_load(a + i) * tile_load(b + i), i += L;
+  acc0 += acc1;
+  T sum = 0;
+  for (int l = 0; l < L; ++l) sum += acc0[l];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <typename T>
+T tile_sum(const T* a, int64_t n) {
+  using V = typename TileVec<T>::type;
+  constexpr int L = TileVec<T>::lanes;
+  V acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) acc0 += tile_load(a + i), acc1 += tile_load(a + i + L);
+  if (i + L <= n) acc0 += tile_load(a + i), i += L;
+  acc0 += acc1;
+  T sum = 0;
+  for (int l = 0; l < L; ++l) sum += acc0[l];
+  for (; i < n; ++i) sum += a[i];
+  return sum;
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: 8 x 8 blocks, each
+// read as 8 rows of vectors and written as 8, through registers where the vectors hold
+// 8 floats (AVX); element by element otherwise.
+template <typename T>
+void tile_transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+                    int64_t ld_dst) {
+  int64_t r0 = 0;
+  if constexpr (std::is_same_v<T, float> && TileVec<T>::lanes == 8) {
+    using V = typename TileVec<T>::type;
+    using I = int __attribute__((vector_size(32)));
+    for (; r0 + 8 <= rows; r0 += 8) {
+      int64_t c0 = 0;
+      for (; c0 + 8 <= cols; c0 += 8) {
+        V x[8], y[8];
+        for (int r = 0; r < 8; ++r) x[r] = tile_load(src + (r0 + r) * ld_src + c0);
+        // Interleave pairs of rows, then pairs of pairs, then the 128-bit halves.
+        for (int r = 0; r < 8; r += 2) {
+          y[r] = __builtin_shuffle(x[r], x[r + 1], I{0, 8, 1, 9, 4, 12, 5, 13});
+          y[r + 1] = __builtin_shuffle(x[r], x[r + 1], I{2, 10, 3, 11, 6, 14, 7, 15});
+        }
+        for (int r = 0; r < 8; r += 4) {
+          x[r] = __builtin_shuffle(y[r], y[r + 2], I{0, 1, 8, 9, 4, 5, 12, 13});
+          x[r + 1] = __builtin_shuffle(y[r], y[r + 2], I{2, 3, 10, 11, 6, 7, 14, 15});
+          x[r + 2] = __builtin_shuffle(y[r + 1], y[r + 3], I{0, 1, 8, 9, 4, 5, 12, 13});
+          x[r + 3] = __builtin_shuffle(y[r + 1], y[r + 3], I{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+        for (int r = 0; r < 4; ++r) {
+          y[r] = __builtin_shuffle(x[r], x[r + 4], I{0, 1, 2, 3, 8, 9, 10, 11});
+          y[r + 4] = __builtin_shuffle(x[r], x[r + 4], I{4, 5, 6, 7, 12, 13, 14, 15});
+        }
+        for (int c = 0; c < 8; ++c) tile_store(dst + (c0 + c) * ld_dst + r0, y[c]);
+      }
+      for (int64_t r = r0; r < r0 + 8; ++r) {
+        for (int64_t c = c0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+      }
+    }
+  }
+  for (int64_t b0 = r0; b0 < rows; b0 += 8) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+      const int64_t r1 = std::min(rows, b0 + 8), c1 = std::min(cols, c0 + 8);
+      for (int64_t r = b0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+      }
+    }
   }
 }
 

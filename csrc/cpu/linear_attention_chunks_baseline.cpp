@@ -1,5 +1,5 @@
-// The chunked linear attention items (linear_attention_chunks.h) compiled for
-// the x86-64 baseline (SSE2, 128-bit vectors), for processors without AVX2.
+// The chunked linear attention items (linear_attention_chunks.h) compiled for the
+// baseline instruction set (on x86-64, SSE2: 128-bit vectors), for every processor.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -18,22 +18,22 @@
 namespace seqfuse::cpu {
 
 template <typename scalar_t, typename acc_t>
-void chunked_forward_sse2(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
+void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
                           int64_t t_end, acc_t* S, acc_t* z, bool outputs, acc_t* scratch) {
   run_chunked_forward(p, bh, t_begin, t_end, S, z, outputs, scratch);
 }
 
 template <typename scalar_t, typename acc_t>
-void chunked_backward_sse2(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
+void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
                            int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz, bool grads,
                            acc_t* scratch) {
   run_chunked_backward(p, bh, t_begin, t_end, S, z, W, Wz, grads, scratch);
 }
 
 #define SEQFUSE_INSTANTIATE(scalar_t, acc_t)                                                     \
-  template void chunked_forward_sse2(const ChunkProblem<scalar_t, acc_t>&, int64_t, int64_t,    \
+  template void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>&, int64_t, int64_t,    \
                                      int64_t, acc_t*, acc_t*, bool, acc_t*);                   \
-  template void chunked_backward_sse2(const ChunkProblem<scalar_t, acc_t>&, int64_t, int64_t,   \
+  template void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>&, int64_t, int64_t,   \
                                       int64_t, acc_t*, acc_t*, acc_t*, acc_t*, bool, acc_t*);
 SEQFUSE_INSTANTIATE(float, float)
 SEQFUSE_INSTANTIATE(double, double)
