@@ -127,17 +127,12 @@ class Chunks {
     for (int64_t i = 0; i < n; ++i) x[i] *= f;
   }
 
-  // phi of D values of one row, converted to acc_t.
-  static void feature_row(const scalar_t* x, int64_t D, acc_t* dst) {
+  // x[i] <- phi(x[i]) for i < count.
+  static void apply_feature(acc_t* x, int64_t count) {
     if constexpr (F == FeatureMap::Elu1 && std::is_same_v<acc_t, float>) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        elu1_rows(x, dst, D);
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = acc_t(x[d]);
-        elu1_rows(dst, dst, D);
-      }
-    } else {
-      for (int64_t d = 0; d < D; ++d) dst[d] = feature<F>(acc_t(x[d]));
+      elu1_rows(x, x, count);
+    } else if constexpr (F != FeatureMap::Identity) {
+      for (int64_t i = 0; i < count; ++i) x[i] = feature<F>(x[i]);
     }
   }
 
@@ -179,9 +174,14 @@ class Chunks {
   // phi of n rows of q or k starting at x, gathered into a contiguous [n, D] tile.
   // Always a copy, even where the rows are acc_t already: read in place, rows H * D
   // apart (a power of two, often) fall into a few L1 sets and evict each other while
-  // a product sweeps them.
+  // a product sweeps them. phi goes over the gathered tile afterwards rather than row
+  // by row on the way in: a plain copy keeps many more loads from memory in flight.
   Rows feature_rows(const scalar_t* x, int64_t D, int64_t n, acc_t* tile) const {
-    for (int64_t r = 0; r < n; ++r) feature_row(x + r * g_.H * D, D, tile + r * D);
+    for (int64_t r = 0; r < n; ++r) {
+      const scalar_t* row = x + r * g_.H * D;
+      for (int64_t d = 0; d < D; ++d) tile[r * D + d] = acc_t(row[d]);
+    }
+    apply_feature(tile, n * D);
     return {tile, D};
   }
 
@@ -294,22 +294,18 @@ class Chunks {
     return {g_rows_, Dv_};
   }
 
-  // dx = factor * grad * phi'(x) for n rows of q or k from x, phi' = 1 for the identity,
-  // [x > 0] for relu and min(phi(x), 1) for elu1 (1 above zero, e^x below).
-  void store_feature_grads(const acc_t* grad, int64_t ld, int64_t n, const scalar_t* x,
+  // dx = factor * grad * phi'(x) for n rows, from phi(x) ([n, Dk] rows; unused for the
+  // identity): phi' is 1 for the identity, [phi > 0] for relu and min(phi, 1) for elu1
+  // (1 above zero, e^x below; NaN stays NaN).
+  void store_feature_grads(const acc_t* grad, int64_t ld, int64_t n, const acc_t* phi,
                            acc_t factor, scalar_t* dx) const {
-    const int64_t D = Dk_, stride = g_.H * Dk_;
-    for (int64_t r = 0; r < n; ++r, x += stride, dx += stride, grad += ld) {
-      if constexpr (F == FeatureMap::Identity) {
-        for (int64_t d = 0; d < D; ++d) row_[d] = factor * grad[d];
-      } else if constexpr (F == FeatureMap::Relu) {
-        for (int64_t d = 0; d < D; ++d) row_[d] = factor * grad[d] * feature_grad<F>(acc_t(x[d]));
-      } else {
-        feature_row(x, D, row_);
-        for (int64_t d = 0; d < D; ++d) {
-          const acc_t slope = row_[d] > acc_t(1) ? acc_t(1) : row_[d];  // NaN stays NaN
-          row_[d] = factor * grad[d] * slope;
-        }
+    const int64_t D = Dk_;
+    for (int64_t r = 0; r < n; ++r, dx += g_.H * D, grad += ld, phi += D) {
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t slope = 1;
+        if constexpr (F == FeatureMap::Relu) slope = phi[d] > acc_t(0) ? acc_t(1) : acc_t(0);
+        if constexpr (F == FeatureMap::Elu1) slope = phi[d] > acc_t(1) ? acc_t(1) : phi[d];
+        row_[d] = factor * grad[d] * slope;
       }
       store_row(dx, row_, D);
     }
@@ -333,8 +329,11 @@ class Chunks {
     tile_gemm(TileShape::LowerC, n, n, Dv_, acc_t(1), G.p, G.ld, 1, vt_, C_, acc_t(0), dp_, C_);
     mask(dp_, n, p_.normalize ? gz_ : nullptr);
     tile_gemm(TileShape::LowerA, n, Dk_, n, acc_t(1), dp_, C_, 1, K.p, K.ld, acc_t(1), dQ, Dk_);
-    store_feature_grads(dQ, Dk_, n, p_.q + g_.qk_offset(b_, t0, h_), p_.scale,
-                        p_.dq + g_.qk_offset(b_, t0, h_));
+    const acc_t* phi_q = q_;
+    if constexpr (F != FeatureMap::Identity) {
+      phi_q = feature_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n, q_).p;
+    }
+    store_feature_grads(dQ, Dk_, n, phi_q, p_.scale, p_.dq + g_.qk_offset(b_, t0, h_));
 
     // S^T <- gamma^n S^T + V^T diag(gamma^(n-1-s)) phi(K), z likewise.
     const Rows Kd = decay() ? scaled_rows(K, n, Dk_, true, kd_) : K;
@@ -376,8 +375,7 @@ class Chunks {
       }
       scale_rows(dK, Dk_, n, Dk_, true);
       tile_gemm(TileShape::UpperA, n, Dk_, n, scale, dp_, 1, C_, Q.p, Q.ld, acc_t(1), dK, Dk_);
-      store_feature_grads(dK, Dk_, n, p_.k + g_.qk_offset(b_, t0, h_), acc_t(1),
-                          p_.dk + g_.qk_offset(b_, t0, h_));
+      store_feature_grads(dK, Dk_, n, K.p, acc_t(1), p_.dk + g_.qk_offset(b_, t0, h_));
     }
 
     // W <- gamma^n W + scale phi(Q)^T diag(gamma^(r+1)) G, Wz likewise with g.
