@@ -65,13 +65,24 @@ bool use_avx2() {
 #endif
 }
 
-// How the steps of every head are cut. Segments: what the work items of the main pass
-// cover; pieces: what the first pass's items cover, each segment cut into `pieces`.
+// How a call is cut into items. With at least as many (batch, head) pairs as threads,
+// an item is a group of `heads` heads of one batch row over the whole sequence (as many
+// heads as keep the items a multiple of the thread count and their states within
+// kGroupStateBytes). With fewer, an item is one head over one of `segments` segments;
+// the first pass covers each segment but the last in `pieces` pieces.
 struct Split {
-  int64_t T, segments, segment_len, pieces, piece_len;
+  static constexpr int64_t kGroupStateBytes = 256 << 10;  // half of a typical L2
+  int64_t T, heads, segments, segment_len, pieces, piece_len;
 
-  Split(int64_t BH, int64_t T_, int64_t C) : T(T_) {
-    const int64_t threads = at::get_num_threads(), chunks = (T + C - 1) / C;
+  Split(int64_t B, int64_t H, int64_t T_, int64_t C, int64_t state_bytes) : T(T_) {
+    const int64_t threads = at::get_num_threads(), chunks = (T + C - 1) / C, BH = B * H;
+    heads = 1;
+    for (int64_t G = H; G > 1; --G) {
+      if (H % G == 0 && G * state_bytes <= kGroupStateBytes && (BH / G) % threads == 0) {
+        heads = G;
+        break;
+      }
+    }
     // Segments only where (batch, head) pairs alone leave threads idle, and of at least
     // two chunks each; enough that the items divide evenly over the threads.
     segments = BH >= threads ? 1 : threads / std::gcd(BH, threads);
@@ -86,8 +97,12 @@ struct Split {
   }
   int64_t begin(int64_t j) const { return std::min(T, j * segment_len); }
   int64_t end(int64_t j) const { return std::min(T, (j + 1) * segment_len); }
-  int64_t piece_begin(int64_t j, int64_t i) const { return std::min(end(j), begin(j) + i * piece_len); }
-  int64_t piece_end(int64_t j, int64_t i) const { return std::min(end(j), begin(j) + (i + 1) * piece_len); }
+  int64_t piece_begin(int64_t j, int64_t i) const {
+    return std::min(end(j), begin(j) + i * piece_len);
+  }
+  int64_t piece_end(int64_t j, int64_t i) const {
+    return std::min(end(j), begin(j) + (i + 1) * piece_len);
+  }
 };
 
 template <typename acc_t>
@@ -103,24 +118,12 @@ void carry(acc_t* x, acc_t f, const acc_t* u, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = f * x[i] + u[i];
 }
 
-// One thread's scratch for the items it runs, plus room for the states it carries.
+// `heads` [Dk, Dv] states and their [Dk] partners into dst, from src (zeros when null).
 template <typename acc_t>
-struct ItemScratch {
-  std::vector<acc_t> buf;
-  acc_t *tiles, *S, *z, *W, *Wz;
-  ItemScratch(int64_t C, int64_t Dk, int64_t Dv) {
-    const int64_t tiles_n = chunk_scratch_elements(C, Dk, Dv);
-    buf.resize(tiles_n + 2 * (Dk * Dv + Dk));
-    tiles = buf.data(), S = tiles + tiles_n, z = S + Dk * Dv, W = z + Dk, Wz = W + Dk * Dv;
-  }
-};
-
-// A [Dk, Dv] state and its [Dk] partner into dst, from src (zeros when null).
-template <typename acc_t>
-void load_state(const acc_t* S, const acc_t* z, int64_t Dk, int64_t Dv, acc_t* S_dst,
-                acc_t* z_dst) {
-  if (S) std::copy_n(S, Dk * Dv, S_dst); else std::fill_n(S_dst, Dk * Dv, acc_t(0));
-  if (z) std::copy_n(z, Dk, z_dst); else std::fill_n(z_dst, Dk, acc_t(0));
+void load_states(const acc_t* S, const acc_t* z, int64_t heads, int64_t Dk, int64_t Dv,
+                 acc_t* S_dst, acc_t* z_dst) {
+  if (S) std::copy_n(S, heads * Dk * Dv, S_dst); else std::fill_n(S_dst, heads * Dk * Dv, acc_t(0));
+  if (z) std::copy_n(z, heads * Dk, z_dst); else std::fill_n(z_dst, heads * Dk, acc_t(0));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -129,74 +132,109 @@ class Runner {
   using Problem = ChunkProblem<scalar_t, acc_t>;
 
   explicit Runner(const Problem& p)
-      : p_(p), g_(p.geo), BH_(g_.B * g_.H), state_(g_.Dk * g_.Dv), split_(BH_, g_.T, p.chunk) {}
+      : p_(p), g_(p.geo), BH_(g_.B * g_.H), state_(g_.Dk * g_.Dv),
+        split_(g_.B, g_.H, g_.T, p.chunk, state_ * int64_t(sizeof(acc_t))) {}
 
   // S0, z0: initial state or null; S_T, z_T: the final state.
   void forward(const acc_t* S0, const acc_t* z0, acc_t* S_T, acc_t* z_T) const {
+    if (split_.segments == 1) {
+      const int64_t G = split_.heads;
+      run_items(BH_ / G, [&](int64_t u, Scratch& s) {
+        const int64_t bh = u * G;
+        load_states(at(S0, bh), at_z(z0, bh), G, g_.Dk, g_.Dv, at(S_T, bh), at_z(z_T, bh));
+        forward_item(bh, G, 0, g_.T, at(S_T, bh), at_z(z_T, bh), true, s.tiles);
+      });
+      return;
+    }
     std::vector<acc_t> X, Xz;  // per (head, segment): the carry-in
     carry_ins(S0, z0, X, Xz);
-    run_items(split_.segments, [&](int64_t bh, int64_t j, ItemScratch<acc_t>& s) {
-      const bool last = j == split_.segments - 1;
-      acc_t* S = last ? S_T + bh * state_ : s.S;
-      acc_t* z = last ? z_T + bh * g_.Dk : s.z;
-      const int64_t at = bh * split_.segments + j;
-      if (split_.segments == 1) {
-        load_state(S0 ? S0 + bh * state_ : nullptr, z0 ? z0 + bh * g_.Dk : nullptr, g_.Dk, g_.Dv, S, z);
-      } else {
-        load_state(X.data() + at * state_, Xz.data() + at * g_.Dk, g_.Dk, g_.Dv, S, z);
-      }
-      forward_item(bh, split_.begin(j), split_.end(j), S, z, true, s.tiles);
+    const int64_t segs = split_.segments;
+    run_items(BH_ * segs, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / segs, j = i % segs;
+      const bool last = j == segs - 1;
+      acc_t* S = last ? at(S_T, bh) : s.S;
+      acc_t* z = last ? at_z(z_T, bh) : s.z;
+      load_states(X.data() + i * state_, Xz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, S, z);
+      forward_item(bh, 1, split_.begin(j), split_.end(j), S, z, true, s.tiles);
     });
   }
 
   // grad_S, grad_z: the final state's gradient or null; dS0, dz0: the initial state's.
   void backward(const acc_t* S0, const acc_t* z0, const acc_t* grad_S, const acc_t* grad_z,
                 acc_t* dS0, acc_t* dz0) const {
+    if (split_.segments == 1) {
+      const int64_t G = split_.heads;
+      run_items(BH_ / G, [&](int64_t u, Scratch& s) {
+        const int64_t bh = u * G;
+        load_states(at(S0, bh), at_z(z0, bh), G, g_.Dk, g_.Dv, s.S, s.z);
+        load_states(at(grad_S, bh), at_z(grad_z, bh), G, g_.Dk, g_.Dv, at(dS0, bh), at_z(dz0, bh));
+        backward_item(bh, G, 0, g_.T, s.S, s.z, at(dS0, bh), at_z(dz0, bh), true, s.tiles);
+      });
+      return;
+    }
     std::vector<acc_t> X, Xz, Y, Yz;  // per (head, segment): S at its start, W at its end
     carry_ins(S0, z0, X, Xz);
     gradient_carry_ins(grad_S, grad_z, Y, Yz);
-    run_items(split_.segments, [&](int64_t bh, int64_t j, ItemScratch<acc_t>& s) {
-      const int64_t at = bh * split_.segments + j;
-      const bool multi = split_.segments > 1;
-      load_state(multi ? X.data() + at * state_ : S0 ? S0 + bh * state_ : nullptr,
-                 multi ? Xz.data() + at * g_.Dk : z0 ? z0 + bh * g_.Dk : nullptr, g_.Dk, g_.Dv,
-                 s.S, s.z);
+    const int64_t segs = split_.segments;
+    run_items(BH_ * segs, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / segs, j = i % segs;
+      load_states(X.data() + i * state_, Xz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, s.S, s.z);
       // W ends in dS0 for the first segment.
-      acc_t* W = j == 0 ? dS0 + bh * state_ : s.W;
-      acc_t* Wz = j == 0 ? dz0 + bh * g_.Dk : s.Wz;
-      load_state(multi ? Y.data() + at * state_ : grad_S ? grad_S + bh * state_ : nullptr,
-                 multi ? Yz.data() + at * g_.Dk : grad_z ? grad_z + bh * g_.Dk : nullptr, g_.Dk,
-                 g_.Dv, W, Wz);
-      backward_item(bh, split_.begin(j), split_.end(j), s.S, s.z, W, Wz, true, s.tiles);
+      acc_t* W = j == 0 ? at(dS0, bh) : s.W;
+      acc_t* Wz = j == 0 ? at_z(dz0, bh) : s.Wz;
+      load_states(Y.data() + i * state_, Yz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, W, Wz);
+      backward_item(bh, 1, split_.begin(j), split_.end(j), s.S, s.z, W, Wz, true, s.tiles);
     });
   }
 
  private:
-  void forward_item(int64_t bh, int64_t t0, int64_t t1, acc_t* S, acc_t* z, bool outputs,
-                    acc_t* tiles) const {
+  // One thread's scratch for the items it runs: the chunk kernels' tiles and the states
+  // an item carries.
+  struct Scratch {
+    std::vector<acc_t> buf;
+    acc_t *tiles, *S, *z, *W, *Wz;
+    Scratch(const Problem& p, int64_t heads) {
+      const int64_t Dk = p.geo.Dk, state = Dk * p.geo.Dv;
+      const int64_t tiles_n = chunk_scratch_elements(p.chunk, Dk, p.geo.Dv, heads);
+      buf.resize(tiles_n + 2 * heads * (state + Dk));
+      tiles = buf.data(), S = tiles + tiles_n, z = S + heads * state, W = z + heads * Dk;
+      Wz = W + heads * state;
+    }
+  };
+
+  // Head bh's [Dk, Dv] state in x ([B, H, Dk, Dv]) and its [Dk] partner in z; null for null.
+  template <typename T>
+  T* at(T* x, int64_t bh) const { return x ? x + bh * state_ : nullptr; }
+  template <typename T>
+  T* at_z(T* z, int64_t bh) const { return z ? z + bh * g_.Dk : nullptr; }
+
+  // Heads [bh, bh + G) of one batch row over steps [t0, t1).
+  void forward_item(int64_t bh, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
+                    bool outputs, acc_t* tiles) const {
+    const int64_t b = bh / g_.H, h = bh % g_.H;
 #ifdef SEQFUSE_CHUNKS_AVX2
-    if (use_avx2()) return chunked_forward_avx2(p_, bh, t0, t1, S, z, outputs, tiles);
+    if (use_avx2()) return chunked_forward_avx2(p_, b, h, G, t0, t1, S, z, outputs, tiles);
 #endif
-    chunked_forward_baseline(p_, bh, t0, t1, S, z, outputs, tiles);
+    chunked_forward_baseline(p_, b, h, G, t0, t1, S, z, outputs, tiles);
   }
-  void backward_item(int64_t bh, int64_t t0, int64_t t1, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
-                     bool grads, acc_t* tiles) const {
+  void backward_item(int64_t bh, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z, acc_t* W,
+                     acc_t* Wz, bool grads, acc_t* tiles) const {
+    const int64_t b = bh / g_.H, h = bh % g_.H;
 #ifdef SEQFUSE_CHUNKS_AVX2
-    if (use_avx2()) return chunked_backward_avx2(p_, bh, t0, t1, S, z, W, Wz, grads, tiles);
+    if (use_avx2()) return chunked_backward_avx2(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
 #endif
-    chunked_backward_baseline(p_, bh, t0, t1, S, z, W, Wz, grads, tiles);
+    chunked_backward_baseline(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
   }
 
-  // item(bh, j, scratch) for every head bh and j < per_head, in parallel. Threads take
-  // the next item as they finish one rather than a fixed share, so that a thread slowed
-  // by other work on the machine does not leave the others waiting at the end.
+  // item(i, scratch) for every i < items, in parallel. Threads take the next item as
+  // they finish one rather than a fixed share, so that a thread slowed by other work on
+  // the machine does not leave the others waiting at the end.
   template <typename Item>
-  void run_items(int64_t per_head, const Item& item) const {
-    const int64_t total = BH_ * per_head;
+  void run_items(int64_t items, const Item& item) const {
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-      ItemScratch<acc_t> scratch(p_.chunk, g_.Dk, g_.Dv);
-      for (int64_t i = next++; i < total; i = next++) item(i / per_head, i % per_head, scratch);
+    at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      Scratch scratch(p_, split_.segments == 1 ? split_.heads : 1);
+      for (int64_t i = next++; i < items; i = next++) item(i, scratch);
     });
   }
 
@@ -206,14 +244,13 @@ class Runner {
   void carry_ins(const acc_t* S0, const acc_t* z0, std::vector<acc_t>& X,
                  std::vector<acc_t>& Xz) const {
     const int64_t segs = split_.segments, pieces = split_.pieces, Dk = g_.Dk;
-    if (segs == 1) return;
     // U, Uz [BH, segments - 1, pieces]: the increments of the pieces before the last segment.
     const int64_t per_head = (segs - 1) * pieces;
     std::vector<acc_t> U(BH_ * per_head * state_, acc_t(0)), Uz(BH_ * per_head * Dk, acc_t(0));
-    run_items(per_head, [&](int64_t bh, int64_t i, ItemScratch<acc_t>& s) {
-      const int64_t j = i / pieces, k = i % pieces, at = bh * per_head + i;
+    run_items(BH_ * per_head, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / per_head, j = i % per_head / pieces, k = i % pieces;
       const int64_t t0 = split_.piece_begin(j, k), t1 = split_.piece_end(j, k);
-      if (t1 > t0) forward_item(bh, t0, t1, U.data() + at * state_, Uz.data() + at * Dk, false, s.tiles);
+      if (t1 > t0) forward_item(bh, 1, t0, t1, U.data() + i * state_, Uz.data() + i * Dk, false, s.tiles);
     });
     X.resize(BH_ * segs * state_);
     Xz.resize(BH_ * segs * Dk);
@@ -221,15 +258,15 @@ class Runner {
       for (int64_t bh = begin; bh < end; ++bh) {
         acc_t* x = X.data() + bh * segs * state_;
         acc_t* xz = Xz.data() + bh * segs * Dk;
-        load_state(S0 ? S0 + bh * state_ : nullptr, z0 ? z0 + bh * Dk : nullptr, Dk, g_.Dv, x, xz);
+        load_states(at(S0, bh), at_z(z0, bh), 1, Dk, g_.Dv, x, xz);
         for (int64_t j = 0; j + 1 < segs; ++j) {
           std::copy_n(x + j * state_, state_, x + (j + 1) * state_);
           std::copy_n(xz + j * Dk, Dk, xz + (j + 1) * Dk);
           for (int64_t k = 0; k < pieces; ++k) {
-            const int64_t at = bh * per_head + j * pieces + k;
+            const int64_t i = bh * per_head + j * pieces + k;
             const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
-            carry(x + (j + 1) * state_, f, U.data() + at * state_, state_);
-            carry(xz + (j + 1) * Dk, f, Uz.data() + at * Dk, Dk);
+            carry(x + (j + 1) * state_, f, U.data() + i * state_, state_);
+            carry(xz + (j + 1) * Dk, f, Uz.data() + i * Dk, Dk);
           }
         }
       }
@@ -241,15 +278,14 @@ class Runner {
   void gradient_carry_ins(const acc_t* grad_S, const acc_t* grad_z, std::vector<acc_t>& Y,
                           std::vector<acc_t>& Yz) const {
     const int64_t segs = split_.segments, pieces = split_.pieces, Dk = g_.Dk;
-    if (segs == 1) return;
     // R, Rz [BH, segments - 1, pieces]: the increments of the pieces after the first segment.
     const int64_t per_head = (segs - 1) * pieces;
     std::vector<acc_t> R(BH_ * per_head * state_, acc_t(0)), Rz(BH_ * per_head * Dk, acc_t(0));
-    run_items(per_head, [&](int64_t bh, int64_t i, ItemScratch<acc_t>& s) {
-      const int64_t j = 1 + i / pieces, k = i % pieces, at = bh * per_head + i;
+    run_items(BH_ * per_head, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / per_head, j = 1 + i % per_head / pieces, k = i % pieces;
       const int64_t t0 = split_.piece_begin(j, k), t1 = split_.piece_end(j, k);
       if (t1 > t0) {
-        backward_item(bh, t0, t1, nullptr, nullptr, R.data() + at * state_, Rz.data() + at * Dk,
+        backward_item(bh, 1, t0, t1, nullptr, nullptr, R.data() + i * state_, Rz.data() + i * Dk,
                       false, s.tiles);
       }
     });
@@ -259,16 +295,16 @@ class Runner {
       for (int64_t bh = begin; bh < end; ++bh) {
         acc_t* y = Y.data() + bh * segs * state_;
         acc_t* yz = Yz.data() + bh * segs * Dk;
-        load_state(grad_S ? grad_S + bh * state_ : nullptr, grad_z ? grad_z + bh * Dk : nullptr, Dk,
-                   g_.Dv, y + (segs - 1) * state_, yz + (segs - 1) * Dk);
+        load_states(at(grad_S, bh), at_z(grad_z, bh), 1, Dk, g_.Dv, y + (segs - 1) * state_,
+                    yz + (segs - 1) * Dk);
         for (int64_t j = segs - 1; j > 0; --j) {
           std::copy_n(y + j * state_, state_, y + (j - 1) * state_);
           std::copy_n(yz + j * Dk, Dk, yz + (j - 1) * Dk);
           for (int64_t k = pieces - 1; k >= 0; --k) {
-            const int64_t at = bh * per_head + (j - 1) * pieces + k;
+            const int64_t i = bh * per_head + (j - 1) * pieces + k;
             const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
-            carry(y + (j - 1) * state_, f, R.data() + at * state_, state_);
-            carry(yz + (j - 1) * Dk, f, Rz.data() + at * Dk, Dk);
+            carry(y + (j - 1) * state_, f, R.data() + i * state_, state_);
+            carry(yz + (j - 1) * Dk, f, Rz.data() + i * Dk, Dk);
           }
         }
       }
@@ -369,8 +405,8 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
     if (g.T == 0) {
       // The state passes through unchanged.
       for (int64_t bh = 0; bh < g.B * g.H; ++bh) {
-        load_state(s0 ? s0 + bh * g.Dk * g.Dv : nullptr, z0p ? z0p + bh * g.Dk : nullptr, g.Dk,
-                   g.Dv, sT + bh * g.Dk * g.Dv, zT + bh * g.Dk);
+        load_states(s0 ? s0 + bh * g.Dk * g.Dv : nullptr, z0p ? z0p + bh * g.Dk : nullptr, 1, g.Dk,
+                    g.Dv, sT + bh * g.Dk * g.Dv, zT + bh * g.Dk);
       }
     } else if (g.T == 1) {
       // About 32k state elements per task: below that, waking the pool costs more.

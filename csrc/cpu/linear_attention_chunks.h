@@ -38,42 +38,51 @@ struct ChunkProblem {
 
 constexpr int64_t kMaxChunk = 128;
 
-// Elements of acc_t scratch one item needs (a thread reuses it across its items).
-inline int64_t chunk_scratch_elements(int64_t chunk, int64_t Dk, int64_t Dv) {
-  auto padded = [](int64_t n) { return (n + 15) / 16 * 16; };
+constexpr int64_t padded_elements(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Elements of the tiles one head's chunk uses (shared by the heads of an item).
+constexpr int64_t chunk_tile_elements(int64_t chunk, int64_t Dk, int64_t Dv) {
   const int64_t d = Dk > Dv ? Dk : Dv;
-  return 10 * padded(chunk * d) + 2 * padded(chunk * chunk) + 2 * padded(Dk * Dv) +
-         3 * padded(chunk + 1) + padded(d);
+  return 10 * padded_elements(chunk * d) + 2 * padded_elements(chunk * chunk) +
+         3 * padded_elements(chunk + 1) + padded_elements(d);
 }
 
-// chunked_forward_<isa>: steps [t_begin, t_end) of head bh = b * H + h. S [Dk, Dv] and
-// z [Dk] hold the state at t_begin and are left holding the state at t_end. With
-// outputs, o and den of those steps are written; without, only the state moves (from a
-// zero S, z: the range's increment, carried between ranges).
+// Elements of acc_t scratch an item of `heads` heads needs (a thread reuses it).
+constexpr int64_t chunk_scratch_elements(int64_t chunk, int64_t Dk, int64_t Dv, int64_t heads) {
+  return chunk_tile_elements(chunk, Dk, Dv) + heads * padded_elements(Dk * Dv);
+}
+
+// chunked_forward_<isa>: steps [t_begin, t_end) of heads [h0, h0 + G) of batch row b. S
+// [G, Dk, Dv] and z [G, Dk] hold their states at t_begin and are left holding the
+// states at t_end. With outputs, o and den of those steps are written; without, only
+// the states move (from zero states: the range's increments, carried between ranges).
 //
-// chunked_backward_<isa>: the backward of steps [t_begin, t_end) of head bh. S, z: the
-// forward state at t_begin (clobbered). W [Dk, Dv], Wz [Dk]: the gradient of the state
-// at t_end, left holding the gradient of the state at t_begin. With grads, dq, dk and dv
-// of those steps are written; without, only W and Wz move (from zeros: the range's
-// increment) and S, z are not touched.
+// chunked_backward_<isa>: the backward of the same. S, z: the forward states at t_begin
+// (clobbered). W [G, Dk, Dv], Wz [G, Dk]: the gradients of the states at t_end, left
+// holding the gradients of the states at t_begin. With grads, dq, dk and dv of those
+// steps are written; without, only W and Wz move (from zeros: the range's increments)
+// and S, z are not touched.
 //
-// Instantiated for (float, float), (double, double), (c10::Half, float) and
-// (c10::BFloat16, float); the _avx2 ones need a processor with AVX2 and FMA.
+// scratch: chunk_scratch_elements(chunk, Dk, Dv, G) elements. Instantiated for
+// (float, float), (double, double), (c10::Half, float) and (c10::BFloat16, float); the
+// _avx2 ones need a processor with AVX2 and FMA.
 template <typename scalar_t, typename acc_t>
-void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
-                          int64_t t_end, acc_t* S, acc_t* z, bool outputs, acc_t* scratch);
+void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
+                              int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
+                              bool outputs, acc_t* scratch);
 #ifdef SEQFUSE_CHUNKS_AVX2
 template <typename scalar_t, typename acc_t>
-void chunked_forward_avx2(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
-                          int64_t t_end, acc_t* S, acc_t* z, bool outputs, acc_t* scratch);
+void chunked_forward_avx2(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
+                          int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
+                          bool outputs, acc_t* scratch);
 template <typename scalar_t, typename acc_t>
-void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
-                           int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz, bool grads,
-                           acc_t* scratch);
+void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
+                               int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
+                               acc_t* W, acc_t* Wz, bool grads, acc_t* scratch);
 template <typename scalar_t, typename acc_t>
-void chunked_backward_avx2(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
-                           int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz, bool grads,
-                           acc_t* scratch);
+void chunked_backward_avx2(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
+                           int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
+                           acc_t* W, acc_t* Wz, bool grads, acc_t* scratch);
 #endif
 
 }  // namespace seqfuse::cpu

@@ -46,11 +46,13 @@ class Chunks {
  public:
   using Problem = ChunkProblem<scalar_t, acc_t>;
 
-  Chunks(const Problem& p, int64_t bh, acc_t* scratch)
+  // Head bh's view of the call; tiles: the shared chunk tiles (kChunkTiles elements),
+  // xt: this head's [Dv, Dk] buffer for S^T (sweep in time) and W^T (sweep back).
+  Chunks(const Problem& p, int64_t bh, acc_t* tiles, acc_t* xt)
       : p_(p), g_(p.geo), Dk_(g_.Dk), Dv_(g_.Dv), C_(p.chunk), b_(bh / g_.H), h_(bh % g_.H),
-        bh_(bh) {
+        bh_(bh), xt_(xt) {
     const int64_t d = std::max(Dk_, Dv_);
-    acc_t* next = scratch;
+    acc_t* next = tiles;
     auto carve = [&](int64_t n) {
       acc_t* x = next;
       next += (n + 15) / 16 * 16;
@@ -60,7 +62,6 @@ class Chunks {
     vd_ = carve(C_ * d), g_rows_ = carve(C_ * d), acc1_ = carve(C_ * d), acc2_ = carve(C_ * d);
     kt_ = carve(C_ * d), vt_ = carve(C_ * d);
     p_tile_ = carve(C_ * C_), dp_ = carve(C_ * C_);
-    st_ = carve(Dk_ * Dv_), wt_ = carve(Dk_ * Dv_);
     gz_ = carve(C_ + 1), part_ = carve(C_ + 1), gpow_ = carve(C_ + 1);
     row_ = carve(d);
     gpow_[0] = acc_t(1);
@@ -68,51 +69,29 @@ class Chunks {
     for (int64_t i = 1; i <= C_; ++i) gpow_[i] = gpow_[i - 1] * gamma;
   }
 
-  void forward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, bool outputs) {
-    prefetch_forward(t_begin, t_begin, t_end, outputs);
-    prefetch_forward(t_begin + C_, t_begin, t_end, outputs);
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
-      const int64_t n = std::min(C_, t_end - t0);
-      prefetch_forward(t0 + 2 * C_, t_begin, t_end, outputs);
-      const Rows K = feature_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n, k_);
-      transpose(K, n, Dk_, kt_, C_);
-      const Rows V = value_rows(p_.v + g_.v_offset(b_, t0, h_), n, v_);
-      if (outputs) forward_outputs(t0, n, K, V, S, z);
-      // S <- gamma^n S + phi(K)^T diag(gamma^(n-1-s)) V, z likewise.
-      const Rows Vd = decay() ? scaled_rows(V, n, Dv_, /*into_state=*/true, vd_) : V;
-      if (decay()) scale_by(S, Dk_ * Dv_, gpow_[n]), scale_by(z, Dk_, gpow_[n]);
-      if (decay()) {
-        for (int64_t s = 0; s < n; ++s) part_[s] = gpow_[n - 1 - s];
-        for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_dot(kt_ + d * C_, part_, n);
-      } else {
-        for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_sum(kt_ + d * C_, n);
-      }
-      tile_gemm(TileShape::Full, Dk_, Dv_, n, acc_t(1), kt_, C_, 1, Vd.p, Vd.ld, acc_t(1), S, Dv_);
+  // The forward of the chunk of n steps at t0: o and den (with outputs), then the
+  // state S, z moves on.
+  void forward(int64_t t0, int64_t n, acc_t* S, acc_t* z, bool outputs) {
+    const Rows K = feature_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n, k_);
+    transpose(K, n, Dk_, kt_, C_);
+    const Rows V = value_rows(p_.v + g_.v_offset(b_, t0, h_), n, v_);
+    if (outputs) forward_outputs(t0, n, V, S, z);
+    // S <- gamma^n S + phi(K)^T diag(gamma^(n-1-s)) V, z likewise.
+    const Rows Vd = decay() ? scaled_rows(V, n, Dv_, /*into_state=*/true, vd_) : V;
+    if (decay()) {
+      scale_by(S, Dk_ * Dv_, gpow_[n]), scale_by(z, Dk_, gpow_[n]);
+      for (int64_t s = 0; s < n; ++s) part_[s] = gpow_[n - 1 - s];
+      for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_dot(kt_ + d * C_, part_, n);
+    } else {
+      for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_sum(kt_ + d * C_, n);
     }
-    tile_stream_fence();
+    tile_gemm(TileShape::Full, Dk_, Dv_, n, acc_t(1), kt_, C_, 1, Vd.p, Vd.ld, acc_t(1), S, Dv_);
   }
 
-  void backward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
-                bool grads) {
-    if (grads) {
-      transpose({S, Dv_}, Dk_, Dv_, st_, Dk_);  // S^T, [Dv, Dk]
-      prefetch_backward(t_begin, t_begin, t_end, true, true);
-      prefetch_backward(t_begin + C_, t_begin, t_end, true, true);
-      for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
-        prefetch_backward(t0 + 2 * C_, t_begin, t_end, true, true);
-        query_grads(t0, std::min(C_, t_end - t0), z);
-      }
-      transpose({W, Dv_}, Dk_, Dv_, wt_, Dk_);
-    }
-    const int64_t last = t_begin + (t_end - t_begin - 1) / C_ * C_;
-    prefetch_backward(last, t_begin, t_end, false, grads);
-    prefetch_backward(last - C_, t_begin, t_end, false, grads);
-    for (int64_t t0 = last; t0 >= t_begin && t_end > t_begin; t0 -= C_) {
-      prefetch_backward(t0 - 2 * C_, t_begin, t_end, false, grads);
-      key_value_grads(t0, std::min(C_, t_end - t0), W, Wz, grads);
-    }
-    tile_stream_fence();
-  }
+  // S^T into this head's buffer, before its first query_grads.
+  void begin_query_grads(const acc_t* S) { transpose({S, Dv_}, Dk_, Dv_, xt_, Dk_); }
+  // W^T into this head's buffer, before its first key_value_grads with grads.
+  void begin_key_value_grads(const acc_t* W) { transpose({W, Dv_}, Dk_, Dv_, xt_, Dk_); }
 
  private:
   // n rows of acc_t at p with row stride ld.
@@ -134,41 +113,6 @@ class Chunks {
     } else if constexpr (F != FeatureMap::Identity) {
       for (int64_t i = 0; i < count; ++i) x[i] = feature<F>(x[i]);
     }
-  }
-
-  // Asks for the cache lines of n rows of D values from x (rows H * D apart) ahead of
-  // their use. Issued one chunk ahead: the rows are first touched there, and strided
-  // rows get little from the hardware prefetchers, so without this the gathers wait on
-  // memory where the products of the chunk before could have covered the wait.
-  template <typename T>
-  void prefetch_rows(const T* x, int64_t D, int64_t n) const {
-    const char* row = reinterpret_cast<const char*>(x);
-    const int64_t bytes = D * int64_t(sizeof(T)), stride = g_.H * bytes;
-    for (int64_t r = 0; r < n; ++r, row += stride) {
-      for (int64_t b = 0; b < bytes; b += 64) tile_prefetch(row + b);
-      tile_prefetch(row + bytes - 1);
-    }
-  }
-
-  // Prefetches the rows of the chunk at t0 (if in [t_begin, t_end)) for the forward.
-  void prefetch_forward(int64_t t0, int64_t t_begin, int64_t t_end, bool outputs) const {
-    if (t0 < t_begin || t0 >= t_end) return;
-    const int64_t n = std::min(C_, t_end - t0);
-    prefetch_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n);
-    prefetch_rows(p_.v + g_.v_offset(b_, t0, h_), Dv_, n);
-    if (outputs) prefetch_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n);
-  }
-
-  // Prefetches the rows of the chunk at t0 for a sweep of the backward: the one in time
-  // (query) or the one back in time (keys, values).
-  void prefetch_backward(int64_t t0, int64_t t_begin, int64_t t_end, bool query, bool grads) const {
-    if (t0 < t_begin || t0 >= t_end) return;
-    const int64_t n = std::min(C_, t_end - t0);
-    prefetch_rows(p_.grad_o + g_.v_offset(b_, t0, h_), Dv_, n);
-    if (p_.normalize) prefetch_rows(p_.o_saved + g_.v_offset(b_, t0, h_), Dv_, n);
-    if (query || grads) prefetch_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n);
-    if (query || grads) prefetch_rows(p_.v + g_.v_offset(b_, t0, h_), Dv_, n);
-    if (!query || F != FeatureMap::Identity) prefetch_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n);
   }
 
   // phi of n rows of q or k starting at x, gathered into a contiguous [n, D] tile.
@@ -237,7 +181,7 @@ class Chunks {
     }
   }
 
-  void forward_outputs(int64_t t0, int64_t n, Rows K, Rows V, const acc_t* S, const acc_t* z) {
+  void forward_outputs(int64_t t0, int64_t n, Rows V, const acc_t* S, const acc_t* z) {
     const Rows Q = feature_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n, q_);
     acc_t* O = acc1_;
     const int64_t ldo = Dv_;
@@ -311,7 +255,9 @@ class Chunks {
     }
   }
 
-  // The forward sweep of the backward, for one chunk: dq, then S^T and z move on.
+  // The sweep in time of the backward, for the chunk of n steps at t0: dq, then S^T
+  // (in this head's buffer) and z move on.
+ public:
   void query_grads(int64_t t0, int64_t n, acc_t* z) {
     const Rows K = feature_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n, k_);
     const Rows V = value_rows(p_.v + g_.v_offset(b_, t0, h_), n, v_);
@@ -319,7 +265,7 @@ class Chunks {
     const Rows G = output_grads(t0, n);
     acc_t* dQ = acc1_;
 
-    tile_gemm(TileShape::Full, n, Dk_, Dv_, acc_t(1), G.p, G.ld, 1, st_, Dk_, acc_t(0), dQ, Dk_);
+    tile_gemm(TileShape::Full, n, Dk_, Dv_, acc_t(1), G.p, G.ld, 1, xt_, Dk_, acc_t(0), dQ, Dk_);
     if (p_.normalize) {
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t d = 0; d < Dk_; ++d) dQ[r * Dk_ + d] += gz_[r] * z[d];
@@ -337,14 +283,15 @@ class Chunks {
 
     // S^T <- gamma^n S^T + V^T diag(gamma^(n-1-s)) phi(K), z likewise.
     const Rows Kd = decay() ? scaled_rows(K, n, Dk_, true, kd_) : K;
-    if (decay()) scale_by(st_, Dk_ * Dv_, gpow_[n]), scale_by(z, Dk_, gpow_[n]);
+    if (decay()) scale_by(xt_, Dk_ * Dv_, gpow_[n]), scale_by(z, Dk_, gpow_[n]);
     for (int64_t s = 0; s < n; ++s) {
       for (int64_t d = 0; d < Dk_; ++d) z[d] += Kd.p[s * Kd.ld + d];
     }
-    tile_gemm(TileShape::Full, Dv_, Dk_, n, acc_t(1), vt_, C_, 1, Kd.p, Kd.ld, acc_t(1), st_, Dk_);
+    tile_gemm(TileShape::Full, Dv_, Dk_, n, acc_t(1), vt_, C_, 1, Kd.p, Kd.ld, acc_t(1), xt_, Dk_);
   }
 
-  // The reverse sweep, for one chunk: dk and dv (with grads), then W, Wz move back.
+  // The sweep back in time, for the chunk of n steps at t0: dk and dv (with grads),
+  // then W, Wz (and W^T in this head's buffer) move back.
   void key_value_grads(int64_t t0, int64_t n, acc_t* W, acc_t* Wz, bool grads) {
     const Rows Q = feature_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n, q_);
     const Rows G = output_grads(t0, n);
@@ -369,7 +316,7 @@ class Chunks {
 
       // dphi(K) = diag(gamma^(n-1-s)) (V W^T + 1 Wz^T) + scale dP^T phi(Q).
       acc_t* dK = acc1_;
-      tile_gemm(TileShape::Full, n, Dk_, Dv_, acc_t(1), V.p, V.ld, 1, wt_, Dk_, acc_t(0), dK, Dk_);
+      tile_gemm(TileShape::Full, n, Dk_, Dv_, acc_t(1), V.p, V.ld, 1, xt_, Dk_, acc_t(0), dK, Dk_);
       for (int64_t s = 0; s < n; ++s) {
         for (int64_t d = 0; d < Dk_; ++d) dK[s * Dk_ + d] += Wz[d];
       }
@@ -388,14 +335,16 @@ class Chunks {
       }
     }
     tile_gemm(TileShape::Full, Dk_, Dv_, n, scale, Qd.p, 1, Qd.ld, G.p, G.ld, acc_t(1), W, Dv_);
-    if (grads) transpose({W, Dv_}, Dk_, Dv_, wt_, Dk_);
+    if (grads) transpose({W, Dv_}, Dk_, Dv_, xt_, Dk_);
   }
 
+ private:
   const Problem& p_;
   const LinearAttentionGeometry& g_;
   const int64_t Dk_, Dv_, C_, b_, h_, bh_;
   acc_t *q_, *k_, *kd_, *v_, *vd_, *g_rows_, *acc1_, *acc2_, *kt_, *vt_;
-  acc_t *p_tile_, *dp_, *st_, *wt_, *gz_, *part_, *gpow_, *row_;
+  acc_t* const xt_;
+  acc_t *p_tile_, *dp_, *gz_, *part_, *gpow_, *row_;
 };
 
 template <typename Fn>
@@ -407,20 +356,116 @@ void with_feature_map(FeatureMap f, Fn&& fn) {
   }
 }
 
+// Heads [h0, h0 + G) of batch row b, chunk by chunk, each chunk through every head of
+// the group before the next: the rows of one step hold the heads side by side, so a
+// chunk's rows are read (and prefetched) as whole runs of lines and pages, which
+// strided per-head rows are not (with rows of a page or more, a per-head sweep missed
+// the TLB on every row).
+template <FeatureMap F, typename scalar_t, typename acc_t>
+class HeadGroup {
+ public:
+  using Problem = ChunkProblem<scalar_t, acc_t>;
+
+  HeadGroup(const Problem& p, int64_t b, int64_t h0, int64_t G, acc_t* scratch)
+      : p_(p), g_(p.geo), b_(b), h0_(h0), G_(G), C_(p.chunk), tiles_(scratch),
+        xt_(scratch + chunk_tile_elements(p.chunk, p.geo.Dk, p.geo.Dv)) {}
+
+  void forward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, bool outputs) const {
+    auto prefetch = [&](int64_t t0) {
+      if (t0 < t_begin || t0 >= t_end) return;
+      const int64_t n = std::min(C_, t_end - t0);
+      prefetch_rows(p_.k, g_.Dk, t0, n);
+      prefetch_rows(p_.v, g_.Dv, t0, n);
+      if (outputs) prefetch_rows(p_.q, g_.Dk, t0, n);
+    };
+    prefetch(t_begin), prefetch(t_begin + C_);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
+      prefetch(t0 + 2 * C_);
+      for (int64_t g = 0; g < G_; ++g) {
+        head(g).forward(t0, std::min(C_, t_end - t0), S + g * state(), z + g * g_.Dk, outputs);
+      }
+    }
+    tile_stream_fence();
+  }
+
+  void backward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
+                bool grads) const {
+    auto prefetch = [&](int64_t t0, bool query) {
+      if (t0 < t_begin || t0 >= t_end) return;
+      const int64_t n = std::min(C_, t_end - t0);
+      prefetch_rows(p_.grad_o, g_.Dv, t0, n);
+      if (p_.normalize) prefetch_rows(p_.o_saved, g_.Dv, t0, n);
+      if (query || grads) prefetch_rows(p_.k, g_.Dk, t0, n), prefetch_rows(p_.v, g_.Dv, t0, n);
+      if (!query || F != FeatureMap::Identity) prefetch_rows(p_.q, g_.Dk, t0, n);
+    };
+    if (grads) {
+      for (int64_t g = 0; g < G_; ++g) head(g).begin_query_grads(S + g * state());
+      prefetch(t_begin, true), prefetch(t_begin + C_, true);
+      for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
+        prefetch(t0 + 2 * C_, true);
+        for (int64_t g = 0; g < G_; ++g) {
+          head(g).query_grads(t0, std::min(C_, t_end - t0), z + g * g_.Dk);
+        }
+      }
+      for (int64_t g = 0; g < G_; ++g) head(g).begin_key_value_grads(W + g * state());
+    }
+    if (t_end <= t_begin) return;
+    const int64_t last = t_begin + (t_end - t_begin - 1) / C_ * C_;
+    prefetch(last, false), prefetch(last - C_, false);
+    for (int64_t t0 = last; t0 >= t_begin; t0 -= C_) {
+      prefetch(t0 - 2 * C_, false);
+      for (int64_t g = 0; g < G_; ++g) {
+        head(g).key_value_grads(t0, std::min(C_, t_end - t0), W + g * state(), Wz + g * g_.Dk,
+                                grads);
+      }
+    }
+    tile_stream_fence();
+  }
+
+ private:
+  int64_t state() const { return g_.Dk * g_.Dv; }
+
+  Chunks<F, scalar_t, acc_t> head(int64_t g) const {
+    return Chunks<F, scalar_t, acc_t>(p_, b_ * g_.H + h0_ + g, tiles_,
+                                      xt_ + g * padded_elements(state()));
+  }
+
+  // Asks for the cache lines of the group's n rows of x (D values per head) from step
+  // t0, ahead of their use: two chunks ahead, while the products of the chunks before
+  // run. Strided rows get little from the hardware prefetchers.
+  template <typename T>
+  void prefetch_rows(const T* x, int64_t D, int64_t t0, int64_t n) const {
+    const char* row = reinterpret_cast<const char*>(x + ((b_ * g_.T + t0) * g_.H + h0_) * D);
+    const int64_t bytes = G_ * D * int64_t(sizeof(T)), stride = g_.H * D * int64_t(sizeof(T));
+    for (int64_t r = 0; r < n; ++r, row += stride) {
+      for (int64_t i = 0; i < bytes; i += 64) tile_prefetch(row + i);
+      tile_prefetch(row + bytes - 1);
+    }
+  }
+
+  const Problem& p_;
+  const LinearAttentionGeometry& g_;
+  const int64_t b_, h0_, G_, C_;
+  acc_t* const tiles_;
+  acc_t* const xt_;
+};
+
 template <typename scalar_t, typename acc_t>
-void run_chunked_forward(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
-                         int64_t t_end, acc_t* S, acc_t* z, bool outputs, acc_t* scratch) {
+void run_chunked_forward(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0, int64_t G,
+                         int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, bool outputs,
+                         acc_t* scratch) {
   with_feature_map(p.feature_map, [&](auto f) {
-    Chunks<decltype(f)::value, scalar_t, acc_t>(p, bh, scratch).forward(t_begin, t_end, S, z, outputs);
+    HeadGroup<decltype(f)::value, scalar_t, acc_t>(p, b, h0, G, scratch)
+        .forward(t_begin, t_end, S, z, outputs);
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void run_chunked_backward(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, int64_t t_begin,
-                          int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz, bool grads,
-                          acc_t* scratch) {
+void run_chunked_backward(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
+                          int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, acc_t* W,
+                          acc_t* Wz, bool grads, acc_t* scratch) {
   with_feature_map(p.feature_map, [&](auto f) {
-    Chunks<decltype(f)::value, scalar_t, acc_t>(p, bh, scratch)
+    HeadGroup<decltype(f)::value, scalar_t, acc_t>(p, b, h0, G, scratch)
         .backward(t_begin, t_end, S, z, W, Wz, grads);
   });
 }
