@@ -74,8 +74,9 @@ struct Split {
   static constexpr int64_t kGroupStateBytes = 256 << 10;  // half of a typical L2
   int64_t T, heads, segments, segment_len, pieces, piece_len;
 
-  Split(int64_t B, int64_t H, int64_t T_, int64_t C, int64_t state_bytes) : T(T_) {
-    const int64_t threads = at::get_num_threads(), chunks = (T + C - 1) / C, BH = B * H;
+  Split(int64_t B, int64_t H, int64_t T_, int64_t C, int64_t state_bytes, int64_t threads)
+      : T(T_) {
+    const int64_t chunks = (T + C - 1) / C, BH = B * H;
     heads = 1;
     for (int64_t G = H; G > 1; --G) {
       if (H % G == 0 && G * state_bytes <= kGroupStateBytes && (BH / G) % threads == 0) {
@@ -132,8 +133,8 @@ class Runner {
   using Problem = ChunkProblem<scalar_t, acc_t>;
 
   explicit Runner(const Problem& p)
-      : p_(p), g_(p.geo), BH_(g_.B * g_.H), state_(g_.Dk * g_.Dv),
-        split_(g_.B, g_.H, g_.T, p.chunk, state_ * int64_t(sizeof(acc_t))) {}
+      : p_(p), g_(p.geo), BH_(g_.B * g_.H), state_(g_.Dk * g_.Dv), threads_(threads(p)),
+        split_(g_.B, g_.H, g_.T, p.chunk, state_ * int64_t(sizeof(acc_t)), threads_) {}
 
   // S0, z0: initial state or null; S_T, z_T: the final state.
   void forward(const acc_t* S0, const acc_t* z0, acc_t* S_T, acc_t* z_T) const {
@@ -188,6 +189,15 @@ class Runner {
   }
 
  private:
+  // Threads worth waking: a call of under about 50 us of products on one thread runs on
+  // the calling thread alone (starting the pool, and on a busy machine waiting for a
+  // worker to be scheduled, costs more).
+  static int64_t threads(const Problem& p) {
+    const LinearAttentionGeometry& g = p.geo;
+    const double flops = double(g.B * g.H * g.T) * (4 * g.Dk * g.Dv + p.chunk * (g.Dk + g.Dv));
+    return flops < 4e6 ? 1 : at::get_num_threads();
+  }
+
   // One thread's scratch for the items it runs: the chunk kernels' tiles and the states
   // an item carries.
   struct Scratch {
@@ -232,10 +242,12 @@ class Runner {
   template <typename Item>
   void run_items(int64_t items, const Item& item) const {
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    auto work = [&](int64_t, int64_t) {
       Scratch scratch(p_, split_.segments == 1 ? split_.heads : 1);
       for (int64_t i = next++; i < items; i = next++) item(i, scratch);
-    });
+    };
+    if (threads_ == 1) return work(0, 1);
+    at::parallel_for(0, std::min(items, threads_), 1, work);
   }
 
   acc_t gamma(int64_t bh) const { return p_.decay ? p_.decay[bh % g_.H] : acc_t(1); }
@@ -254,23 +266,21 @@ class Runner {
     });
     X.resize(BH_ * segs * state_);
     Xz.resize(BH_ * segs * Dk);
-    at::parallel_for(0, BH_, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        acc_t* x = X.data() + bh * segs * state_;
-        acc_t* xz = Xz.data() + bh * segs * Dk;
-        load_states(at(S0, bh), at_z(z0, bh), 1, Dk, g_.Dv, x, xz);
-        for (int64_t j = 0; j + 1 < segs; ++j) {
-          std::copy_n(x + j * state_, state_, x + (j + 1) * state_);
-          std::copy_n(xz + j * Dk, Dk, xz + (j + 1) * Dk);
-          for (int64_t k = 0; k < pieces; ++k) {
-            const int64_t i = bh * per_head + j * pieces + k;
-            const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
-            carry(x + (j + 1) * state_, f, U.data() + i * state_, state_);
-            carry(xz + (j + 1) * Dk, f, Uz.data() + i * Dk, Dk);
-          }
+    for (int64_t bh = 0; bh < BH_; ++bh) {  // elementwise and short: on this thread
+      acc_t* x = X.data() + bh * segs * state_;
+      acc_t* xz = Xz.data() + bh * segs * Dk;
+      load_states(at(S0, bh), at_z(z0, bh), 1, Dk, g_.Dv, x, xz);
+      for (int64_t j = 0; j + 1 < segs; ++j) {
+        std::copy_n(x + j * state_, state_, x + (j + 1) * state_);
+        std::copy_n(xz + j * Dk, Dk, xz + (j + 1) * Dk);
+        for (int64_t k = 0; k < pieces; ++k) {
+          const int64_t i = bh * per_head + j * pieces + k;
+          const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
+          carry(x + (j + 1) * state_, f, U.data() + i * state_, state_);
+          carry(xz + (j + 1) * Dk, f, Uz.data() + i * Dk, Dk);
         }
       }
-    });
+    }
   }
 
   // Steps 1 and 2 for W: Y, Yz [BH, segments] get the gradient of every segment's state
@@ -291,29 +301,27 @@ class Runner {
     });
     Y.resize(BH_ * segs * state_);
     Yz.resize(BH_ * segs * Dk);
-    at::parallel_for(0, BH_, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        acc_t* y = Y.data() + bh * segs * state_;
-        acc_t* yz = Yz.data() + bh * segs * Dk;
-        load_states(at(grad_S, bh), at_z(grad_z, bh), 1, Dk, g_.Dv, y + (segs - 1) * state_,
-                    yz + (segs - 1) * Dk);
-        for (int64_t j = segs - 1; j > 0; --j) {
-          std::copy_n(y + j * state_, state_, y + (j - 1) * state_);
-          std::copy_n(yz + j * Dk, Dk, yz + (j - 1) * Dk);
-          for (int64_t k = pieces - 1; k >= 0; --k) {
-            const int64_t i = bh * per_head + (j - 1) * pieces + k;
-            const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
-            carry(y + (j - 1) * state_, f, R.data() + i * state_, state_);
-            carry(yz + (j - 1) * Dk, f, Rz.data() + i * Dk, Dk);
-          }
+    for (int64_t bh = 0; bh < BH_; ++bh) {  // elementwise and short: on this thread
+      acc_t* y = Y.data() + bh * segs * state_;
+      acc_t* yz = Yz.data() + bh * segs * Dk;
+      load_states(at(grad_S, bh), at_z(grad_z, bh), 1, Dk, g_.Dv, y + (segs - 1) * state_,
+                  yz + (segs - 1) * Dk);
+      for (int64_t j = segs - 1; j > 0; --j) {
+        std::copy_n(y + j * state_, state_, y + (j - 1) * state_);
+        std::copy_n(yz + j * Dk, Dk, yz + (j - 1) * Dk);
+        for (int64_t k = pieces - 1; k >= 0; --k) {
+          const int64_t i = bh * per_head + (j - 1) * pieces + k;
+          const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
+          carry(y + (j - 1) * state_, f, R.data() + i * state_, state_);
+          carry(yz + (j - 1) * Dk, f, Rz.data() + i * Dk, Dk);
         }
       }
-    });
+    }
   }
 
   const Problem& p_;
   const LinearAttentionGeometry& g_;
-  const int64_t BH_, state_;
+  const int64_t BH_, state_, threads_;
   const Split split_;
 };
 
