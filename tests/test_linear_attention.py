@@ -1,7 +1,11 @@
 """causal_linear_attention: the kernels against the references, gradients, the
 custom-op contract, bad inputs, extremes, decoding with state, and the module."""
 
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -916,3 +920,61 @@ def test_module_packed_and_prefix(feature_map):
         assert_close(y_prefix[:, s:e], want)
     compiled = torch.compile(layer, fullgraph=True)
     assert_close(compiled(x, cu_seqlens=cu, prefix_lengths=P), y_prefix)
+
+
+def _match_reference(B, T, H, Dk, Dv, dtype=torch.float64, feature_map="elu1", decay=True):
+    """The CPU kernel's forward and gradients (with an initial state, decay and the final
+    state's gradient) against the reference, in float64 or at the dtype's tolerance."""
+    q, k, v, S0, z0 = make_inputs(B, T, H, Dk, Dv, feature_map=feature_map, state=True,
+                                  dtype=dtype, requires_grad=True)
+    kw = kwargs_for(feature_map, True, decay, H, "cpu")
+    grad_o, grad_S = torch.randn(B, T, H, Dv), torch.randn(B, H, Dk, Dv)
+    outs = []
+    for fn, cast in ((seqfuse.causal_linear_attention, lambda t: t),
+                     (reference.causal_linear_attention, lambda t: t.double())):
+        leaves = [cast(t.detach()).requires_grad_() for t in (q, k, v, S0, z0)]
+        o, (S, z) = fn(*leaves[:3], initial_state=tuple(leaves[3:]), return_state=True, **kw)
+        loss = (o * grad_o.to(o.dtype)).sum() + (S * grad_S.to(S.dtype)).sum() + z.sum()
+        outs.append((o, S, z, *torch.autograd.grad(loss, leaves)))
+    for got, want in zip(*outs):
+        if dtype == torch.float64:
+            assert_close(got, want, rtol=1e-9, atol=1e-9)
+        else:
+            assert_close(got, want, dtype=dtype, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("B,H", [(1, 1), (1, 2), (1, 3), (2, 4)])
+def test_cpu_kernel_split_over_threads(threads, B, H):
+    # The CPU kernel cuts a call by the thread count: groups of heads per work item, or,
+    # with fewer heads than threads, segments of the sequence whose carried-in states
+    # (and state gradients) are found in a first pass. Every cut gives the reference.
+    # (Calls of under a few MFLOP run on one thread: these are above that.)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _match_reference(B, 1100, H, 24, 40)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("Dk,Dv", [(5, 9), (13, 20), (24, 40), (72, 3)])
+def test_cpu_kernel_float32_odd_head_dims(Dk, Dv):
+    # Head dims that leave partial vector blocks in every product (float32 vectors hold 8).
+    _match_reference(2, 83, 2, Dk, Dv, dtype=torch.float32)
+
+
+def test_cpu_kernel_baseline_build_matches_reference():
+    # The CPU kernel has an AVX2+FMA build and a baseline one (csrc/cpu/
+    # linear_attention_chunks_*.cpp); SEQFUSE_CPU_ISA=baseline makes a fresh process use
+    # the baseline one whatever the processor has.
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_linear_attention as t; "
+        "torch.manual_seed(0); t._match_reference(2, 150, 3, 16, 12); "
+        "t._match_reference(1, 301, 1, 5, 9, feature_map='relu'); "
+        "t._match_reference(2, 83, 2, 13, 20, dtype=torch.float32); "
+        "t._match_reference(1, 70, 2, 64, 64, dtype=torch.float32, decay=False)")
+    env = dict(os.environ, SEQFUSE_CPU_ISA="baseline")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

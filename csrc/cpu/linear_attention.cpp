@@ -1,514 +1,393 @@
-// CPU causal linear attention, chunked (maths: csrc/common/linear_attention.h).
+// CPU causal linear attention (maths: csrc/common/linear_attention.h): how a call is cut
+// into work items, spread over threads, and how states are carried between items.
 //
-// Forward (T > 1), chunk-parallel: the intra-chunk products of every (batch, head,
-// chunk) do not depend on the carried state, so they run as a few batched matrix
-// products over all chunks at once (ATen's bmm: BLAS, threaded), and only the state
-// itself is carried, by a cheap elementwise scan over the chunk increments:
+// A work item is one (batch, head) over a range of steps, walked chunk by chunk with the
+// state carried in a tile (linear_attention_chunks.h; its products run on register-
+// blocked micro-kernels, tile_gemm.h, compiled for AVX2+FMA and for the x86-64 baseline
+// and picked at run time). With at least as many (batch, head) pairs as threads, an item
+// is a whole sequence. With fewer, each sequence is cut into segments, so that every
+// thread has one, and the states at the segment boundaries are found first:
 //
-//   P_c = (phi(Q_c) phi(K_c)^T . M)      U_c = (diag(gamma^(n_c-1-s)) phi(K_c))^T V'_c
-//   X_0 = S'_0,   X_{c+1} = gamma^(n_c) X_c + U_c
-//   n'_c = scale (P_c V'_c + diag(gamma^(r+1)) phi(Q_c) X_c)
+//   1. in parallel, the increment of every piece of the sequence that precedes a
+//      boundary: U = sum_s gamma^(end-1-s) phi(k_s) [v_s, 1]^T, the state that piece
+//      leaves from a zero start (the backward also takes the increments of W, the
+//      state's gradient, of the pieces after a boundary, from a zero W at their end);
+//   2. per head, a cheap carry over pieces: X <- gamma^len X + U (W likewise, backwards);
+//   3. in parallel, every segment from its carry-in, as a whole sequence would run.
 //
-// Operands are gathered once into chunk tiles in the accumulation type, the feature
-// map and V' = [V, 1] applied on the way in; long sequences go through in segments
-// so the scratch stays bounded. A decoding step (T = 1) is a plain loop per head.
-// Measured at B=2, H=8, T=1024, D=64 (2 cores): about 5% faster than one BLAS call per
-// tile per head; the products are now under half the time. elu's exp, which GCC keeps
-// scalar under the baseline flags, goes through vec_math.h's run-time AVX2 path.
-//
-// Causality with NaN/inf inputs: P V' multiplies the zeros above P's diagonal by every
-// row of V', so a NaN or an infinity in v at local step f would reach back, as
-// 0 * NaN = NaN, to rows r < f of its chunk. A chunk whose V' holds one (found while
-// gathering) has its V' rows from f on zeroed for that product, which leaves rows r < f
-// exactly as in the run without them, and rows r >= f summed over s <= r only from the
-// true values (causal_rows). Nothing else looks ahead: the mask overwrites P above the
-// diagonal (a non-finite k_s never reaches P[r < s]), the decay factors scale rows, and
-// U_c, formed from the true V' before the zeroing, reaches only later chunks. Finite
-// inputs take the batched path unchanged, at the cost of one finiteness test per v.
-//
-// Backward: work items are (batch, head) pairs, run in parallel. Each walks its chunks
-// of kChunk steps carrying S' = [S, z] ([Dk, Dv+1]) in a scratch tile, with tile
-// products on ATen's matrix multiply: a forward sweep (G and dq, re-deriving the
-// carried state) then a reverse sweep carrying W (dk, dv, and the initial state's
-// gradient).
+// Step 1 costs about a third of step 3 per step covered (only the state products), and
+// its pieces are cut finer than the segments so that it too keeps every thread busy.
+// A decoding step (T = 1) is a plain loop per head over its state.
 #include "linear_attention.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "dtype.h"
-#include "huge_pages.h"
-#include "vec_math.h"
+#include "linear_attention_chunks.h"
 
 namespace seqfuse::cpu {
 namespace {
 
-// 128 rather than 64: half as many small tile products, whose per-call overhead
-// dominated at 64 (B=2, H=8, T=1024, D=64 float32: 8.1 ms -> 5.9 ms on 2 cores).
-constexpr int64_t kChunk = 128;
-
-// A [rows, cols] matrix over the first rows * cols elements of a flat buffer, so a
-// short last chunk still has contiguous operands.
-at::Tensor tile(const at::Tensor& buf, int64_t rows, int64_t cols, int64_t start = 0) {
-  return buf.narrow(0, start, rows * cols).view({rows, cols});
+// Steps per chunk. Per step, a chunk of C steps costs the two state products (4 Dk Dv
+// FLOPs, whatever C) plus the causal halves of the intra-chunk ones (about
+// C (Dk + Dv)); C also sets the depth of the state update and the height of the state
+// read, which the micro-kernel wants at least a few dozen deep.
+int64_t chunk_length(int64_t Dk, int64_t Dv) {
+  const int64_t d = std::max(Dk, Dv);
+  return d <= 64 ? 16 : 64;
 }
 
-// Whether none of the n values at x is a NaN or an infinity (all exponent bits set). On
-// the bits, so that the loop vectorises: it runs over every v of the forward, and
-// std::isfinite's scalar loop cost 6x as much (1.7 ns a value, ~5% of the forward).
+// The AVX2+FMA kernels when they are built and the processor has both, unless
+// SEQFUSE_CPU_ISA=baseline asks for the baseline ones (read once: it lets the tests run
+// those on any machine).
+bool use_avx2() {
+#ifdef SEQFUSE_CHUNKS_AVX2
+  static const bool yes = [] {
+    const char* forced = std::getenv("SEQFUSE_CPU_ISA");
+    if (forced && std::strcmp(forced, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// How a call is cut into items. With at least as many (batch, head) pairs as threads,
+// an item is a group of `heads` heads of one batch row over the whole sequence (as many
+// heads as keep the items a multiple of the thread count and their states within
+// kGroupStateBytes). With fewer, an item is one head over one of `segments` segments;
+// the first pass covers each segment but the last in `pieces` pieces.
+struct Split {
+  static constexpr int64_t kGroupStateBytes = 256 << 10;  // half of a typical L2
+  int64_t T, heads, segments, segment_len, pieces, piece_len;
+
+  Split(int64_t B, int64_t H, int64_t T_, int64_t C, int64_t state_bytes, int64_t threads)
+      : T(T_) {
+    const int64_t chunks = (T + C - 1) / C, BH = B * H;
+    heads = 1;
+    for (int64_t G = H; G > 1; --G) {
+      if (H % G == 0 && G * state_bytes <= kGroupStateBytes && (BH / G) % threads == 0) {
+        heads = G;
+        break;
+      }
+    }
+    // Segments only where (batch, head) pairs alone leave threads idle, and of at least
+    // two chunks each; enough that the items divide evenly over the threads.
+    segments = BH >= threads ? 1 : threads / std::gcd(BH, threads);
+    segments = std::max<int64_t>(1, std::min(segments, chunks / 2));
+    segment_len = std::max<int64_t>(1, (chunks + segments - 1) / segments) * C;
+    segments = std::max<int64_t>(1, (T + segment_len - 1) / segment_len);
+    // Pieces: the first pass has BH * (segments - 1) segments to cover; cut each so that
+    // the pieces too divide evenly over the threads.
+    const int64_t work = std::max<int64_t>(1, BH * (segments - 1));
+    pieces = std::max<int64_t>(1, std::min(threads / std::gcd(work, threads), segment_len / C));
+    piece_len = (segment_len / C + pieces - 1) / pieces * C;
+  }
+  int64_t begin(int64_t j) const { return std::min(T, j * segment_len); }
+  int64_t end(int64_t j) const { return std::min(T, (j + 1) * segment_len); }
+  int64_t piece_begin(int64_t j, int64_t i) const {
+    return std::min(end(j), begin(j) + i * piece_len);
+  }
+  int64_t piece_end(int64_t j, int64_t i) const {
+    return std::min(end(j), begin(j) + (i + 1) * piece_len);
+  }
+};
+
 template <typename acc_t>
-bool all_finite(const acc_t* x, int64_t n) {
-  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
-  static_assert(sizeof(bits_t) == sizeof(acc_t));
-  constexpr bits_t exponent = sizeof(acc_t) == 4 ? bits_t(0x7f800000u) : bits_t(0x7ff0000000000000ull);
-  bits_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    bits_t b;
-    std::memcpy(&b, x + i, sizeof b);
-    bad |= (b & exponent) == exponent;
-  }
-  return bad == 0;
+acc_t power(acc_t gamma, int64_t n) {
+  acc_t x = 1;
+  for (int64_t i = 0; i < n; ++i) x *= gamma;
+  return x;
 }
 
-// Forward chunk length: 64 rather than 128 halves the intra-chunk FLOPs per step
-// (2 C (Dk + Dv) of the 2 C (Dk + Dv) + 4 Dk Dv); batched, the smaller tiles cost
-// no extra calls.
-constexpr int64_t kForwardChunk = 64;
-// Elements of forward scratch per segment (64 MiB in float): bounds the memory of long
-// sequences while keeping the batched products large.
-constexpr int64_t kSegmentElements = int64_t(1) << 24;
+// x <- f x + u over n values.
+template <typename acc_t>
+void carry(acc_t* x, acc_t f, const acc_t* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = f * x[i] + u[i];
+}
 
-// Scratch tiles of one thread, reused across its work items.
-struct Scratch {
-  at::Tensor qf, kf, vp, p, n, dx, rows, state, g;
-  Scratch(const LinearAttentionGeometry& geo, at::ScalarType acc, bool backward) {
-    const auto opt = at::TensorOptions().dtype(acc);
-    const int64_t dv1 = geo.Dv + 1, c = std::min(kChunk, std::max<int64_t>(geo.T, 1));
-    qf = at::empty({c * geo.Dk}, opt);
-    kf = at::empty({c * geo.Dk}, opt);
-    vp = at::empty({c * dv1}, opt);
-    p = at::empty({c * c}, opt);
-    n = at::empty({c * dv1}, opt);
-    dx = at::empty({c * geo.Dk}, opt);
-    rows = at::empty({c * std::max(geo.Dk, dv1)}, opt);
-    state = at::empty({geo.Dk * dv1}, opt);
-    if (backward) g = at::empty({geo.T * dv1}, opt);
-  }
-};
+// `heads` [Dk, Dv] states and their [Dk] partners into dst, from src (zeros when null).
+template <typename acc_t>
+void load_states(const acc_t* S, const acc_t* z, int64_t heads, int64_t Dk, int64_t Dv,
+                 acc_t* S_dst, acc_t* z_dst) {
+  if (S) std::copy_n(S, heads * Dk * Dv, S_dst); else std::fill_n(S_dst, heads * Dk * Dv, acc_t(0));
+  if (z) std::copy_n(z, heads * Dk, z_dst); else std::fill_n(z_dst, heads * Dk, acc_t(0));
+}
 
-template <FeatureMap F, typename scalar_t, typename acc_t>
-struct Kernel {
-  using storage_type = scalar_t;
-  using acc_type = acc_t;
-  LinearAttentionGeometry geo;
-  LinearAttentionOptions opt;
-  const scalar_t *q, *k, *v;
-  const acc_t *decay, *S0, *z0;
+template <typename scalar_t, typename acc_t>
+class Runner {
+ public:
+  using Problem = ChunkProblem<scalar_t, acc_t>;
 
-  // gamma^0 .. gamma^(kChunk + 1): every exponent a chunk of either pass uses.
-  using Powers = std::array<acc_t, kChunk + 2>;
+  explicit Runner(const Problem& p)
+      : p_(p), g_(p.geo), BH_(g_.B * g_.H), state_(g_.Dk * g_.Dv), threads_(threads(p)),
+        split_(g_.B, g_.H, g_.T, p.chunk, state_ * int64_t(sizeof(acc_t)), threads_) {}
 
-  int64_t dv1() const { return geo.Dv + 1; }
-
-  // phi(x) for n steps of one head, from [B, T, H, D] rows into a contiguous [n, D] tile.
-  void gather_feature(const scalar_t* x, int64_t D, int64_t n, acc_t* dst) const {
-    for (int64_t r = 0; r < n; ++r, x += geo.H * D, dst += D) {
-      if constexpr (F == FeatureMap::Elu1 && std::is_same_v<scalar_t, float>) {
-        elu1_rows(x, dst, D);  // vector exp: the scalar one was a third of the forward
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = feature<F>(acc_t(x[d]));
-      }
+  // S0, z0: initial state or null; S_T, z_T: the final state.
+  void forward(const acc_t* S0, const acc_t* z0, acc_t* S_T, acc_t* z_T) const {
+    if (split_.segments == 1) {
+      const int64_t G = split_.heads;
+      run_items(BH_ / G, [&](int64_t u, Scratch& s) {
+        const int64_t bh = u * G;
+        load_states(at(S0, bh), at_z(z0, bh), G, g_.Dk, g_.Dv, at(S_T, bh), at_z(z_T, bh));
+        forward_item(bh, G, 0, g_.T, at(S_T, bh), at_z(z_T, bh), true, s.tiles);
+      });
+      return;
     }
-  }
-  void gather_feature(const scalar_t* x, int64_t D, int64_t n, const at::Tensor& out) const {
-    gather_feature(x, D, n, out.data_ptr<acc_t>());
+    std::vector<acc_t> X, Xz;  // per (head, segment): the carry-in
+    carry_ins(S0, z0, X, Xz);
+    const int64_t segs = split_.segments;
+    run_items(BH_ * segs, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / segs, j = i % segs;
+      const bool last = j == segs - 1;
+      acc_t* S = last ? at(S_T, bh) : s.S;
+      acc_t* z = last ? at_z(z_T, bh) : s.z;
+      load_states(X.data() + i * state_, Xz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, S, z);
+      forward_item(bh, 1, split_.begin(j), split_.end(j), S, z, true, s.tiles);
+    });
   }
 
-  // V' = [V, 1] for n steps starting at v_row.
-  void gather_values(const scalar_t* v_row, int64_t n, acc_t* dst) const {
-    for (int64_t r = 0; r < n; ++r, v_row += geo.H * geo.Dv, dst += dv1()) {
-      for (int64_t c = 0; c < geo.Dv; ++c) dst[c] = acc_t(v_row[c]);
-      dst[geo.Dv] = acc_t(1);
+  // grad_S, grad_z: the final state's gradient or null; dS0, dz0: the initial state's.
+  void backward(const acc_t* S0, const acc_t* z0, const acc_t* grad_S, const acc_t* grad_z,
+                acc_t* dS0, acc_t* dz0) const {
+    if (split_.segments == 1) {
+      const int64_t G = split_.heads;
+      run_items(BH_ / G, [&](int64_t u, Scratch& s) {
+        const int64_t bh = u * G;
+        load_states(at(S0, bh), at_z(z0, bh), G, g_.Dk, g_.Dv, s.S, s.z);
+        load_states(at(grad_S, bh), at_z(grad_z, bh), G, g_.Dk, g_.Dv, at(dS0, bh), at_z(dz0, bh));
+        backward_item(bh, G, 0, g_.T, s.S, s.z, at(dS0, bh), at_z(dz0, bh), true, s.tiles);
+      });
+      return;
     }
-  }
-  void gather_values(const scalar_t* v_row, int64_t n, const at::Tensor& out) const {
-    gather_values(v_row, n, out.data_ptr<acc_t>());
+    std::vector<acc_t> X, Xz, Y, Yz;  // per (head, segment): S at its start, W at its end
+    carry_ins(S0, z0, X, Xz);
+    gradient_carry_ins(grad_S, grad_z, Y, Yz);
+    const int64_t segs = split_.segments;
+    run_items(BH_ * segs, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / segs, j = i % segs;
+      load_states(X.data() + i * state_, Xz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, s.S, s.z);
+      // W ends in dS0 for the first segment.
+      acc_t* W = j == 0 ? at(dS0, bh) : s.W;
+      acc_t* Wz = j == 0 ? at_z(dz0, bh) : s.Wz;
+      load_states(Y.data() + i * state_, Yz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, W, Wz);
+      backward_item(bh, 1, split_.begin(j), split_.end(j), s.S, s.z, W, Wz, true, s.tiles);
+    });
   }
 
-  // The first of the n rows of V' at x that holds a NaN or an infinity; n if none.
-  int64_t first_non_finite_row(const acc_t* x, int64_t n) const {
-    if (all_finite(x, n * dv1())) return n;
-    for (int64_t r = 0; r < n; ++r, x += dv1()) {
-      if (!all_finite(x, geo.Dv)) return r;
+ private:
+  // Threads worth waking: a call of under about 50 us of products on one thread runs on
+  // the calling thread alone (starting the pool, and on a busy machine waiting for a
+  // worker to be scheduled, costs more).
+  static int64_t threads(const Problem& p) {
+    const LinearAttentionGeometry& g = p.geo;
+    const double flops = double(g.B * g.H * g.T) * (4 * g.Dk * g.Dv + p.chunk * (g.Dk + g.Dv));
+    return flops < 4e6 ? 1 : at::get_num_threads();
+  }
+
+  // One thread's scratch for the items it runs: the chunk kernels' tiles and the states
+  // an item carries.
+  struct Scratch {
+    std::vector<acc_t> buf;
+    acc_t *tiles, *S, *z, *W, *Wz;
+    Scratch(const Problem& p, int64_t heads) {
+      const int64_t Dk = p.geo.Dk, state = Dk * p.geo.Dv;
+      const int64_t tiles_n = chunk_scratch_elements(p.chunk, Dk, p.geo.Dv, heads);
+      buf.resize(tiles_n + 2 * heads * (state + Dk));
+      tiles = buf.data(), S = tiles + tiles_n, z = S + heads * state, W = z + heads * Dk;
+      Wz = W + heads * state;
     }
-    return n;
+  };
+
+  // Head bh's [Dk, Dv] state in x ([B, H, Dk, Dv]) and its [Dk] partner in z; null for null.
+  template <typename T>
+  T* at(T* x, int64_t bh) const { return x ? x + bh * state_ : nullptr; }
+  template <typename T>
+  T* at_z(T* z, int64_t bh) const { return z ? z + bh * g_.Dk : nullptr; }
+
+  // Heads [bh, bh + G) of one batch row over steps [t0, t1).
+  void forward_item(int64_t bh, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
+                    bool outputs, acc_t* tiles) const {
+    const int64_t b = bh / g_.H, h = bh % g_.H;
+#ifdef SEQFUSE_CHUNKS_AVX2
+    if (use_avx2()) return chunked_forward_avx2(p_, b, h, G, t0, t1, S, z, outputs, tiles);
+#endif
+    chunked_forward_baseline(p_, b, h, G, t0, t1, S, z, outputs, tiles);
+  }
+  void backward_item(int64_t bh, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z, acc_t* W,
+                     acc_t* Wz, bool grads, acc_t* tiles) const {
+    const int64_t b = bh / g_.H, h = bh % g_.H;
+#ifdef SEQFUSE_CHUNKS_AVX2
+    if (use_avx2()) return chunked_backward_avx2(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
+#endif
+    chunked_backward_baseline(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
   }
 
-  // Rows [from, n) of P V' for one chunk (P: [C, C] tile, V': [n, Dv+1]), each summed
-  // over s <= r only, so no masked-out zero ever meets a non-finite value.
-  void causal_rows(const acc_t* p, int64_t C, const acc_t* vp, int64_t from, int64_t n,
-                   acc_t* num) const {
-    for (int64_t r = from; r < n; ++r) {
-      acc_t* out = num + r * dv1();
-      std::fill(out, out + dv1(), acc_t(0));
-      for (int64_t s = 0; s <= r; ++s) {
-        const acc_t a = p[r * C + s];
-        const acc_t* x = vp + s * dv1();
-        for (int64_t c = 0; c < dv1(); ++c) out[c] += a * x[c];
-      }
-    }
-  }
-
-  // The intra-chunk mask M_rs = gamma^(r-s) for s <= r, 0 above the diagonal, on an
-  // [n, n] tile.
-  void mask(acc_t* x, int64_t n, const Powers& gpow) const {
-    for (int64_t r = 0; r < n; ++r) {
-      if (decay) {
-        for (int64_t s = 0; s <= r; ++s) x[r * n + s] *= gpow[r - s];
-      }
-      std::fill(x + r * n + r + 1, x + (r + 1) * n, acc_t(0));
-    }
-  }
-  void mask(const at::Tensor& p, const Powers& gpow) const { mask(p.data_ptr<acc_t>(), p.size(0), gpow); }
-
-  // diag(gamma^(e_r)) X with e_r = r + 1 (reading the carried state) or n - 1 - r
-  // (writing it); X itself when there is no decay.
-  at::Tensor decayed(const at::Tensor& x, bool into_state, const Powers& gpow,
-                     const at::Tensor& buf) const {
-    if (!decay) return x;
-    const int64_t n = x.size(0), cols = x.size(1);
-    at::Tensor out = tile(buf, n, cols);
-    const acc_t* src = x.data_ptr<acc_t>();
-    acc_t* dst = out.data_ptr<acc_t>();
-    for (int64_t r = 0; r < n; ++r) {
-      const acc_t f = gpow[into_state ? n - 1 - r : r + 1];
-      for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = f * src[r * cols + c];
-    }
-    return out;
-  }
-
-  Powers powers(int64_t h) const {
-    Powers gpow;
-    gpow[0] = acc_t(1);
-    const acc_t gamma = decay ? decay[h] : acc_t(1);
-    for (size_t i = 1; i < gpow.size(); ++i) gpow[i] = gpow[i - 1] * gamma;
-    return gpow;
-  }
-
-  // S' = [S, z] from an [Dk, Dv] and a [Dk] source (zeros where null).
-  void load_state(const acc_t* S, const acc_t* z, int64_t bh, const at::Tensor& state) const {
-    acc_t* dst = state.data_ptr<acc_t>();
-    for (int64_t d = 0; d < geo.Dk; ++d) {
-      for (int64_t c = 0; c < geo.Dv; ++c) {
-        dst[d * dv1() + c] = S ? S[(bh * geo.Dk + d) * geo.Dv + c] : acc_t(0);
-      }
-      dst[d * dv1() + geo.Dv] = z ? z[bh * geo.Dk + d] : acc_t(0);
-    }
-  }
-
-  void store_state(const at::Tensor& state, int64_t bh, at::Tensor& S, at::Tensor& z) const {
-    const acc_t* src = state.data_ptr<acc_t>();
-    acc_t* s_out = S.data_ptr<acc_t>() + bh * geo.Dk * geo.Dv;
-    acc_t* z_out = z.data_ptr<acc_t>() + bh * geo.Dk;
-    for (int64_t d = 0; d < geo.Dk; ++d) {
-      std::copy_n(src + d * dv1(), geo.Dv, s_out + d * geo.Dv);
-      z_out[d] = src[d * dv1() + geo.Dv];
-    }
-  }
-
-  // S' <- gamma^n S' + (diag(gamma^(n-1-s)) phi(K))^T V'
-  void advance_state(at::Tensor& state, const at::Tensor& kf, const at::Tensor& vp,
-                     const Powers& gpow, Scratch& s) const {
-    state.addmm_(decayed(kf, true, gpow, s.rows).t(), vp, gpow[kf.size(0)], 1);
-  }
-
-  // One decoding step (T = 1) of head bh in one pass over its state, S0 straight into
-  // S_T with no matrix-product calls: S' <- gamma S' + phi(k) [v, 1]^T,
-  // o = scale phi(q)^T S' (/ den).
-  void forward_step(int64_t bh, scalar_t* o, acc_t* S_T, acc_t* z_T, acc_t* den) const {
-    const int64_t b = bh / geo.H, h = bh % geo.H, Dk = geo.Dk, Dv = geo.Dv;
-    const acc_t gamma = decay ? decay[h] : acc_t(1);
-    const acc_t* S_in = S0 ? S0 + bh * Dk * Dv : nullptr;
-    const acc_t* z_in = z0 ? z0 + bh * Dk : nullptr;
-    acc_t* S_out = S_T + bh * Dk * Dv;
-    acc_t* z_out = z_T + bh * Dk;
-    std::array<acc_t, kMaxHeadDim> vr, num{};
-    acc_t num_z = 0;
-    const scalar_t* v_row = v + geo.v_offset(b, 0, h);
-    for (int64_t c = 0; c < Dv; ++c) vr[c] = acc_t(v_row[c]);
-    const scalar_t* qr = q + geo.qk_offset(b, 0, h);
-    const scalar_t* kr = k + geo.qk_offset(b, 0, h);
-    for (int64_t d = 0; d < Dk; ++d) {
-      const acc_t kf = feature<F>(acc_t(kr[d])), qf = feature<F>(acc_t(qr[d]));
-      acc_t* row = S_out + d * Dv;
-      if (S_in) {
-        const acc_t* in = S_in + d * Dv;
-        for (int64_t c = 0; c < Dv; ++c) row[c] = gamma * in[c] + kf * vr[c];
-      } else {
-        for (int64_t c = 0; c < Dv; ++c) row[c] = kf * vr[c];
-      }
-      for (int64_t c = 0; c < Dv; ++c) num[c] += qf * row[c];
-      z_out[d] = gamma * (z_in ? z_in[d] : acc_t(0)) + kf;
-      num_z += qf * z_out[d];
-    }
-    const acc_t d = acc_t(opt.scale) * num_z + acc_t(opt.eps);
-    den[bh] = d;
-    const acc_t f = opt.normalize ? acc_t(opt.scale) / d : acc_t(opt.scale);
-    scalar_t* out = o + geo.v_offset(b, 0, h);
-    for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(num[c] * f);
-  }
-
-  // The forward for T > 1 over all (batch, head) pairs: see the top of this file.
-  // Chunk tiles are laid out chunk-major, [chunks][B * H][rows][cols], so that a
-  // shorter last segment is a prefix of the buffers.
-  void forward_chunked(scalar_t* o, at::Tensor& S_T, at::Tensor& z_T, acc_t* den) const {
-    const int64_t BH = geo.B * geo.H, Dk = geo.Dk, Dv1 = dv1(), T = geo.T;
-    if (BH == 0) return;
-    const int64_t C = std::max<int64_t>(1, std::min(kForwardChunk, T));
-    const int64_t per_chunk = BH * (C * (2 * Dk + 2 * Dv1 + C) + Dk * Dv1);
-    const int64_t max_chunks = std::max<int64_t>(1, kSegmentElements / per_chunk);
-    const int64_t nc = std::min(max_chunks, (T + C - 1) / C);
-    // One allocation carved into the tiles (64-byte aligned), advised onto huge pages
-    // before its first touch: at tens of MB, first-touch faults of 4 KiB pages cost
-    // about as much as the products themselves.
-    const int64_t items_max = nc * BH, align = 64 / int64_t(sizeof(acc_t));
-    const std::array<std::array<int64_t, 3>, 7> shapes = {{{items_max, C, Dk}, {items_max, C, Dk},
-        {items_max, C, Dv1}, {items_max, C, C}, {items_max, C, Dv1}, {items_max, Dk, Dv1}, {BH, Dk, Dv1}}};
-    int64_t total = 0;
-    for (const auto& sh : shapes) total += (sh[0] * sh[1] * sh[2] + align - 1) / align * align;
-    const at::Tensor scratch = at::empty({total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    advise_huge_pages(scratch);
-    int64_t used = 0;
-    auto carve = [&](int which) {
-      const auto& sh = shapes[which];
-      at::Tensor t = scratch.narrow(0, used, sh[0] * sh[1] * sh[2]).view({sh[0], sh[1], sh[2]});
-      used += (sh[0] * sh[1] * sh[2] + align - 1) / align * align;
-      return t;
+  // item(i, scratch) for every i < items, in parallel. Threads take the next item as
+  // they finish one rather than a fixed share, so that a thread slowed by other work on
+  // the machine does not leave the others waiting at the end.
+  template <typename Item>
+  void run_items(int64_t items, const Item& item) const {
+    std::atomic<int64_t> next{0};
+    auto work = [&](int64_t, int64_t) {
+      Scratch scratch(p_, split_.segments == 1 ? split_.heads : 1);
+      for (int64_t i = next++; i < items; i = next++) item(i, scratch);
     };
-    const at::Tensor qf = carve(0), kf = carve(1), vp = carve(2), p = carve(3), num = carve(4);
-    const at::Tensor upd = carve(5), state = carve(6);
-    for (int64_t bh = 0; bh < BH; ++bh) load_state(S0, z0, bh, state[bh]);
-    // Chunk tiles are a few tens of kFLOP to a few MFLOP each.
-    const int64_t grain = std::max<int64_t>(1, 4096 / (C * (Dk + Dv1)));
-    // Per chunk tile: the first local step whose v holds a NaN or an infinity, or C.
-    std::vector<int64_t> non_finite_from(items_max);
+    if (threads_ == 1) return work(0, 1);
+    at::parallel_for(0, std::min(items, threads_), 1, work);
+  }
 
-    for (int64_t t0 = 0; t0 < T; t0 += nc * C) {
-      const int64_t chunks = std::min(nc, (T - t0 + C - 1) / C), items = chunks * BH;
-      // Steps of chunk c of this segment (the last one may be short; rows past it are
-      // zero, so they add nothing to any product).
-      auto steps = [&](int64_t c) { return std::min(C, T - t0 - c * C); };
-      acc_t *qf_p = qf.data_ptr<acc_t>(), *kf_p = kf.data_ptr<acc_t>(), *vp_p = vp.data_ptr<acc_t>();
-      acc_t *p_p = p.data_ptr<acc_t>(), *num_p = num.data_ptr<acc_t>(), *upd_p = upd.data_ptr<acc_t>();
+  acc_t gamma(int64_t bh) const { return p_.decay ? p_.decay[bh % g_.H] : acc_t(1); }
 
-      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t c = i / BH, bh = i % BH, b = bh / geo.H, h = bh % geo.H, n = steps(c);
-          const int64_t t = t0 + c * C;
-          gather_feature(q + geo.qk_offset(b, t, h), Dk, n, qf_p + i * C * Dk);
-          gather_feature(k + geo.qk_offset(b, t, h), Dk, n, kf_p + i * C * Dk);
-          gather_values(v + geo.v_offset(b, t, h), n, vp_p + i * C * Dv1);
-          const int64_t f = first_non_finite_row(vp_p + i * C * Dv1, n);
-          non_finite_from[i] = f < n ? f : C;
-          std::fill(qf_p + (i * C + n) * Dk, qf_p + (i + 1) * C * Dk, acc_t(0));
-          std::fill(kf_p + (i * C + n) * Dk, kf_p + (i + 1) * C * Dk, acc_t(0));
-          std::fill(vp_p + (i * C + n) * Dv1, vp_p + (i + 1) * C * Dv1, acc_t(0));
+  // Steps 1 and 2 for S: X, Xz [BH, segments] get every segment's state at its start.
+  void carry_ins(const acc_t* S0, const acc_t* z0, std::vector<acc_t>& X,
+                 std::vector<acc_t>& Xz) const {
+    const int64_t segs = split_.segments, pieces = split_.pieces, Dk = g_.Dk;
+    // U, Uz [BH, segments - 1, pieces]: the increments of the pieces before the last segment.
+    const int64_t per_head = (segs - 1) * pieces;
+    std::vector<acc_t> U(BH_ * per_head * state_, acc_t(0)), Uz(BH_ * per_head * Dk, acc_t(0));
+    run_items(BH_ * per_head, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / per_head, j = i % per_head / pieces, k = i % pieces;
+      const int64_t t0 = split_.piece_begin(j, k), t1 = split_.piece_end(j, k);
+      if (t1 > t0) forward_item(bh, 1, t0, t1, U.data() + i * state_, Uz.data() + i * Dk, false, s.tiles);
+    });
+    X.resize(BH_ * segs * state_);
+    Xz.resize(BH_ * segs * Dk);
+    for (int64_t bh = 0; bh < BH_; ++bh) {  // elementwise and short: on this thread
+      acc_t* x = X.data() + bh * segs * state_;
+      acc_t* xz = Xz.data() + bh * segs * Dk;
+      load_states(at(S0, bh), at_z(z0, bh), 1, Dk, g_.Dv, x, xz);
+      for (int64_t j = 0; j + 1 < segs; ++j) {
+        std::copy_n(x + j * state_, state_, x + (j + 1) * state_);
+        std::copy_n(xz + j * Dk, Dk, xz + (j + 1) * Dk);
+        for (int64_t k = 0; k < pieces; ++k) {
+          const int64_t i = bh * per_head + j * pieces + k;
+          const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
+          carry(x + (j + 1) * state_, f, U.data() + i * state_, state_);
+          carry(xz + (j + 1) * Dk, f, Uz.data() + i * Dk, Dk);
         }
-      });
-      const at::Tensor qf_s = qf.narrow(0, 0, items), kf_s = kf.narrow(0, 0, items);
-      const at::Tensor vp_s = vp.narrow(0, 0, items);
-      at::Tensor p_s = p.narrow(0, 0, items), num_s = num.narrow(0, 0, items), upd_s = upd.narrow(0, 0, items);
-      at::bmm_out(p_s, qf_s, kf_s.transpose(1, 2));
+      }
+    }
+  }
 
-      // The mask on P; with decay, phi(Q) and phi(K) then take the factors of the
-      // carry-in read and of the state update (P has been formed from them already).
-      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const auto gpow = powers(i % BH % geo.H);
-          mask(p_p + i * C * C, C, gpow);
-          if (!decay) continue;
-          const int64_t n = steps(i / BH);
-          for (int64_t r = 0; r < n; ++r) {
-            scale_row(qf_p + (i * C + r) * Dk, Dk, gpow[r + 1]);
-            scale_row(kf_p + (i * C + r) * Dk, Dk, gpow[n - 1 - r]);
-          }
+  // Steps 1 and 2 for W: Y, Yz [BH, segments] get the gradient of every segment's state
+  // at its end.
+  void gradient_carry_ins(const acc_t* grad_S, const acc_t* grad_z, std::vector<acc_t>& Y,
+                          std::vector<acc_t>& Yz) const {
+    const int64_t segs = split_.segments, pieces = split_.pieces, Dk = g_.Dk;
+    // R, Rz [BH, segments - 1, pieces]: the increments of the pieces after the first segment.
+    const int64_t per_head = (segs - 1) * pieces;
+    std::vector<acc_t> R(BH_ * per_head * state_, acc_t(0)), Rz(BH_ * per_head * Dk, acc_t(0));
+    run_items(BH_ * per_head, [&](int64_t i, Scratch& s) {
+      const int64_t bh = i / per_head, j = 1 + i % per_head / pieces, k = i % pieces;
+      const int64_t t0 = split_.piece_begin(j, k), t1 = split_.piece_end(j, k);
+      if (t1 > t0) {
+        backward_item(bh, 1, t0, t1, nullptr, nullptr, R.data() + i * state_, Rz.data() + i * Dk,
+                      false, s.tiles);
+      }
+    });
+    Y.resize(BH_ * segs * state_);
+    Yz.resize(BH_ * segs * Dk);
+    for (int64_t bh = 0; bh < BH_; ++bh) {  // elementwise and short: on this thread
+      acc_t* y = Y.data() + bh * segs * state_;
+      acc_t* yz = Yz.data() + bh * segs * Dk;
+      load_states(at(grad_S, bh), at_z(grad_z, bh), 1, Dk, g_.Dv, y + (segs - 1) * state_,
+                  yz + (segs - 1) * Dk);
+      for (int64_t j = segs - 1; j > 0; --j) {
+        std::copy_n(y + j * state_, state_, y + (j - 1) * state_);
+        std::copy_n(yz + j * Dk, Dk, yz + (j - 1) * Dk);
+        for (int64_t k = pieces - 1; k >= 0; --k) {
+          const int64_t i = bh * per_head + (j - 1) * pieces + k;
+          const acc_t f = power(gamma(bh), split_.piece_end(j, k) - split_.piece_begin(j, k));
+          carry(y + (j - 1) * state_, f, R.data() + i * state_, state_);
+          carry(yz + (j - 1) * Dk, f, Rz.data() + i * Dk, Dk);
         }
-      });
-      at::bmm_out(upd_s, kf_s.transpose(1, 2), vp_s);
-      const bool all_finite = std::all_of(non_finite_from.begin(), non_finite_from.begin() + items,
-                                          [&](int64_t f) { return f == C; });
-      for (int64_t i = 0; i < items; ++i) {
-        const int64_t f = non_finite_from[i];
-        if (f < C) std::fill(vp_p + (i * C + f) * Dv1, vp_p + (i + 1) * C * Dv1, acc_t(0));
-      }
-      at::bmm_out(num_s, p_s, vp_s);
-      if (!all_finite) {
-        at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> values;
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t f = non_finite_from[i];
-            if (f == C) continue;
-            const int64_t c = i / BH, bh = i % BH, n = steps(c);
-            values.resize(n * Dv1);
-            gather_values(v + geo.v_offset(bh / geo.H, t0 + c * C, bh % geo.H), n, values.data());
-            causal_rows(p_p + i * C * C, C, values.data(), f, n, num_p + i * C * Dv1);
-          }
-        });
-      }
-
-      // The scan: U_c becomes X_c, the carry-in of chunk c, and the state moves on.
-      at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bh = begin; bh < end; ++bh) {
-          const auto gpow = powers(bh % geo.H);
-          acc_t* x = state.data_ptr<acc_t>() + bh * Dk * Dv1;
-          for (int64_t c = 0; c < chunks; ++c) {
-            const acc_t g = gpow[steps(c)];
-            acc_t* u = upd_p + (c * BH + bh) * Dk * Dv1;
-            for (int64_t e = 0; e < Dk * Dv1; ++e) {
-              const acc_t inc = u[e];
-              u[e] = x[e];
-              x[e] = g * x[e] + inc;
-            }
-          }
-        }
-      });
-      num_s.baddbmm_(qf_s, upd_s);
-
-      at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t c = i / BH, bh = i % BH;
-          write_outputs(num_p + i * C * Dv1, bh, t0 + c * C, steps(c), o, den);
-        }
-      });
-    }
-    for (int64_t bh = 0; bh < BH; ++bh) store_state(state[bh], bh, S_T, z_T);
-  }
-
-  // o and den of n steps from t0 out of their rows n' = [num, den - eps] / scale.
-  void write_outputs(const acc_t* nr, int64_t bh, int64_t t0, int64_t n, scalar_t* o, acc_t* den) const {
-    const int64_t b = bh / geo.H, h = bh % geo.H, Dv = geo.Dv;
-    for (int64_t r = 0; r < n; ++r, nr += dv1()) {
-      const acc_t d = acc_t(opt.scale) * nr[Dv] + acc_t(opt.eps);
-      den[bh * geo.T + t0 + r] = d;
-      const acc_t f = opt.normalize ? acc_t(opt.scale) / d : acc_t(opt.scale);
-      scalar_t* out = o + geo.v_offset(b, t0 + r, h);
-      for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(nr[c] * f);
-    }
-  }
-
-  static void scale_row(acc_t* x, int64_t n, acc_t f) {
-    for (int64_t j = 0; j < n; ++j) x[j] *= f;
-  }
-
-  // G rows for n steps from t0: [do / den, -(do . o) / den] or [do, 0].
-  void gather_output_grad(const scalar_t* grad_o, const scalar_t* o, const acc_t* den, int64_t bh,
-                          int64_t t0, int64_t n, const at::Tensor& out) const {
-    const int64_t b = bh / geo.H, h = bh % geo.H;
-    acc_t* dst = out.data_ptr<acc_t>();
-    for (int64_t r = 0; r < n; ++r, dst += dv1()) {
-      const scalar_t* gr = grad_o + geo.v_offset(b, t0 + r, h);
-      const scalar_t* orow = o + geo.v_offset(b, t0 + r, h);
-      const acc_t inv = opt.normalize ? acc_t(1) / den[bh * geo.T + t0 + r] : acc_t(1);
-      acc_t dot = 0;
-      for (int64_t c = 0; c < geo.Dv; ++c) {
-        dst[c] = acc_t(gr[c]) * inv;
-        dot += acc_t(gr[c]) * acc_t(orow[c]);
-      }
-      dst[geo.Dv] = opt.normalize ? -dot * inv : acc_t(0);
-    }
-  }
-
-  // dx = scale * grad_tile * phi'(x), written back as [B, T, H, D] rows.
-  void store_feature_grad(const at::Tensor& grad, const scalar_t* x, acc_t factor,
-                          scalar_t* dx) const {
-    const int64_t n = grad.size(0), D = grad.size(1);
-    const acc_t* src = grad.data_ptr<acc_t>();
-    for (int64_t r = 0; r < n; ++r, x += geo.H * D, dx += geo.H * D, src += D) {
-      if constexpr (F == FeatureMap::Elu1 && std::is_same_v<scalar_t, float>) {
-        // elu1'(x) = min(elu1(x), 1): 1 above zero, e^x below (NaN stays NaN).
-        float phi[kMaxHeadDim];
-        elu1_rows(x, phi, D);
-        for (int64_t d = 0; d < D; ++d) dx[d] = factor * src[d] * (phi[d] > 1.0f ? 1.0f : phi[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) dx[d] = scalar_t(factor * src[d] * feature_grad<F>(acc_t(x[d])));
       }
     }
   }
 
-  void backward(int64_t bh, Scratch& s, const scalar_t* grad_o, const acc_t* grad_S,
-                const acc_t* grad_z, const scalar_t* o, const acc_t* den, scalar_t* dq,
-                scalar_t* dk, scalar_t* dv, at::Tensor& dS0, at::Tensor& dz0) const {
-    const int64_t b = bh / geo.H, h = bh % geo.H, Dk = geo.Dk, Dv = geo.Dv;
-    const acc_t scale = acc_t(opt.scale);
-    const auto gpow = powers(h);
-    at::Tensor state = tile(s.state, Dk, dv1());
-
-    // Forward sweep: G, dphi(Q) = scale ((G V'^T . M) phi(K) + diag(gamma^(r+1)) G S'^T).
-    load_state(S0, z0, bh, state);
-    for (int64_t t0 = 0; t0 < geo.T; t0 += kChunk) {
-      const int64_t n = std::min(kChunk, geo.T - t0);
-      at::Tensor kf = tile(s.kf, n, Dk), vp = tile(s.vp, n, dv1()), gt = tile(s.g, n, dv1(), t0 * dv1());
-      at::Tensor dp = tile(s.p, n, n), dqf = tile(s.dx, n, Dk);
-      gather_feature(k + geo.qk_offset(b, t0, h), Dk, n, kf);
-      gather_values(v + geo.v_offset(b, t0, h), n, vp);
-      gather_output_grad(grad_o, o, den, bh, t0, n, gt);
-      at::mm_out(dp, gt, vp.t());
-      mask(dp, gpow);
-      at::mm_out(dqf, dp, kf);
-      dqf.addmm_(decayed(gt, false, gpow, s.rows), state.t());
-      store_feature_grad(dqf, q + geo.qk_offset(b, t0, h), scale, dq + geo.qk_offset(b, t0, h));
-      advance_state(state, kf, vp, gpow, s);
-    }
-
-    // Reverse sweep carrying W, the gradient of the state at the chunk's last step.
-    at::Tensor& w = state;
-    load_state(grad_S, grad_z, bh, w);
-    for (int64_t t0 = (geo.T - 1) / kChunk * kChunk; t0 >= 0 && geo.T > 0; t0 -= kChunk) {
-      const int64_t n = std::min(kChunk, geo.T - t0);
-      at::Tensor qf = tile(s.qf, n, Dk), kf = tile(s.kf, n, Dk), vp = tile(s.vp, n, dv1());
-      at::Tensor gt = tile(s.g, n, dv1(), t0 * dv1());
-      at::Tensor p = tile(s.p, n, n), dvp = tile(s.n, n, dv1()), dkf = tile(s.dx, n, Dk);
-      gather_feature(q + geo.qk_offset(b, t0, h), Dk, n, qf);
-      gather_feature(k + geo.qk_offset(b, t0, h), Dk, n, kf);
-      gather_values(v + geo.v_offset(b, t0, h), n, vp);
-
-      // dV' = scale (phi(Q) phi(K)^T . M)^T G + diag(gamma^(n-1-s)) phi(K) W
-      at::mm_out(p, qf, kf.t());
-      mask(p, gpow);
-      at::mm_out(dvp, decayed(kf, true, gpow, s.rows), w);
-      dvp.addmm_(p.t(), gt, 1, scale);
-      const acc_t* src = dvp.data_ptr<acc_t>();
-      for (int64_t r = 0; r < n; ++r, src += dv1()) {
-        scalar_t* dst = dv + geo.v_offset(b, t0 + r, h);
-        for (int64_t c = 0; c < Dv; ++c) dst[c] = scalar_t(src[c]);
-      }
-
-      // dphi(K) = scale (G V'^T . M)^T phi(Q) + diag(gamma^(n-1-s)) V' W^T
-      at::mm_out(p, gt, vp.t());
-      mask(p, gpow);
-      at::mm_out(dkf, decayed(vp, true, gpow, s.rows), w.t());
-      dkf.addmm_(p.t(), qf, 1, scale);
-      store_feature_grad(dkf, k + geo.qk_offset(b, t0, h), acc_t(1), dk + geo.qk_offset(b, t0, h));
-
-      // W <- gamma^n W + scale (diag(gamma^(r+1)) phi(Q))^T G
-      w.addmm_(decayed(qf, false, gpow, s.rows).t(), gt, gpow[n], scale);
-    }
-    store_state(w, bh, dS0, dz0);
-  }
+  const Problem& p_;
+  const LinearAttentionGeometry& g_;
+  const int64_t BH_, state_, threads_;
+  const Split split_;
 };
 
-// Calls fn(std::integral_constant<FeatureMap, F>{}) for the runtime feature map.
+// One decoding step (T = 1) of head bh in one pass over its state, S0 straight into
+// S_T: S' <- gamma S' + phi(k) [v, 1]^T, o = scale phi(q)^T S' (/ den).
+template <FeatureMap F, typename scalar_t, typename acc_t>
+void forward_step(const ChunkProblem<scalar_t, acc_t>& p, int64_t bh, const acc_t* S0,
+                  const acc_t* z0, acc_t* S_T, acc_t* z_T) {
+  const LinearAttentionGeometry& geo = p.geo;
+  const int64_t b = bh / geo.H, h = bh % geo.H, Dk = geo.Dk, Dv = geo.Dv;
+  const acc_t gamma = p.decay ? p.decay[h] : acc_t(1);
+  const acc_t* S_in = S0 ? S0 + bh * Dk * Dv : nullptr;
+  const acc_t* z_in = z0 ? z0 + bh * Dk : nullptr;
+  acc_t* S_out = S_T + bh * Dk * Dv;
+  acc_t* z_out = z_T + bh * Dk;
+  std::array<acc_t, kMaxHeadDim> vr, num{};
+  acc_t num_z = 0;
+  const scalar_t* v_row = p.v + geo.v_offset(b, 0, h);
+  for (int64_t c = 0; c < Dv; ++c) vr[c] = acc_t(v_row[c]);
+  const scalar_t* qr = p.q + geo.qk_offset(b, 0, h);
+  const scalar_t* kr = p.k + geo.qk_offset(b, 0, h);
+  for (int64_t d = 0; d < Dk; ++d) {
+    const acc_t kf = feature<F>(acc_t(kr[d])), qf = feature<F>(acc_t(qr[d]));
+    acc_t* row = S_out + d * Dv;
+    if (S_in) {
+      const acc_t* in = S_in + d * Dv;
+      for (int64_t c = 0; c < Dv; ++c) row[c] = gamma * in[c] + kf * vr[c];
+    } else {
+      for (int64_t c = 0; c < Dv; ++c) row[c] = kf * vr[c];
+    }
+    for (int64_t c = 0; c < Dv; ++c) num[c] += qf * row[c];
+    z_out[d] = gamma * (z_in ? z_in[d] : acc_t(0)) + kf;
+    num_z += qf * z_out[d];
+  }
+  const acc_t d = p.scale * num_z + p.eps;
+  p.den[bh] = d;
+  const acc_t f = p.normalize ? p.scale / d : p.scale;
+  scalar_t* out = p.o + geo.v_offset(b, 0, h);
+  for (int64_t c = 0; c < Dv; ++c) out[c] = scalar_t(num[c] * f);
+}
+
+// Calls fn(problem) with the problem of this call in its storage and accumulation types.
 template <typename Fn>
-void dispatch_feature_map(FeatureMap f, Fn&& fn) {
+void with_problem(const LinearAttentionGeometry& geo, const LinearAttentionOptions& opt,
+                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& decay, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_cpu", [&] {
+    using storage_t = typename Types<scalar_t>::storage;
+    using acc_t = typename Types<scalar_t>::acc;
+    ChunkProblem<storage_t, acc_t> p{};
+    p.geo = geo;
+    p.feature_map = opt.feature_map;
+    p.normalize = opt.normalize;
+    p.scale = acc_t(opt.scale);
+    p.eps = acc_t(opt.eps);
+    p.chunk = chunk_length(geo.Dk, geo.Dv);
+    p.decay = data_or_null<const acc_t>(decay);
+    p.q = data_or_null<const storage_t>(q);
+    p.k = data_or_null<const storage_t>(k);
+    p.v = data_or_null<const storage_t>(v);
+    fn(p);
+  });
+}
+
+template <typename Fn>
+void with_feature_map(FeatureMap f, Fn&& fn) {
   switch (f) {
     case FeatureMap::Elu1: return fn(std::integral_constant<FeatureMap, FeatureMap::Elu1>{});
     case FeatureMap::Relu: return fn(std::integral_constant<FeatureMap, FeatureMap::Relu>{});
@@ -516,74 +395,40 @@ void dispatch_feature_map(FeatureMap f, Fn&& fn) {
   }
 }
 
-// Calls fn(kernel) with the kernel for the runtime dtype and feature map.
-template <typename Fn>
-void with_kernel(const LinearAttentionGeometry& geo, const LinearAttentionOptions& opt,
-                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_cpu", [&] {
-    using storage_t = typename Types<scalar_t>::storage;
-    using acc_t = typename Types<scalar_t>::acc;
-    dispatch_feature_map(opt.feature_map, [&](auto fm) {
-      fn(Kernel<decltype(fm)::value, storage_t, acc_t>{
-          geo, opt,
-          reinterpret_cast<const storage_t*>(q.data_ptr()),
-          reinterpret_cast<const storage_t*>(k.data_ptr()),
-          reinterpret_cast<const storage_t*>(v.data_ptr()),
-          data_or_null<const acc_t>(decay), data_or_null<const acc_t>(S0), data_or_null<const acc_t>(z0)});
-    });
-  });
-}
-
-// Runs item(kernel, bh, scratch) for every (batch, head) in parallel, with ATen's
-// autograd machinery switched off for the scratch products.
-template <typename Item>
-void for_each_head(const LinearAttentionGeometry& geo, const LinearAttentionOptions& opt,
-                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
-                   bool backward, const Item& item) {
-  with_kernel(geo, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
-    using acc_t = typename std::decay_t<decltype(kernel)>::acc_type;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    // Heads with little work (decoding, T = 1) run on the calling thread: waking the
-    // pool costs more than they do.
-    const int64_t work = std::max<int64_t>(1, geo.T * (geo.Dk + 1) * (geo.Dv + 1));
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work);
-    at::parallel_for(0, geo.B * geo.H, grain, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode guard;
-      Scratch scratch(geo, acc, backward);
-      for (int64_t bh = begin; bh < end; ++bh) item(kernel, bh, scratch);
-    });
-  });
-}
-
-
 }  // namespace
 
 void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAttentionOptions& opt,
                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
                               at::Tensor& o, at::Tensor& S_T, at::Tensor& z_T, at::Tensor& den) {
-  if (g.T == 1) {
-    with_kernel(g, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
-      using K = std::decay_t<decltype(kernel)>;
-      using acc_t = typename K::acc_type;
+  if (g.B * g.H == 0) return;
+  with_problem(g, opt, q, k, v, decay, [&](auto& p) {
+    using P = std::decay_t<decltype(p)>;
+    using storage_t = std::remove_cv_t<std::remove_pointer_t<decltype(p.o)>>;
+    using acc_t = decltype(p.scale);
+    p.o = data_or_null<storage_t>(o);
+    p.den = data_or_null<acc_t>(den);
+    const acc_t *s0 = data_or_null<const acc_t>(S0), *z0p = data_or_null<const acc_t>(z0);
+    acc_t *sT = data_or_null<acc_t>(S_T), *zT = data_or_null<acc_t>(z_T);
+    if (g.T == 0) {
+      // The state passes through unchanged.
+      for (int64_t bh = 0; bh < g.B * g.H; ++bh) {
+        load_states(s0 ? s0 + bh * g.Dk * g.Dv : nullptr, z0p ? z0p + bh * g.Dk : nullptr, 1, g.Dk,
+                    g.Dv, sT + bh * g.Dk * g.Dv, zT + bh * g.Dk);
+      }
+    } else if (g.T == 1) {
       // About 32k state elements per task: below that, waking the pool costs more.
       const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.Dk * (g.Dv + 1)));
-      at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t bh = begin; bh < end; ++bh) {
-          kernel.forward_step(bh, data_or_null<typename K::storage_type>(o), data_or_null<acc_t>(S_T),
-                              data_or_null<acc_t>(z_T), data_or_null<acc_t>(den));
-        }
+      with_feature_map(opt.feature_map, [&](auto f) {
+        at::parallel_for(0, g.B * g.H, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t bh = begin; bh < end; ++bh) {
+            forward_step<decltype(f)::value>(p, bh, s0, z0p, sT, zT);
+          }
+        });
       });
-    });
-    return;
-  }
-  with_kernel(g, opt, q, k, v, decay, S0, z0, [&](const auto& kernel) {
-    using K = std::decay_t<decltype(kernel)>;
-    c10::InferenceMode guard;
-    kernel.forward_chunked(data_or_null<typename K::storage_type>(o), S_T, z_T,
-                           data_or_null<typename K::acc_type>(den));
+    } else {
+      Runner<storage_t, acc_t>(static_cast<const P&>(p)).forward(s0, z0p, sT, zT);
+    }
   });
 }
 
@@ -594,14 +439,20 @@ void linear_attention_backward(const LinearAttentionGeometry& g, const LinearAtt
                                const at::Tensor& decay, const at::Tensor& S0, const at::Tensor& z0,
                                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS0,
                                at::Tensor& dz0) {
-  for_each_head(g, opt, q, k, v, decay, S0, z0, true, [&](const auto& kernel, int64_t bh, Scratch& s) {
-    using K = std::decay_t<decltype(kernel)>;
-    using storage_t = typename K::storage_type;
-    using acc_t = typename K::acc_type;
-    kernel.backward(bh, s, data_or_null<const storage_t>(grad_o), data_or_null<const acc_t>(grad_S),
-                    data_or_null<const acc_t>(grad_z), data_or_null<const storage_t>(o),
-                    data_or_null<const acc_t>(den), data_or_null<storage_t>(dq), data_or_null<storage_t>(dk),
-                    data_or_null<storage_t>(dv), dS0, dz0);
+  if (g.B * g.H == 0) return;
+  with_problem(g, opt, q, k, v, decay, [&](auto& p) {
+    using storage_t = std::remove_cv_t<std::remove_pointer_t<decltype(p.o)>>;
+    using acc_t = decltype(p.scale);
+    p.grad_o = data_or_null<const storage_t>(grad_o);
+    p.o_saved = data_or_null<const storage_t>(o);
+    p.den_saved = data_or_null<const acc_t>(den);
+    p.dq = data_or_null<storage_t>(dq);
+    p.dk = data_or_null<storage_t>(dk);
+    p.dv = data_or_null<storage_t>(dv);
+    Runner<storage_t, acc_t>(p).backward(data_or_null<const acc_t>(S0), data_or_null<const acc_t>(z0),
+                                         data_or_null<const acc_t>(grad_S),
+                                         data_or_null<const acc_t>(grad_z), data_or_null<acc_t>(dS0),
+                                         data_or_null<acc_t>(dz0));
   });
 }
 
