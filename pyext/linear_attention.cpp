@@ -122,15 +122,6 @@ LinearAttentionGrads prepare_linear_attention_grads(
 
 namespace {
 
-// Packed sequences on the CPU: sequence n's stretch of the row, [1, length, H, D] (a
-// contiguous slice of a tensor with one row), and its rows of a per-sequence tensor.
-at::Tensor steps_of(const at::Tensor& t, const LinearAttentionGeometry::Span& s) {
-  return t.narrow(1, s.start, s.length);
-}
-at::Tensor state_of(const at::Tensor& t, int64_t n) {
-  return t.defined() ? t.narrow(0, n, 1) : t;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::string_view feature_map,
     bool normalize, const std::optional<at::Tensor>& decay, double scale,
@@ -146,26 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_linear_attenti
   at::Tensor S_T = at::empty({g.sequences(), g.H, g.Dk, g.Dv}, acc);
   at::Tensor z_T = at::empty({g.sequences(), g.H, g.Dk}, acc);
   at::Tensor den = at::empty({g.B, g.H, g.T}, acc);
-  if (!g.cu_seqlens) {
-    cpu::linear_attention_forward(g, opt, in.q, in.k, in.v, in.decay, in.S0, in.z0, o, S_T, z_T,
-                                  den);
-    return {o, S_T, z_T, den};
-  }
-  // Packed: one kernel call per sequence on its own stretch (parallel inside).
-  for (int64_t n = 0; n < g.N; ++n) {
-    const LinearAttentionGeometry::Span span = g.span(n);
-    at::Tensor S_n = state_of(S_T, n), z_n = state_of(z_T, n);
-    if (span.length == 0) {  // no steps: the state passes through
-      in.S0.defined() ? S_n.copy_(state_of(in.S0, n)) : S_n.zero_();
-      in.z0.defined() ? z_n.copy_(state_of(in.z0, n)) : z_n.zero_();
-      continue;
-    }
-    at::Tensor o_n = steps_of(o, span), den_n = at::empty({1, g.H, span.length}, acc);
-    cpu::linear_attention_forward({1, span.length, g.H, g.Dk, g.Dv}, opt, steps_of(in.q, span),
-                                  steps_of(in.k, span), steps_of(in.v, span), in.decay,
-                                  state_of(in.S0, n), state_of(in.z0, n), o_n, S_n, z_n, den_n);
-    den.narrow(2, span.start, span.length).copy_(den_n);
-  }
+  // Packed sequences too: the kernel reads the offsets (checked above) from geom.
+  cpu::linear_attention_forward(g, opt, in.q, in.k, in.v, in.decay, in.S0, in.z0, o, S_T, z_T,
+                                den);
   return {o, S_T, z_T, den};
 }
 
@@ -188,27 +162,8 @@ causal_linear_attention_backward_cpu(
   at::Tensor dq = at::empty_like(in.q), dk = at::empty_like(in.k), dv = at::empty_like(in.v);
   at::Tensor dS0 = at::empty({g.sequences(), g.H, g.Dk, g.Dv}, acc);
   at::Tensor dz0 = at::empty({g.sequences(), g.H, g.Dk}, acc);
-  if (!g.cu_seqlens) {
-    cpu::linear_attention_backward(g, opt, gr.grad_o, gr.grad_S, gr.grad_z, in.q, in.k, in.v,
-                                   gr.o, gr.den, in.decay, in.S0, in.z0, dq, dk, dv, dS0, dz0);
-    return {dq, dk, dv, dS0, dz0};
-  }
-  for (int64_t n = 0; n < g.N; ++n) {
-    const LinearAttentionGeometry::Span span = g.span(n);
-    at::Tensor dS_n = state_of(dS0, n), dz_n = state_of(dz0, n);
-    if (span.length == 0) {  // the state passed through: so does its gradient
-      gr.grad_S.defined() ? dS_n.copy_(state_of(gr.grad_S, n)) : dS_n.zero_();
-      gr.grad_z.defined() ? dz_n.copy_(state_of(gr.grad_z, n)) : dz_n.zero_();
-      continue;
-    }
-    at::Tensor dq_n = steps_of(dq, span), dk_n = steps_of(dk, span), dv_n = steps_of(dv, span);
-    cpu::linear_attention_backward(
-        {1, span.length, g.H, g.Dk, g.Dv}, opt, steps_of(gr.grad_o, span),
-        state_of(gr.grad_S, n), state_of(gr.grad_z, n), steps_of(in.q, span),
-        steps_of(in.k, span), steps_of(in.v, span), steps_of(gr.o, span),
-        gr.den.narrow(2, span.start, span.length).contiguous(), in.decay, state_of(in.S0, n),
-        state_of(in.z0, n), dq_n, dk_n, dv_n, dS_n, dz_n);
-  }
+  cpu::linear_attention_backward(g, opt, gr.grad_o, gr.grad_S, gr.grad_z, in.q, in.k, in.v, gr.o,
+                                 gr.den, in.decay, in.S0, in.z0, dq, dk, dv, dS0, dz0);
   return {dq, dk, dv, dS0, dz0};
 }
 

@@ -18,6 +18,11 @@
 // Step 1 costs about a third of step 3 per step covered (only the state products), and
 // its pieces are cut finer than the segments so that it too keeps every thread busy.
 // A decoding step (T = 1) is a plain loop per head over its state.
+//
+// Packed sequences (cu_seqlens): an item is a group of heads of one sequence, over that
+// sequence's stretch of the row, with the sequence's own states; items are taken
+// longest first, so that a long sequence does not start last. Sequences are not cut
+// into segments (a batch of them is already many items).
 #include "linear_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -74,7 +79,9 @@ struct Split {
   static constexpr int64_t kGroupStateBytes = 256 << 10;  // half of a typical L2
   int64_t T, heads, segments, segment_len, pieces, piece_len;
 
-  Split(int64_t B, int64_t H, int64_t T_, int64_t C, int64_t state_bytes, int64_t threads)
+  // B: sequences; segmentable: whether sequences may be cut (not when packed).
+  Split(int64_t B, int64_t H, int64_t T_, int64_t C, int64_t state_bytes, int64_t threads,
+        bool segmentable)
       : T(T_) {
     const int64_t chunks = (T + C - 1) / C, BH = B * H;
     heads = 1;
@@ -86,7 +93,7 @@ struct Split {
     }
     // Segments only where (batch, head) pairs alone leave threads idle, and of at least
     // two chunks each; enough that the items divide evenly over the threads.
-    segments = BH >= threads ? 1 : threads / std::gcd(BH, threads);
+    segments = BH >= threads || !segmentable ? 1 : threads / std::gcd(BH, threads);
     segments = std::max<int64_t>(1, std::min(segments, chunks / 2));
     segment_len = std::max<int64_t>(1, (chunks + segments - 1) / segments) * C;
     segments = std::max<int64_t>(1, (T + segment_len - 1) / segment_len);
@@ -133,17 +140,22 @@ class Runner {
   using Problem = ChunkProblem<scalar_t, acc_t>;
 
   explicit Runner(const Problem& p)
-      : p_(p), g_(p.geo), BH_(g_.B * g_.H), state_(g_.Dk * g_.Dv), threads_(threads(p)),
-        split_(g_.B, g_.H, g_.T, p.chunk, state_ * int64_t(sizeof(acc_t)), threads_) {}
+      : p_(p), g_(p.geo), BH_(g_.sequences() * g_.H), state_(g_.Dk * g_.Dv),
+        threads_(threads(p)),
+        split_(g_.sequences(), g_.H, g_.T, p.chunk, state_ * int64_t(sizeof(acc_t)), threads_,
+               g_.cu_seqlens == nullptr),
+        order_(longest_first(g_)) {}
 
   // S0, z0: initial state or null; S_T, z_T: the final state.
   void forward(const acc_t* S0, const acc_t* z0, acc_t* S_T, acc_t* z_T) const {
     if (split_.segments == 1) {
       const int64_t G = split_.heads;
       run_items(BH_ / G, [&](int64_t u, Scratch& s) {
-        const int64_t bh = u * G;
-        load_states(at(S0, bh), at_z(z0, bh), G, g_.Dk, g_.Dv, at(S_T, bh), at_z(z_T, bh));
-        forward_item(bh, G, 0, g_.T, at(S_T, bh), at_z(z_T, bh), true, s.tiles);
+        const Item it = item(u);
+        load_states(at(S0, it.sh), at_z(z0, it.sh), G, g_.Dk, g_.Dv, at(S_T, it.sh),
+                    at_z(z_T, it.sh));
+        forward_item(it.span.row, it.h, G, it.span.start, it.span.start + it.span.length,
+                     at(S_T, it.sh), at_z(z_T, it.sh), true, s.tiles);
       });
       return;
     }
@@ -156,7 +168,7 @@ class Runner {
       acc_t* S = last ? at(S_T, bh) : s.S;
       acc_t* z = last ? at_z(z_T, bh) : s.z;
       load_states(X.data() + i * state_, Xz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, S, z);
-      forward_item(bh, 1, split_.begin(j), split_.end(j), S, z, true, s.tiles);
+      forward_item(bh / g_.H, bh % g_.H, 1, split_.begin(j), split_.end(j), S, z, true, s.tiles);
     });
   }
 
@@ -166,10 +178,12 @@ class Runner {
     if (split_.segments == 1) {
       const int64_t G = split_.heads;
       run_items(BH_ / G, [&](int64_t u, Scratch& s) {
-        const int64_t bh = u * G;
-        load_states(at(S0, bh), at_z(z0, bh), G, g_.Dk, g_.Dv, s.S, s.z);
-        load_states(at(grad_S, bh), at_z(grad_z, bh), G, g_.Dk, g_.Dv, at(dS0, bh), at_z(dz0, bh));
-        backward_item(bh, G, 0, g_.T, s.S, s.z, at(dS0, bh), at_z(dz0, bh), true, s.tiles);
+        const Item it = item(u);
+        load_states(at(S0, it.sh), at_z(z0, it.sh), G, g_.Dk, g_.Dv, s.S, s.z);
+        load_states(at(grad_S, it.sh), at_z(grad_z, it.sh), G, g_.Dk, g_.Dv, at(dS0, it.sh),
+                    at_z(dz0, it.sh));
+        backward_item(it.span.row, it.h, G, it.span.start, it.span.start + it.span.length, s.S,
+                      s.z, at(dS0, it.sh), at_z(dz0, it.sh), true, s.tiles);
       });
       return;
     }
@@ -184,7 +198,8 @@ class Runner {
       acc_t* W = j == 0 ? at(dS0, bh) : s.W;
       acc_t* Wz = j == 0 ? at_z(dz0, bh) : s.Wz;
       load_states(Y.data() + i * state_, Yz.data() + i * g_.Dk, 1, g_.Dk, g_.Dv, W, Wz);
-      backward_item(bh, 1, split_.begin(j), split_.end(j), s.S, s.z, W, Wz, true, s.tiles);
+      backward_item(bh / g_.H, bh % g_.H, 1, split_.begin(j), split_.end(j), s.S, s.z, W, Wz,
+                    true, s.tiles);
     });
   }
 
@@ -218,33 +233,57 @@ class Runner {
   template <typename T>
   T* at_z(T* z, int64_t bh) const { return z ? z + bh * g_.Dk : nullptr; }
 
-  // Heads [bh, bh + G) of one batch row over steps [t0, t1).
-  void forward_item(int64_t bh, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
+  // Sequences, longest first (packed), or the batch rows in order.
+  static std::vector<int64_t> longest_first(const LinearAttentionGeometry& g) {
+    std::vector<int64_t> order(g.sequences());
+    std::iota(order.begin(), order.end(), int64_t(0));
+    if (g.cu_seqlens) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return g.span(a).length > g.span(b).length;
+      });
+    }
+    return order;
+  }
+
+  // Whole-sequence item u: heads [h, h + G) of sequence n (its steps: span), whose
+  // states start at sh = n * H + h.
+  struct Item {
+    int64_t h, sh;
+    LinearAttentionGeometry::Span span;
+  };
+  Item item(int64_t u) const {
+    const int64_t groups = g_.H / split_.heads;
+    const int64_t n = order_[u / groups], h = u % groups * split_.heads;
+    return {h, n * g_.H + h, g_.span(n)};
+  }
+
+  // Heads [h, h + G) of batch row b over steps [t0, t1).
+  void forward_item(int64_t b, int64_t h, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
                     bool outputs, acc_t* tiles) const {
-    const int64_t b = bh / g_.H, h = bh % g_.H;
+    if (t1 <= t0) return;
 #ifdef SEQFUSE_CHUNKS_AVX2
     if (use_avx2()) return chunked_forward_avx2(p_, b, h, G, t0, t1, S, z, outputs, tiles);
 #endif
     chunked_forward_baseline(p_, b, h, G, t0, t1, S, z, outputs, tiles);
   }
-  void backward_item(int64_t bh, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z, acc_t* W,
-                     acc_t* Wz, bool grads, acc_t* tiles) const {
-    const int64_t b = bh / g_.H, h = bh % g_.H;
+  void backward_item(int64_t b, int64_t h, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
+                     acc_t* W, acc_t* Wz, bool grads, acc_t* tiles) const {
+    if (t1 <= t0) return;
 #ifdef SEQFUSE_CHUNKS_AVX2
     if (use_avx2()) return chunked_backward_avx2(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
 #endif
     chunked_backward_baseline(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
   }
 
-  // item(i, scratch) for every i < items, in parallel. Threads take the next item as
+  // fn(i, scratch) for every i < items, in parallel. Threads take the next item as
   // they finish one rather than a fixed share, so that a thread slowed by other work on
   // the machine does not leave the others waiting at the end.
-  template <typename Item>
-  void run_items(int64_t items, const Item& item) const {
+  template <typename Fn>
+  void run_items(int64_t items, const Fn& fn) const {
     std::atomic<int64_t> next{0};
     auto work = [&](int64_t, int64_t) {
       Scratch scratch(p_, split_.segments == 1 ? split_.heads : 1);
-      for (int64_t i = next++; i < items; i = next++) item(i, scratch);
+      for (int64_t i = next++; i < items; i = next++) fn(i, scratch);
     };
     if (threads_ == 1) return work(0, 1);
     at::parallel_for(0, std::min(items, threads_), 1, work);
@@ -262,7 +301,10 @@ class Runner {
     run_items(BH_ * per_head, [&](int64_t i, Scratch& s) {
       const int64_t bh = i / per_head, j = i % per_head / pieces, k = i % pieces;
       const int64_t t0 = split_.piece_begin(j, k), t1 = split_.piece_end(j, k);
-      if (t1 > t0) forward_item(bh, 1, t0, t1, U.data() + i * state_, Uz.data() + i * Dk, false, s.tiles);
+      if (t1 > t0) {
+        forward_item(bh / g_.H, bh % g_.H, 1, t0, t1, U.data() + i * state_, Uz.data() + i * Dk,
+                     false, s.tiles);
+      }
     });
     X.resize(BH_ * segs * state_);
     Xz.resize(BH_ * segs * Dk);
@@ -295,8 +337,8 @@ class Runner {
       const int64_t bh = i / per_head, j = 1 + i % per_head / pieces, k = i % pieces;
       const int64_t t0 = split_.piece_begin(j, k), t1 = split_.piece_end(j, k);
       if (t1 > t0) {
-        backward_item(bh, 1, t0, t1, nullptr, nullptr, R.data() + i * state_, Rz.data() + i * Dk,
-                      false, s.tiles);
+        backward_item(bh / g_.H, bh % g_.H, 1, t0, t1, nullptr, nullptr, R.data() + i * state_,
+                      Rz.data() + i * Dk, false, s.tiles);
       }
     });
     Y.resize(BH_ * segs * state_);
@@ -323,6 +365,7 @@ class Runner {
   const LinearAttentionGeometry& g_;
   const int64_t BH_, state_, threads_;
   const Split split_;
+  const std::vector<int64_t> order_;
 };
 
 // One decoding step (T = 1) of head bh in one pass over its state, S0 straight into
@@ -410,7 +453,9 @@ void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAtte
     p.den = data_or_null<acc_t>(den);
     const acc_t *s0 = data_or_null<const acc_t>(S0), *z0p = data_or_null<const acc_t>(z0);
     acc_t *sT = data_or_null<acc_t>(S_T), *zT = data_or_null<acc_t>(z_T);
-    if (g.T == 0) {
+    if (g.cu_seqlens) {
+      Runner<storage_t, acc_t>(static_cast<const P&>(p)).forward(s0, z0p, sT, zT);
+    } else if (g.T == 0) {
       // The state passes through unchanged.
       for (int64_t bh = 0; bh < g.B * g.H; ++bh) {
         load_states(s0 ? s0 + bh * g.Dk * g.Dv : nullptr, z0p ? z0p + bh * g.Dk : nullptr, 1, g.Dk,

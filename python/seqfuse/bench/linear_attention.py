@@ -10,7 +10,7 @@ causal halves of the intra-chunk products: per step 4*Dk*Dv (reading the state a
 updating it) + 65*(Dk + Dv) (the lower triangle of phi(Q) phi(K)^T and its product
 with V); forward+backward three times that. The count is the same for every
 implementation of a row, so their rates compare (seqfuse's CPU kernel runs 64-step
-chunks from D = 128 and 32-step ones below, where it does a little less). Bytes are q,
+chunks from D = 128 and 16-step ones below, where it does a little less). Bytes are q,
 k, v read and o written once (twice that for fwd+bwd). On the CPU, seqfuse is also
 timed on one thread (seqfuse_1thread_ms, x_threads = its ratio to the run's thread
 count), and rows with another feature map or the normaliser get x_identity, their
