@@ -36,15 +36,17 @@ struct ScanGeometry {
 };
 
 // The affine map x -> A x + B that a stretch of the recurrence applies to its
-// carry-in. `then` composes: first *this, then `next`.
+// carry-in. `then` composes: first *this, then `next`; that equals the recurrence only
+// while the maps are finite (csrc/cuda/scan.cu), and there is no identity map to start
+// from: {1, 0} would multiply an infinite A by 0.
 template <typename acc_t>
 struct Affine {
   acc_t A, B;
-  SEQFUSE_HD static Affine identity() { return {acc_t(1), acc_t(0)}; }
   SEQFUSE_HD Affine then(const Affine& next) const {
     return {next.A * A, next.A * B + next.B};
   }
   SEQFUSE_HD acc_t apply(acc_t x) const { return A * x + B; }
+  SEQFUSE_HD bool finite() const { return is_finite(A) && is_finite(B); }
 };
 
 }  // namespace seqfuse
