@@ -3,6 +3,7 @@ SPACES loss, taylor_softmax and entropy_normalize against their plain-PyTorch
 references."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -464,6 +465,37 @@ def test_taylor_softmax_matches_reference(device, order):
         assert_close(dx, dx_ref, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", [2, 6, 64])
+def test_taylor_softmax_of_huge_finite_inputs_is_finite(device, dtype, order):
+    # f_n(x) ~ x^n / n! passes the accumulation type's range long before x does (float32:
+    # f_2 overflows from |x| ~ 2^64, so f_2(float32 max) = inf); the sum of a row then
+    # went inf and p = inf / inf = NaN, where the float64 maths has a finite p. Such rows
+    # are normalised in scaled terms now. Rows 0-1 overflow; row 2 holds an inf (NaN
+    # there, 0 elsewhere, as in the reference); row 3 is ordinary.
+    if runs_cuda_kernels(device) and dtype == torch.float64:
+        pytest.skip("no float64 CUDA kernels")
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, 0.0, -big, 1.0, big / 2],
+                      [big / 4, -big / 2, 3.0, big / 4, -1.0],
+                      [math.inf, 1.0, 2.0, -3.0, 0.5],
+                      [0.5, -1.0, 2.0, 0.0, 1.5]], dtype=torch.float64).to(dtype).double()
+    p, dx, g = _fwd_bwd(seqfuse.taylor_softmax, x.to(device, dtype), order)
+    p_ref, dx_ref, _ = _fwd_bwd(reference.taylor_softmax, x, order, grad=g.cpu().double())
+    assert torch.isfinite(p[:2]).all() and torch.isfinite(dx[:2]).all()
+    assert_close(p, p_ref, dtype, equal_nan=True)
+    assert_close(dx, dx_ref, dtype, equal_nan=True)
+    # The reference scales its rows for this (float64 overflows too: f_64(2^128)): its
+    # rows 0-1 against exact rationals.
+    def f(v):
+        return sum(Fraction(v) ** m / math.factorial(m) for m in range(order + 1))
+    for r in (0, 1):
+        S = sum(f(v) for v in x[r].tolist())
+        exact = torch.tensor([float(f(v) / S) for v in x[r].tolist()], dtype=torch.float64)
+        assert_close(p_ref[r], exact, torch.float64)
+
+
 def _entropy(p):
     return -(torch.where(p > 0, p * torch.log(p), 0.0)).sum(-1)
 
@@ -624,15 +656,15 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="V \\(2\\) must be at least k"):
         torch.ops.seqfuse.topk_softmax_backward(torch.ones_like(probs), probs, idx, 2)
     ce_backward = torch.ops.seqfuse.sparse_softmax_cross_entropy_backward
+    lse = torch.ones(4, 2)  # (max, log of the sum) per row
     with pytest.raises(ValueError, match="grad_loss must be a floating point \\[N\\]"):
-        ce_backward(torch.ones(3), x, target, torch.ones(4), idx, -100)
-    with pytest.raises(ValueError, match="lse must be a floating point \\[N\\]"):
-        ce_backward(torch.ones(4), x, target, torch.ones(5), idx, -100)
+        ce_backward(torch.ones(3), x, target, lse, idx, -100)
+    with pytest.raises(ValueError, match="lse must be a floating point \\[N, 2\\]"):
+        ce_backward(torch.ones(4), x, target, torch.ones(4), idx, -100)
     with pytest.raises(ValueError, match="indices must lie in"):
-        ce_backward(torch.ones(4), x, target, torch.ones(4), -idx - 1, -100)
+        ce_backward(torch.ones(4), x, target, lse, -idx - 1, -100)
     with pytest.raises(ValueError, match="indices must be \\[N, k\\] with k < V"):
-        ce_backward(torch.ones(4), x, target, torch.ones(4), torch.zeros(4, 10, dtype=torch.long),
-                    -100)
+        ce_backward(torch.ones(4), x, target, lse, torch.zeros(4, 10, dtype=torch.long), -100)
 
 
 def test_empty_inputs():
@@ -672,17 +704,34 @@ def test_torch_compile_has_no_graph_break():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: p = exp(x - lse) with lse rounded to "
-                   "the accumulation type loses log(sum) for large logits (issue 15 note)")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_logits_keep_their_probabilities(device, dtype):
-    # Two equal logits far from zero share the mass: p = 1/2 each, loss log 2.
+@pytest.mark.parametrize("k", [2, 3])  # the top-k paths and the whole row
+def test_large_logits_keep_their_probabilities(device, dtype, k):
+    # Two equal logits far from zero share the mass: p = 1/2 each, loss log 2, gradient
+    # (-1/2, 1/2, 0). The kernels once took p = exp(x - lse) with lse = m + log s rounded
+    # to the accumulation type, which lost log s to the rounding of m: p = 1 for both at
+    # 1e10 in float32, and a loss of 0. They keep m and s apart now; so does the LM-head
+    # loss, which shares the maths.
     if runs_cuda_kernels(device) and dtype == torch.float64:
         pytest.skip("no float64 CUDA kernels")
-    big = 1e10 if dtype == torch.float32 else 1e18
-    x = torch.tensor([[big, big, 0.0]], dtype=dtype, device=device)
-    assert_close(seqfuse.sparse_softmax(x, 2), torch.tensor([[0.5, 0.5, 0.0]]), dtype)
-    assert_close(seqfuse.topk_softmax(x, 2)[0], torch.tensor([[0.5, 0.5]]), dtype)
-    loss = seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([0], device=device), 2)
-    assert_close(loss, torch.tensor(math.log(2.0)), dtype)
+    for big in (1e10, 2.0**100, torch.finfo(dtype).max, -1e10):
+        x = torch.tensor([[big, big, 0.0 if big > 0 else 2 * big]], dtype=dtype, device=device)
+        half = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+        assert_close(seqfuse.sparse_softmax(x, k), half, dtype)
+        assert_close(seqfuse.topk_softmax(x, k)[0], half[:, :k], dtype)
+        logits = x.clone().requires_grad_()
+        loss = seqfuse.sparse_softmax_cross_entropy(logits, torch.tensor([0], device=device), k)
+        assert_close(loss, torch.tensor(math.log(2.0), dtype=torch.float64), dtype)
+        loss.backward()
+        assert_close(logits.grad, torch.tensor([[-0.5, 0.5, 0.0]], dtype=torch.float64), dtype)
+    if runs_cuda_kernels(device) or dtype == torch.float32:
+        return  # the LM head: once, in float64 on the CPU
+    hidden = torch.tensor([[1e10], [-1e10]], dtype=dtype, requires_grad=True)
+    weight = torch.tensor([[1.0], [1.0], [0.0], [0.5]], dtype=dtype)
+    for k_head in (2, 4):  # the sparse path and the dense one
+        loss = seqfuse.linear_sparse_softmax_cross_entropy(hidden, weight, torch.tensor([1, 2]),
+                                                           k_head, reduction="none")
+        assert_close(loss, torch.tensor([math.log(2.0), 0.0], dtype=dtype), dtype)
+        (dh,) = torch.autograd.grad(loss[0], hidden)
+        assert_close(dh, torch.tensor([[0.0], [0.0]], dtype=dtype), dtype)

@@ -210,7 +210,8 @@ def _cross_entropy_fake(logits, target, k, ignore_index):
     N, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     indices = logits.new_empty((N, k if k < V else 0), dtype=torch.int64)
-    return logits.new_empty((N,), dtype=acc), logits.new_empty((N,), dtype=acc), indices
+    # lse [N, 2]: the kept log-sum-exp as (max, log of the sum), kept apart for precision.
+    return logits.new_empty((N,), dtype=acc), logits.new_empty((N, 2), dtype=acc), indices
 
 
 @torch.library.register_fake("seqfuse::sparse_softmax_cross_entropy_backward")

@@ -46,13 +46,16 @@ def sparse_softmax_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """``logsumexp(topk(s)) - s_target`` (see ``seqfuse.sparse_softmax_cross_entropy``)."""
+    """``logsumexp(topk(s)) - s_target`` (see ``seqfuse.sparse_softmax_cross_entropy``).
+
+    Ignored rows are left out before anything is computed: masking their loss afterwards
+    would send 0 * NaN = NaN into the gradient of a row holding a NaN or an infinity."""
     s = _acc(logits)
     keep = target != ignore_index
-    safe_target = torch.where(keep, target, 0)
-    values, _ = _stable_topk(s, min(k, s.shape[-1]))
-    loss = torch.logsumexp(values, dim=-1) - s.gather(-1, safe_target[:, None])[:, 0]
-    loss = torch.where(keep, loss, 0.0)
+    rows = s[keep]
+    values, _ = _stable_topk(rows, min(k, s.shape[-1]))
+    kept = torch.logsumexp(values, dim=-1) - rows.gather(-1, target[keep][:, None])[:, 0]
+    loss = s.new_zeros(keep.shape).masked_scatter(keep, kept)
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
@@ -61,9 +64,18 @@ def sparse_softmax_cross_entropy(
 
 
 def taylor_softmax(x: torch.Tensor, order: int = 2, dim: int = -1) -> torch.Tensor:
-    """``f_n(x_i) / sum_j f_n(x_j)``, ``f_n(x) = sum_{m<=n} x^m / m!``."""
+    """``f_n(x_i) / sum_j f_n(x_j)``, ``f_n(x) = sum_{m<=n} x^m / m!``.
+
+    Each row is divided by ``c^n``, ``c = max(1, max_j |x_j|)`` (p does not change), so
+    that ``f_n`` of a large finite x, which passes the float range long before x does,
+    stays finite: ``f_n(x) / c^n = sum_m (x/c)^m c^(m-n) / m!``. A row with a NaN or an
+    infinity is taken as it is (c = 1): NaN where f_n is inf or NaN, as in the plain sum.
+    """
     xs = _acc(x)
-    f = sum(xs**m / math.factorial(m) for m in range(order + 1))
+    c = xs.detach().abs().amax(dim, keepdim=True).clamp(min=1) if xs.numel() else xs.new_ones(())
+    c = torch.where(torch.isfinite(c), c, 1.0)
+    u = xs / c
+    f = sum(u**m * c ** (m - order) / float(math.factorial(m)) for m in range(order + 1))
     return (f / f.sum(dim, keepdim=True)).to(x.dtype)
 
 
