@@ -735,3 +735,24 @@ def test_large_logits_keep_their_probabilities(device, dtype, k):
         assert_close(loss, torch.tensor([math.log(2.0), 0.0], dtype=dtype), dtype)
         (dh,) = torch.autograd.grad(loss[0], hidden)
         assert_close(dh, torch.tensor([[0.0], [0.0]], dtype=dtype), dtype)
+
+
+def test_reference_loss_leaves_ignored_rows_out():
+    # An ignored row counts for nothing, not even 0 * NaN: the reference masked the
+    # loss after computing it, so a NaN or an infinity in an ignored row made its
+    # gradient NaN (the kernels give 0); and it failed on V = 0 (a gather from an empty
+    # row), where every target is ignore_index.
+    logits = torch.randn(3, 6, dtype=torch.float64)
+    logits[1, 2] = math.nan
+    logits[2, 0] = math.inf
+    target = torch.tensor([0, -100, -100])
+    for fn in (seqfuse.sparse_softmax_cross_entropy, reference.sparse_softmax_cross_entropy):
+        for k in (2, 6):
+            x = logits.clone().requires_grad_()
+            loss = fn(x, target, k, reduction="sum")
+            (dx,) = torch.autograd.grad(loss, x)
+            assert torch.isfinite(loss) and torch.isfinite(dx).all(), fn
+            assert (dx[1:] == 0).all(), fn
+        empty = torch.zeros(2, 0, dtype=torch.float64, requires_grad=True)
+        loss = fn(empty, torch.tensor([-100, -100]), 3, reduction="none")
+        assert torch.equal(loss, torch.zeros(2, dtype=torch.float64)), fn
