@@ -529,6 +529,43 @@ def test_entropy_normalize_any_dim_and_scalar_target():
     assert_close(out.sum(0), torch.ones(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_normalize_float_target_keeps_its_precision_and_iters_0_is_identity(device):
+    # A Python float target became a default (float32) tensor, so float64 rows were
+    # moved to a target off by ~1e-8 (1.3 is not a float32); the converged entropy now
+    # matches it to float64's precision. With iters = 0 the op is the identity, and its
+    # gradient passed only through p's non-zeros (the convention of iters >= 1, where a
+    # zero stays zero whatever p is); it passes everywhere now.
+    dtype = _dtype(device)
+    p = torch.softmax(torch.randn(4, 30, dtype=torch.float64), -1)
+    p[:, :5] = 0
+    p = (p / p.sum(-1, keepdim=True)).to(dtype)
+    out = seqfuse.entropy_normalize(p.to(device), 1.3, iters=12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(_entropy(out.double().cpu()), torch.full((4,), 1.3, dtype=torch.float64),
+                 dtype, rtol=tol, atol=tol)
+    x = p.to(device).requires_grad_()
+    same = seqfuse.entropy_normalize(x, 1.3, iters=0)
+    assert_close(same, p, dtype)
+    g = torch.randn(4, 30, dtype=torch.float64).to(device, dtype)
+    (dx,) = torch.autograd.grad(same, x, g)
+    assert torch.equal(dx, g)
+
+
+def test_entropy_normalize_reference_survives_an_underflowing_step():
+    # A far target sends Newton's first step to a near one-hot row and the next into an
+    # entry below the smallest float64: the reference then took 0 * log 0 = NaN, where
+    # the maths (and the kernels, which carry logs) give a finite row. It carries logs now.
+    p = torch.tensor([[0.9935976598788216, 0.006402340121178388]], dtype=torch.float64)
+    target = math.log(2) * 0.875
+    for fn in (seqfuse.entropy_normalize, reference.entropy_normalize):
+        x = p.clone().requires_grad_()
+        out = fn(x, target, iters=3)
+        (dx,) = torch.autograd.grad(out, x, torch.tensor([[0.3, -0.7]], dtype=torch.float64))
+        assert torch.equal(out, torch.tensor([[1.0, 0.0]], dtype=torch.float64)), fn
+        assert torch.isfinite(dx).all(), fn
+
+
 # gradients of the kernels themselves, float64
 
 

@@ -9,8 +9,7 @@
 //   SPACES loss:     L = (m - x_t) + log s,   dL/dx_i = p_i [i in Omega_k] - [i == t]
 //   Taylor softmax:  f_n(x) = sum_{m<=n} x^m / m!,  p_i = f_n(x_i) / S,  S = sum_j f_n(x_j)
 //                    dx_i = f_{n-1}(x_i) / S * (g_i - sum_j g_j p_j)
-//            (a row whose S overflows while every x is finite is taken in scaled terms:
-//            TaylorRow below)
+//            (a row whose S is not finite is taken in scaled terms: TaylorRow below)
 //   entropy normalisation, one Newton step on q (L_i = log q_i over q_i != 0):
 //                    H = -sum q L,  M = sum q L^2,  D = H^2 - M,  u = (H* - H) / D,
 //                    gamma = 1 + u,  q'_i = exp(gamma L_i) / sum_j exp(gamma L_j)
@@ -102,7 +101,7 @@ struct Taylor {
 // f_n(x) and f_{n-1}(x) as (f, df) * 2^(32 e), e >= 0: the terms are scaled down by 2^-32
 // whenever one passes 1 in magnitude, so that nothing overflows for any finite x (f_n
 // itself passes float32's range from |x| ~ 2^64 at n = 2, and from 2^14 at n = 8).
-// Below that the result is Taylor's, e = 0.
+// Below that the result is Taylor's, e = 0. x must be finite.
 template <typename acc_t>
 struct ScaledTaylor {
   acc_t f, df;
@@ -133,26 +132,32 @@ SEQFUSE_HD acc_t scale_down_pow2_32(acc_t v, int n) {
 }
 
 // The normaliser of one row of the Taylor softmax. Plain: S = sum_j f_n(x_j). Where that
-// overflows (+inf, or NaN from inf - inf between the terms of a negative x) with every x_j
-// finite, the maths still has a finite p (f_2(float32 max) is finite in float64), so the
-// row is taken in ScaledTaylor's terms:
-// E = max_j e_j, S = sum_j f_j 2^(32 (e_j - E)), and entry i's f, df are scaled by
-// 2^(32 (e_i - E)) to match. (An infinite x keeps the plain form: f = inf or NaN, as the
-// reference has it.)
+// is not finite, the maths may still have a finite p: the sum overflows (+inf, or NaN
+// from inf - inf between the terms of a negative x) while the f_n are finite in the
+// maths (f_2(float32 max) is, in float64), or an x is +inf, which makes p 0 at every
+// finite x. Such a row is taken in ScaledTaylor's terms: E = max_j e_j over the finite
+// x_j, each finite entry's f, df scaled by 2^(32 (e_i - E)), S their sum. An infinite or
+// NaN x keeps the plain f_n (inf for +inf; NaN for -inf, inf - inf between its terms, and
+// for NaN), so S is inf or NaN as in the plain sum, and p is NaN there, 0 elsewhere.
 template <typename acc_t>
 struct TaylorRow {
   int order;
   bool scaled;
   int E;
   acc_t S;
+  // Entry x's f_n in the row's scale.
+  SEQFUSE_HD acc_t term(acc_t x) const { return scaled_at(x).f; }
   // (p_i, f_{n-1}(x_i) / S) of entry x.
   SEQFUSE_HD Taylor<acc_t> normalised(acc_t x) const {
-    if (!scaled) {
-      const Taylor<acc_t> t = Taylor<acc_t>::at(x, order);
-      return {t.f / S, t.df / S};
-    }
+    const Taylor<acc_t> t = scaled_at(x);
+    return {t.f / S, t.df / S};
+  }
+
+ private:
+  SEQFUSE_HD Taylor<acc_t> scaled_at(acc_t x) const {
+    if (!scaled || !(x - x == acc_t(0))) return Taylor<acc_t>::at(x, order);
     const ScaledTaylor<acc_t> t = ScaledTaylor<acc_t>::at(x, order);
-    return {scale_down_pow2_32(t.f, E - t.e) / S, scale_down_pow2_32(t.df, E - t.e) / S};
+    return {scale_down_pow2_32(t.f, E - t.e), scale_down_pow2_32(t.df, E - t.e)};
   }
 };
 

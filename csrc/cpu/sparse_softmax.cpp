@@ -339,25 +339,20 @@ void cross_entropy_backward_kernel(const typename Types<scalar_t>::acc* grad_los
   });
 }
 
-// The row's TaylorRow (csrc/common/row_softmax.h): the plain sum, or the scaled one where
-// it overflows (to inf, or NaN through inf - inf among the terms) with every entry finite.
+// The row's TaylorRow (csrc/common/row_softmax.h): the plain sum, or the scaled one
+// where that is not finite.
 template <typename acc_t, typename scalar_t>
 TaylorRow<acc_t> taylor_row(const scalar_t* row, int64_t V, int order) {
   TaylorRow<acc_t> t{order, false, 0, acc_t(0)};
   for (int64_t i = 0; i < V; ++i) t.S += Taylor<acc_t>::at(acc_t(row[i]), order).f;
   if (std::isfinite(t.S)) return t;
-  for (int64_t i = 0; i < V; ++i) {
-    if (!std::isfinite(acc_t(row[i]))) return t;
-  }
   t.scaled = true;
   for (int64_t i = 0; i < V; ++i) {
-    t.E = std::max(t.E, ScaledTaylor<acc_t>::at(acc_t(row[i]), order).e);
+    const acc_t x = acc_t(row[i]);
+    if (std::isfinite(x)) t.E = std::max(t.E, ScaledTaylor<acc_t>::at(x, order).e);
   }
   t.S = 0;
-  for (int64_t i = 0; i < V; ++i) {
-    const ScaledTaylor<acc_t> f = ScaledTaylor<acc_t>::at(acc_t(row[i]), order);
-    t.S += scale_down_pow2_32(f.f, t.E - f.e);
-  }
+  for (int64_t i = 0; i < V; ++i) t.S += t.term(acc_t(row[i]));
   return t;
 }
 
@@ -493,7 +488,9 @@ void entropy_backward_kernel(const scalar_t* grad, const scalar_t* p,
         }
       }
       for (int64_t i = 0; i < V; ++i) {
-        grad_p[r * V + i] = scalar_t(trace.on_support(L[i]) ? adj[i] : acc_t(0));
+        // Zeros of p stay zero whatever p is after a step: no gradient reaches them. With
+        // no step the op is the identity, and the gradient passes through everywhere.
+        grad_p[r * V + i] = scalar_t(trace.on_support(L[i]) || iters == 0 ? adj[i] : acc_t(0));
       }
       grad_target[r] = target_bar;
     }

@@ -609,8 +609,7 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // The row's TaylorRow (csrc/common/row_softmax.h), the same in every thread of the block:
-// the plain sum, or the scaled one where it overflows (to inf, or NaN through inf - inf
-// among the terms) with every entry finite.
+// the plain sum, or the scaled one where that is not finite.
 template <typename scalar_t>
 __device__ TaylorRow<float> taylor_row(const scalar_t* row, int64_t V, int order, float* red) {
   TaylorRow<float> t{order, false, 0, 0.f};
@@ -620,23 +619,15 @@ __device__ TaylorRow<float> taylor_row(const scalar_t* row, int64_t V, int order
   }
   t.S = group_reduce<RowBlock>(local, Sum{}, red);
   if (isfinite(t.S)) return t;
-  float not_finite = 0.f, E = 0.f;  // E: a small integer, exact in a float
+  t.scaled = true;
+  float E = 0.f;  // a small integer, exact in a float
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     const float x = to_acc(row[i]);
-    if (isfinite(x)) {
-      E = fmaxf(E, float(ScaledTaylor<float>::at(x, order).e));
-    } else {
-      not_finite = 1.f;
-    }
+    if (isfinite(x)) E = fmaxf(E, float(ScaledTaylor<float>::at(x, order).e));
   }
-  if (group_reduce<RowBlock>(not_finite, Sum{}, red) != 0.f) return t;
-  t.scaled = true;
   t.E = int(group_reduce<RowBlock>(E, NanMax{}, red));
   local = 0.f;
-  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    const ScaledTaylor<float> f = ScaledTaylor<float>::at(to_acc(row[i]), order);
-    local += scale_down_pow2_32(f.f, t.E - f.e);
-  }
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) local += t.term(to_acc(row[i]));
   t.S = group_reduce<RowBlock>(local, Sum{}, red);
   return t;
 }
@@ -784,7 +775,9 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     const float L = logf(to_acc(p[o + i]));
-    grad_p[o + i] = from_acc<scalar_t>(on_support(L) ? adj[i] : 0.f);
+    // Zeros of p stay zero whatever p is after a step: no gradient reaches them. With no
+    // step the op is the identity, and the gradient passes through everywhere.
+    grad_p[o + i] = from_acc<scalar_t>(on_support(L) || iters == 0 ? adj[i] : 0.f);
   }
   if (threadIdx.x == 0) grad_target[r] = target_bar;
 }

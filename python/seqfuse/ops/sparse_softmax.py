@@ -165,7 +165,9 @@ def entropy_normalize(
     dim = _check_dim("entropy_normalize", p, dim)
     rows = p.movedim(dim, -1)
     if not isinstance(target_entropy, torch.Tensor):
-        target_entropy = torch.tensor(float(target_entropy), device=p.device)
+        # In the accumulation dtype: a default (float32) tensor would round a float64 H*.
+        target_entropy = torch.tensor(float(target_entropy), dtype=_acc_dtype(p.dtype),
+                                      device=p.device)
     check_backend("entropy_normalize", p, target_entropy)
     try:
         target = target_entropy.to(_acc_dtype(p.dtype)).expand(rows.shape[:-1])

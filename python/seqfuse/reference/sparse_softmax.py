@@ -66,16 +66,21 @@ def sparse_softmax_cross_entropy(
 def taylor_softmax(x: torch.Tensor, order: int = 2, dim: int = -1) -> torch.Tensor:
     """``f_n(x_i) / sum_j f_n(x_j)``, ``f_n(x) = sum_{m<=n} x^m / m!``.
 
-    Each row is divided by ``c^n``, ``c = max(1, max_j |x_j|)`` (p does not change), so
-    that ``f_n`` of a large finite x, which passes the float range long before x does,
-    stays finite: ``f_n(x) / c^n = sum_m (x/c)^m c^(m-n) / m!``. A row with a NaN or an
-    infinity is taken as it is (c = 1): NaN where f_n is inf or NaN, as in the plain sum.
+    Each row is divided by ``c^n``, ``c = max(1, max |x_j|)`` over its finite entries (p
+    does not change), so that ``f_n`` of a large finite x, which passes the float range
+    long before x does, stays finite: ``f_n(x) / c^n = sum_m (x/c)^m c^(m-n) / m!``. An
+    infinite or NaN x keeps its plain ``f_n``: inf for +inf, NaN for -inf (inf - inf
+    between its terms) and NaN, so the row is NaN there and 0 at its finite entries.
     """
     xs = _acc(x)
-    c = xs.detach().abs().amax(dim, keepdim=True).clamp(min=1) if xs.numel() else xs.new_ones(())
-    c = torch.where(torch.isfinite(c), c, 1.0)
-    u = xs / c
-    f = sum(u**m * c ** (m - order) / float(math.factorial(m)) for m in range(order + 1))
+    finite = xs.detach().isfinite()
+    if xs.numel():
+        c = torch.where(finite, xs.detach().abs(), 0).amax(dim, keepdim=True).clamp(min=1)
+    else:
+        c = xs.new_ones(())
+    u = torch.where(finite, xs / c, xs)
+    scale = torch.where(finite, c, 1.0)
+    f = sum(u**m * scale ** (m - order) / float(math.factorial(m)) for m in range(order + 1))
     return (f / f.sum(dim, keepdim=True)).to(x.dtype)
 
 
@@ -86,19 +91,29 @@ def entropy_normalize(
 
         H = -sum p log p,  D = H^2 - sum p (log p)^2,  gamma = 1 + (H* - H) / D
 
-    (gamma = 1 where D = 0: a uniform row cannot move). Zeros stay zero.
+    (gamma = 1 where D = 0: a uniform row cannot move). Zeros stay zero. The iterates
+    are carried as logs (``log q <- log_softmax(gamma log q)``): a large step can take
+    an entry of ``q`` below the smallest float, and ``0 * log 0`` would then make the
+    next step NaN where the maths is finite.
     """
     q = _acc(p.movedim(dim, -1))
     target = torch.as_tensor(target_entropy, dtype=q.dtype, device=q.device)
     support = q != 0
+    any_support = support.any(-1, keepdim=True)
+    log_q = torch.log(torch.where(support, q, 1.0))
     for _ in range(iters):
-        log_q = torch.where(support, torch.log(torch.where(support, q, 1.0)), 0.0)
+        q = torch.where(support, torch.exp(log_q), 0.0)
+        log_q = torch.where(support, log_q, 0.0)
         H = -(q * log_q).sum(-1)
         D = H**2 - (q * log_q**2).sum(-1)
         gamma = 1 + torch.where(D != 0, (target - H) / torch.where(D != 0, D, 1.0), 0.0)
-        logits = torch.where(support, gamma[..., None] * log_q, -math.inf)
-        q = torch.where(support, torch.softmax(logits, dim=-1), 0.0)
-    return q.to(p.dtype).movedim(-1, dim)
+        # A row with no support takes logits 0 (left out below): -inf throughout would
+        # send NaN into the gradient.
+        logits = torch.where(support, gamma[..., None] * log_q,
+                             torch.where(any_support, -math.inf, 0.0))
+        log_q = torch.log_softmax(logits, dim=-1)
+    out = torch.where(support, torch.exp(log_q), 0.0) if iters else q
+    return out.to(p.dtype).movedim(-1, dim)
 
 
 def linear_sparse_softmax_cross_entropy(
