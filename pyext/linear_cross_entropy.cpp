@@ -260,7 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_imp
       at::mm_out(grad_weight_rows, Gs.t(), h_kept);
       grad_bias.narrow(0, v0, w).copy_(G.sum(0));
     }
-    grad_hidden = gh.to(p.h.scalar_type());
+    // An ignored row's G is 0, but 0 times a non-finite weight entry is NaN: it gets no
+    // gradient, whatever the weight holds.
+    grad_hidden = gh.masked_fill_(rows_out, 0).to(p.h.scalar_type());
   }
   return {grad_hidden, grad_weight, grad_bias.to(p.h.scalar_type())};
 }

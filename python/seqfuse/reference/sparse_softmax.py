@@ -54,7 +54,13 @@ def sparse_softmax_cross_entropy(
     keep = target != ignore_index
     rows = s[keep]
     values, _ = _stable_topk(rows, min(k, s.shape[-1]))
-    kept = torch.logsumexp(values, dim=-1) - rows.gather(-1, target[keep][:, None])[:, 0]
+    # The log-sum-exp as m + log sum exp(v - m), m the row's (constant) maximum, added to
+    # the target's term last: m + log(...) rounded first would lose the log to the
+    # rounding of m for large logits, and exp(v - lse) in the gradient with it.
+    m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else values[..., :1]
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    picked = rows.gather(-1, target[keep][:, None])
+    kept = ((m - picked) + torch.logsumexp(values - m, dim=-1, keepdim=True))[:, 0]
     loss = s.new_zeros(keep.shape).masked_scatter(keep, kept)
     if reduction == "sum":
         loss = loss.sum()
@@ -127,8 +133,33 @@ def linear_sparse_softmax_cross_entropy(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The LM head's logits in full, then the SPACES loss on them (see
-    ``seqfuse.linear_sparse_softmax_cross_entropy``); the loss in float32 for half inputs."""
-    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    loss = sparse_softmax_cross_entropy(_acc(logits), target.reshape(-1), k, ignore_index,
-                                        reduction)
-    return loss.view(target.shape) if reduction == "none" else loss
+    ``seqfuse.linear_sparse_softmax_cross_entropy``); the loss in float32 for half inputs.
+
+    The full logits only rank: the kept ones and the target's are then taken again as
+    products of their own weight rows, so that the gradient reaches exactly those rows
+    (at most k + 1 per token), as the maths has it. Through the full product it would
+    also reach every other row as 0 times the hidden state, which is NaN for a NaN
+    state. Ignored rows are left out before anything is computed, for the same reason.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    keep = t != ignore_index
+    h, t = h[keep], t[keep]
+    with torch.no_grad():
+        ranked = _acc(torch.nn.functional.linear(h, weight, bias))
+        _, top = _stable_topk(ranked, min(k, weight.shape[0]))
+    cols = torch.cat([top, t[:, None]], 1)                   # Omega, then the target
+    picked = (h[:, None, :] * weight[cols]).sum(-1)
+    if bias is not None:
+        picked = picked + bias[cols]
+    picked = _acc(picked)
+    values, target_logit = picked[:, :-1], picked[:, -1:]
+    m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else target_logit.detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    kept = ((m - target_logit) + torch.logsumexp(values - m, dim=-1, keepdim=True))[:, 0]
+    loss = kept.new_zeros(keep.shape).masked_scatter(keep, kept)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / keep.sum()
+    return loss.view(target.shape)
