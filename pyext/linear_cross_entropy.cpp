@@ -4,7 +4,9 @@
 // linear_cross_entropy_cuda.cpp).
 //
 //   s_n = W h_n + b  [V],  Omega_n = the k largest of s_n (ties: the lower index)
-//   L_n = logsumexp_{Omega_n} s_n - s_{n, t_n}
+//   L_n = logsumexp_{Omega_n} s_n - s_{n, t_n} = (m_n - s_{n, t_n}) + log sum_{Omega_n}
+//         exp(s_ni - m_n),  m_n = max_{Omega_n} s_n   (the two parts never added: see
+//         KeptLse in csrc/common/row_softmax.h)
 //   g_ni = p_ni [i in Omega_n] - [i = t_n],   p_n = softmax_{Omega_n}(s_n)
 //   dh_n = dL_n sum_i g_ni W_i,  dW_i = sum_n dL_n g_ni h_n,  db_i = sum_n dL_n g_ni
 //
@@ -15,16 +17,16 @@
 // are the top k of every column seen so far: kept entries precede the chunk in the
 // vocabulary, and listed best first with ties in index order they rank among
 // themselves as their indices do. s_t is read from the chunk that holds t. Stored for
-// the backward: p and the indices of Omega ([N, k] each) and the lse.
+// the backward: p and the indices of Omega ([N, k] each) and the lse as (m, log s).
 //
 // Backward, k < V. The J = k + 1 non-zeros of each row of g, coef = dL [p | -1] at
 // [indices | t] (none for an ignored row), are gathered for dh and scattered for dW and
 // db in the order of a stable sort of the indices: deterministic, and no product with
 // V in it.
 //
-// k = V keeps every logit: the forward takes an online logsumexp over the chunks and the
-// backward recomputes each chunk's logits for dense products, as a fused dense
-// cross-entropy does.
+// k = V keeps every logit: the forward takes an online logsumexp over the chunks (as
+// (m, log s), combined chunk by chunk) and the backward recomputes each chunk's logits for
+// dense products, as a fused dense cross-entropy does.
 #include "linear_cross_entropy.h"
 
 #include <ATen/ATen.h>
@@ -114,8 +116,33 @@ struct TargetColumn {
 };
 
 struct Forward {
-  at::Tensor lse, target_logit, probs, indices;
+  at::Tensor lse, target_logit, probs, indices;  // lse: [N, 2], (m, log s)
 };
+
+// The log-sum-exp of each row of s [N, n] (n >= 1, the accumulation dtype) in two parts,
+// [N, 2] = (m, log s): m the row's maximum (NaN if it holds one), log s = log sum exp(s - m),
+// and log s = 0 where m = +inf (the row kernels' KeptLse::for_loss).
+at::Tensor lse_parts(const at::Tensor& s) {
+  const at::Tensor m = s.amax(1);
+  const at::Tensor shift = at::where(m.isfinite(), m, at::zeros_like(m));
+  const at::Tensor log_s = at::logsumexp(s - shift.unsqueeze(1), {1});
+  return at::stack({m, log_s.masked_fill(m.eq(std::numeric_limits<double>::infinity()), 0)}, 1);
+}
+
+// Two chunks' (m, log s) as one: the larger m, and the sums rescaled to it.
+at::Tensor combine_lse_parts(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ma = a.select(1, 0), mb = b.select(1, 0);
+  const at::Tensor m = at::maximum(ma, mb);
+  const at::Tensor shift = at::where(m.isfinite(), m, at::zeros_like(m));
+  const at::Tensor log_s =
+      at::logaddexp(a.select(1, 1) + (ma - shift), b.select(1, 1) + (mb - shift));
+  return at::stack({m, log_s.masked_fill(m.eq(std::numeric_limits<double>::infinity()), 0)}, 1);
+}
+
+// exp(s - lse) for rows s [N, n] and their (m, log s) [N, 2].
+at::Tensor exp_minus_lse(const at::Tensor& s, const at::Tensor& lse) {
+  return at::exp((s - lse.select(1, 0).unsqueeze(1)) - lse.select(1, 1).unsqueeze(1));
+}
 
 Forward sparse_forward(const LinearCrossEntropyKernels& kernels, const Problem& p) {
   const int64_t k = p.k;
@@ -137,19 +164,20 @@ Forward sparse_forward(const LinearCrossEntropyKernels& kernels, const Problem& 
                       : position;
   }
   const at::Tensor s = kept.to(p.acc.dtype());
-  at::Tensor lse = at::logsumexp(s, {1});
-  return {lse, target_logit, at::exp(s - lse.unsqueeze(1)), kept_index};
+  const at::Tensor lse = lse_parts(s);
+  return {lse, target_logit, exp_minus_lse(s, lse), kept_index};
 }
 
 Forward dense_forward(const Problem& p) {
-  at::Tensor lse = at::full({p.N}, -std::numeric_limits<double>::infinity(), p.acc);
+  at::Tensor lse;
   at::Tensor target_logit = at::zeros({p.N}, p.acc);
   at::Tensor logits = at::empty({p.N, p.C}, p.h.options());
   for (int64_t v0 = 0; v0 < p.V; v0 += p.C) {
     const int64_t w = std::min(p.C, p.V - v0);
     at::Tensor S = w == p.C ? logits : logits.narrow(1, 0, w);
     chunk_logits(p, v0, w, S);
-    lse = at::logaddexp(lse, at::logsumexp(S.to(p.acc.dtype()), {1}));
+    const at::Tensor chunk = lse_parts(S.to(p.acc.dtype()));
+    lse = v0 == 0 ? chunk : combine_lse_parts(lse, chunk);
     target_logit = TargetColumn(p, v0, w, 0).pick(S, target_logit, p);
   }
   const auto none = p.acc.dtype(at::kLong);
@@ -166,11 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
       check_inputs(kOp, kernels, hidden, weight, bias, target, k, ignore_index, chunk_size);
   const int64_t kk = k < p.V ? k : 0;
   if (p.N == 0) {
-    return {at::empty({0}, p.acc), at::empty({0}, p.acc), at::empty({0, kk}, p.acc),
+    return {at::empty({0}, p.acc), at::empty({0, 2}, p.acc), at::empty({0, kk}, p.acc),
             at::empty({0, kk}, p.acc.dtype(at::kLong))};
   }
   const Forward f = kk ? sparse_forward(kernels, p) : dense_forward(p);
-  at::Tensor loss = (f.lse - f.target_logit).masked_fill_(p.ignored, 0);
+  at::Tensor loss =
+      ((f.lse.select(1, 0) - f.target_logit) + f.lse.select(1, 1)).masked_fill_(p.ignored, 0);
   return {loss, f.lse, f.probs, f.indices};
 }
 
@@ -183,11 +212,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_imp
   const Problem p =
       check_inputs(op, kernels, hidden, weight, bias, target, k, ignore_index, chunk_size);
   const int64_t kk = k < p.V ? k : 0;
-  for (const auto& [name, t] : {std::pair{"grad_loss", &grad_loss}, std::pair{"lse", &lse}}) {
-    check_same_device(op, name, *t, "hidden", hidden);
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == p.N, op, ": ", name, " must be [N] = [",
-                      p.N, "], got ", shape_str(*t));
-  }
+  check_same_device(op, "grad_loss", grad_loss, "hidden", hidden);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == p.N, op,
+                    ": grad_loss must be [N] = [", p.N, "], got ", shape_str(grad_loss));
+  check_same_device(op, "lse", lse, "hidden", hidden);
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == p.N && lse.size(1) == 2, op,
+                    ": lse must be [N, 2] = [", p.N, ", 2] (as the forward returned it), got ",
+                    shape_str(lse));
   for (const auto& [name, t] : {std::pair{"probs", &probs}, std::pair{"indices", &indices}}) {
     check_same_device(op, name, *t, "hidden", hidden);
     TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == p.N && t->size(1) == kk, op, ": ", name,
@@ -219,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_imp
       at::Tensor S = at::empty({p.N, w}, p.h.options());
       chunk_logits(p, v0, w, S);
       const TargetColumn target_column(p, v0, w, 0);
-      at::Tensor G = at::exp(S.to(p.acc.dtype()) - lse.to(p.acc.dtype()).unsqueeze(1)) * dL;
+      at::Tensor G = exp_minus_lse(S.to(p.acc.dtype()), lse.to(p.acc.dtype())) * dL;
       G.scatter_add_(1, target_column.column,
                      at::where(target_column.in_chunk.unsqueeze(1), -dL, at::zeros_like(dL)));
       G.masked_fill_(rows_out, 0);
@@ -229,7 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_imp
       at::mm_out(grad_weight_rows, Gs.t(), h_kept);
       grad_bias.narrow(0, v0, w).copy_(G.sum(0));
     }
-    grad_hidden = gh.to(p.h.scalar_type());
+    // An ignored row's G is 0, but 0 times a non-finite weight entry is NaN: it gets no
+    // gradient, whatever the weight holds.
+    grad_hidden = gh.masked_fill_(rows_out, 0).to(p.h.scalar_type());
   }
   return {grad_hidden, grad_weight, grad_bias.to(p.h.scalar_type())};
 }

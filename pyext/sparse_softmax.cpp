@@ -90,13 +90,15 @@ void check_indices(const char* op, const at::Tensor& indices, int64_t rows, int6
   }
 }
 
-// A per-row tensor [N] (grad_loss, lse) in the accumulation dtype, contiguous.
+// A per-row tensor ([N] grad_loss, [N, 2] lse) in the accumulation dtype, contiguous.
 at::Tensor per_row(const char* op, const char* name, const at::Tensor& t, int64_t N,
-                   const at::Tensor& logits) {
+                   int64_t width, const at::Tensor& logits) {
   check_same_device(op, name, t, "logits", logits);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == N && at::isFloatingType(t.scalar_type()), op,
-                    ": ", name, " must be a floating point [N] = [", N, "], got ",
-                    t.scalar_type(), " ", shape_str(t));
+  const bool shaped = width == 1 ? t.dim() == 1 && t.size(0) == N
+                                 : t.dim() == 2 && t.size(0) == N && t.size(1) == width;
+  TORCH_CHECK_VALUE(shaped && at::isFloatingType(t.scalar_type()), op, ": ", name,
+                    " must be a floating point [N", width == 1 ? "" : ", 2", "] with N = ", N,
+                    ", got ", t.scalar_type(), " ", shape_str(t));
   return t.to(acc_dtype(logits.scalar_type())).contiguous();
 }
 
@@ -169,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_softmax_cross_entropy_impl
   const int64_t N = s.size(0), V = s.size(1);
   const auto acc = s.options().dtype(acc_dtype(s.scalar_type()));
   at::Tensor loss = at::empty({N}, acc);
-  at::Tensor lse = at::empty({N}, acc);
+  at::Tensor lse = at::empty({N, 2}, acc);  // (m, log s): csrc/common/row_softmax.h
   at::Tensor indices = at::empty({N, k < V ? k : 0}, s.options().dtype(at::kLong));
   if (V == 0) {  // every target is then ignore_index
     loss.zero_();
@@ -188,8 +190,8 @@ at::Tensor sparse_softmax_cross_entropy_backward_impl(
   const at::Tensor t = check_cross_entropy(op, logits, target, ignore_index);
   const at::Tensor s = logits.contiguous();
   const int64_t N = s.size(0), V = s.size(1);
-  const at::Tensor gl = per_row(op, "grad_loss", grad_loss, N, s);
-  const at::Tensor l = per_row(op, "lse", lse, N, s);
+  const at::Tensor gl = per_row(op, "grad_loss", grad_loss, N, 1, s);
+  const at::Tensor l = per_row(op, "lse", lse, N, 2, s);
   check_same_device(op, "indices", indices, "logits", logits);
   TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) < std::max<int64_t>(V, 1), op,
                     ": indices must be [N, k] with k < V (or [N, 0] for k >= V), got ",

@@ -164,7 +164,9 @@ def assert_equal_outside(clean, poisoned, keep, what=""):
     c, p = clean.detach().cpu()[keep], poisoned.detach().cpu()[keep]
     same = (c == p) | (torch.isnan(c) & torch.isnan(p))
     bad = (~same).nonzero()
-    assert not len(bad), f"{what}: {len(bad)} entries changed that must not (first {c[bad[0]].item()} -> {p[bad[0]].item()})"
+    first = tuple(bad[0]) if len(bad) else ()
+    assert not len(bad), (f"{what}: {len(bad)} entries changed that must not (first "
+                          f"{c[first].item()} -> {p[first].item()})")
 
 
 # ---- bad parameters, in a child process ------------------------------------------

@@ -4,6 +4,7 @@ on the emulated CUDA device; the loss, and the gradients of hidden, weight and b
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -362,3 +363,52 @@ def test_no_logits_tensor_is_ever_allocated():
                          check=True)
     extra = int(out.stdout.split()[-1])
     assert extra < 64 * 2**20, f"{extra / 2**20:.0f} MB extra (the logits: 512 MB)"
+
+
+def test_reference_is_exact_for_large_logits_and_leaves_ignored_rows_out():
+    # The references took exp(x - lse) with lse = m + log s rounded (torch.logsumexp's
+    # gradient): two tied logits of 2^24 gave p = 1/2 +- 4e-9, and a hidden gradient
+    # W_a/2 + W_b/2 - W_t of 5e-6 where it is 0. And the LM-head reference multiplied
+    # ignored rows into the logits: a NaN hidden state there reached the weight's
+    # gradient as 0 * NaN. Both as the kernels have them now.
+    hidden = torch.tensor([[4096.0], [math.nan]], dtype=torch.float64)
+    weight = torch.tensor([[-4096.0], [4096.0], [4096.0]], dtype=torch.float64)
+    target = torch.tensor([1, -100])
+    for fn in (OP, reference.linear_sparse_softmax_cross_entropy):
+        h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, W, target, 2, reduction="none")
+        dh, dW = torch.autograd.grad(loss.sum(), (h, W))
+        assert_close(loss, torch.tensor([math.log(2.0), 0.0], dtype=torch.float64))
+        assert torch.equal(dh, torch.zeros(2, 1, dtype=torch.float64)), fn
+        assert_close(dW, torch.tensor([[0.0], [-2048.0], [2048.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [2, 3])  # the sparse path and the dense one (k = V)
+def test_ignored_row_gets_no_gradient_from_a_nan_weight(device, k):
+    # The dense path's hidden gradient G W gave an ignored row (G = 0) 0 * NaN = NaN
+    # where the weight held a NaN; an ignored row has no gradient at all.
+    dtype = _dtype(device)
+    hidden = torch.randn(2, 4, dtype=torch.float64).to(device, dtype).requires_grad_()
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    weight[1, 2] = math.nan
+    weight = weight.to(device, dtype)
+    loss = OP(hidden, weight, torch.tensor([0, -100], device=device), k, reduction="sum")
+    (dh,) = torch.autograd.grad(loss, hidden)
+    assert torch.equal(dh[1].cpu(), torch.zeros(4, dtype=dtype))
+
+
+def test_weight_rows_outside_the_top_k_get_no_gradient_from_a_nan_row():
+    # A NaN hidden state makes its row's logits NaN; its logit gradient is still 0 off
+    # the top k and the target (the sparse path gathers only those rows), and so is the
+    # weight gradient there. The reference's full product gave them 0 * NaN = NaN.
+    hidden = torch.tensor([[math.nan, 1.0], [0.5, -1.0]], dtype=torch.float64)
+    weight = torch.randn(5, 2, dtype=torch.float64)
+    target = torch.tensor([0, 3])
+    for fn in (OP, reference.linear_sparse_softmax_cross_entropy):
+        W = weight.clone().requires_grad_()
+        loss = fn(hidden, W, target, 1, reduction="none")
+        (dW,) = torch.autograd.grad(loss[0], W)
+        # NaN ranks first: Omega = {0}, which is also the target: only row 0 is touched.
+        assert torch.isnan(dW[0]).all(), fn
+        assert torch.equal(dW[1:], torch.zeros(4, 2, dtype=torch.float64)), fn

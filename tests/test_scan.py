@@ -299,20 +299,42 @@ def test_reference_complex_gradient_through_an_infinite_a():
         assert db[0, 0, 0] == complex(math.inf, math.inf), fn
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: the CUDA scan's combined steps make "
-                   "inf - inf = NaN after an infinite a (issue 15 note)")
 @pytest.mark.parametrize("device", CUDA_DEVICES)
-def test_cuda_infinite_a_follows_the_recurrence(device):
-    # h_0 = inf * h0 + b_0 = inf, then h_t = a_t h_{t-1} + b_t stays +-inf: never NaN.
-    a = torch.full((1, 13, 1), 0.5, dtype=torch.float64)
-    a[0, 0, 0] = math.inf
-    a[0, 5:, 0] = -0.5
-    b = torch.randn(1, 13, 1, dtype=torch.float64)
-    h0 = torch.ones(1, 1, dtype=torch.float64)
-    h = seqfuse.linear_scan(a.to(device), b.to(device), h0.to(device))
-    want = reference.linear_scan(a, b, h0)
-    assert torch.isinf(want).all()
-    assert torch.equal(h.cpu(), want)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_infinite_a_follows_the_recurrence(device, dtype, reverse):
+    # h_t = inf * h_{t-1} + b_t = +-inf, and then a_t h_{t-1} + b_t stays +-inf: never
+    # NaN. The CUDA scan's compositions started from the identity map {1, 0} and so
+    # formed inf * 0 = NaN (inf - inf after it); they start from a step now. Channel c
+    # takes its infinite a at step STEPS[c] (scan order): the first step, inside a
+    # thread's 8, at a warp's and a chunk's (64) edges, in the last chunk; and the
+    # gradients follow the reference too.
+    steps = (0, 3, 8, 63, 64, 65, 130, 199)
+    T, C = 200, len(steps)
+    a = torch.full((1, T, C), 0.5, dtype=torch.float64)
+    a[0, T // 3:] = -0.5
+    for c, t in enumerate(steps):
+        a[0, T - 1 - t if reverse else t, c] = math.inf
+    b = torch.rand(1, T, C, dtype=torch.float64) + 0.5
+    h0 = torch.ones(1, C, dtype=torch.float64)
+    if dtype.is_complex:  # inf + 0j: the product (inf + 0j)(x + 0j) has a NaN part
+        phase = torch.where(a > 0, 0.25, 2.5).double()
+        a = torch.polar(a.abs(), phase).masked_fill(a.isinf(), math.inf)
+        b, h0 = b.to(torch.complex128), h0.to(torch.complex128)
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    leaves = [x.to(device, dtype).requires_grad_() for x in (a, b)]
+    h0_in = h0.to(device, torch.complex64 if dtype.is_complex else dtype)
+    h = seqfuse.linear_scan(*leaves, h0_in, reverse=reverse)
+    ref = [x.to(dtype).to(wide).requires_grad_() for x in (a, b)]
+    want = reference.linear_scan(*ref, h0_in.to(wide), reverse=reverse)
+    if not dtype.is_complex:
+        assert torch.isinf(want[0, -1 if not reverse else 0]).all()
+    assert_close(h, want, dtype, equal_nan=True)
+    g = torch.rand(1, T, C, dtype=torch.float64).to(dtype)
+    got = torch.autograd.grad(h, leaves, g.to(device))
+    expected = torch.autograd.grad(want, ref, g.to(wide))
+    for x, y in zip(got, expected):
+        assert_close(x, y, dtype, equal_nan=True)
 
 
 # ---- packed sequences (cu_seqlens) ------------------------------------------------------
@@ -366,6 +388,32 @@ def test_packed_equals_one_call_per_sequence(device, lengths, a_kind, reverse, w
     if with_h0:  # an empty sequence passes its h0 through: zero gradient
         empty = torch.tensor(lengths, device=device) == 0
         assert torch.equal(grads[-1][empty], torch.zeros_like(grads[-1][empty]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_packed_infinite_a_stays_in_its_sequence(device, reverse):
+    # An infinite a inside sequence 0, at the last sequence's first step (a cut that
+    # meets the exact path) and over its tail: each sequence follows its own recurrence
+    # and the one between keeps its finite values, forward and backward.
+    lengths = [70, 5, 0, 130]
+    cu = offsets(lengths, device)
+    T, C = sum(lengths), 3
+    a = torch.full((1, T, C), 0.5, dtype=torch.float64)
+    a[0, 10, 0] = math.inf
+    a[0, 75, 1] = math.inf
+    a[0, 100:, 2] = -math.inf
+    b = torch.rand(1, T, C, dtype=torch.float64) + 0.5
+    h0 = torch.ones(len(lengths), C, dtype=torch.float64)
+    leaves = [x.to(device).requires_grad_() for x in (a, b, h0)]
+    h = seqfuse.linear_scan(*leaves[:2], leaves[2], reverse=reverse, cu_seqlens=cu)
+    ref = [x.clone().requires_grad_() for x in (a, b, h0)]
+    want = per_sequence(reference.linear_scan, ref[0], ref[1], ref[2], cu.cpu(), reverse)
+    assert torch.isfinite(want[0, 70:75]).all() and not torch.isfinite(want).all()
+    assert_close(h, want, equal_nan=True)
+    g = torch.rand(1, T, C, dtype=torch.float64)
+    for x, y in zip(torch.autograd.grad(h, leaves, g.to(device)), torch.autograd.grad(want, ref, g)):
+        assert_close(x, y, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,6 +3,7 @@ SPACES loss, taylor_softmax and entropy_normalize against their plain-PyTorch
 references."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -464,6 +465,37 @@ def test_taylor_softmax_matches_reference(device, order):
         assert_close(dx, dx_ref, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", [2, 6, 64])
+def test_taylor_softmax_of_huge_finite_inputs_is_finite(device, dtype, order):
+    # f_n(x) ~ x^n / n! passes the accumulation type's range long before x does (float32:
+    # f_2 overflows from |x| ~ 2^64, so f_2(float32 max) = inf); the sum of a row then
+    # went inf and p = inf / inf = NaN, where the float64 maths has a finite p. Such rows
+    # are normalised in scaled terms now. Rows 0-1 overflow; row 2 holds an inf (NaN
+    # there, 0 elsewhere, as in the reference); row 3 is ordinary.
+    if runs_cuda_kernels(device) and dtype == torch.float64:
+        pytest.skip("no float64 CUDA kernels")
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, 0.0, -big, 1.0, big / 2],
+                      [big / 4, -big / 2, 3.0, big / 4, -1.0],
+                      [math.inf, 1.0, 2.0, -3.0, 0.5],
+                      [0.5, -1.0, 2.0, 0.0, 1.5]], dtype=torch.float64).to(dtype).double()
+    p, dx, g = _fwd_bwd(seqfuse.taylor_softmax, x.to(device, dtype), order)
+    p_ref, dx_ref, _ = _fwd_bwd(reference.taylor_softmax, x, order, grad=g.cpu().double())
+    assert torch.isfinite(p[:2]).all() and torch.isfinite(dx[:2]).all()
+    assert_close(p, p_ref, dtype, equal_nan=True)
+    assert_close(dx, dx_ref, dtype, equal_nan=True)
+    # The reference scales its rows for this (float64 overflows too: f_64(2^128)): its
+    # rows 0-1 against exact rationals.
+    def f(v):
+        return sum(Fraction(v) ** m / math.factorial(m) for m in range(order + 1))
+    for r in (0, 1):
+        S = sum(f(v) for v in x[r].tolist())
+        exact = torch.tensor([float(f(v) / S) for v in x[r].tolist()], dtype=torch.float64)
+        assert_close(p_ref[r], exact, torch.float64)
+
+
 def _entropy(p):
     return -(torch.where(p > 0, p * torch.log(p), 0.0)).sum(-1)
 
@@ -495,6 +527,43 @@ def test_entropy_normalize_any_dim_and_scalar_target():
     out = seqfuse.entropy_normalize(p, 1.5, iters=3, dim=0)
     assert_close(out, reference.entropy_normalize(p, 1.5, iters=3, dim=0))
     assert_close(out.sum(0), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_normalize_float_target_keeps_its_precision_and_iters_0_is_identity(device):
+    # A Python float target became a default (float32) tensor, so float64 rows were
+    # moved to a target off by ~1e-8 (1.3 is not a float32); the converged entropy now
+    # matches it to float64's precision. With iters = 0 the op is the identity, and its
+    # gradient passed only through p's non-zeros (the convention of iters >= 1, where a
+    # zero stays zero whatever p is); it passes everywhere now.
+    dtype = _dtype(device)
+    p = torch.softmax(torch.randn(4, 30, dtype=torch.float64), -1)
+    p[:, :5] = 0
+    p = (p / p.sum(-1, keepdim=True)).to(dtype)
+    out = seqfuse.entropy_normalize(p.to(device), 1.3, iters=12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(_entropy(out.double().cpu()), torch.full((4,), 1.3, dtype=torch.float64),
+                 dtype, rtol=tol, atol=tol)
+    x = p.to(device).requires_grad_()
+    same = seqfuse.entropy_normalize(x, 1.3, iters=0)
+    assert_close(same, p, dtype)
+    g = torch.randn(4, 30, dtype=torch.float64).to(device, dtype)
+    (dx,) = torch.autograd.grad(same, x, g)
+    assert torch.equal(dx, g)
+
+
+def test_entropy_normalize_reference_survives_an_underflowing_step():
+    # A far target sends Newton's first step to a near one-hot row and the next into an
+    # entry below the smallest float64: the reference then took 0 * log 0 = NaN, where
+    # the maths (and the kernels, which carry logs) give a finite row. It carries logs now.
+    p = torch.tensor([[0.9935976598788216, 0.006402340121178388]], dtype=torch.float64)
+    target = math.log(2) * 0.875
+    for fn in (seqfuse.entropy_normalize, reference.entropy_normalize):
+        x = p.clone().requires_grad_()
+        out = fn(x, target, iters=3)
+        (dx,) = torch.autograd.grad(out, x, torch.tensor([[0.3, -0.7]], dtype=torch.float64))
+        assert torch.equal(out, torch.tensor([[1.0, 0.0]], dtype=torch.float64)), fn
+        assert torch.isfinite(dx).all(), fn
 
 
 # gradients of the kernels themselves, float64
@@ -624,15 +693,15 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="V \\(2\\) must be at least k"):
         torch.ops.seqfuse.topk_softmax_backward(torch.ones_like(probs), probs, idx, 2)
     ce_backward = torch.ops.seqfuse.sparse_softmax_cross_entropy_backward
+    lse = torch.ones(4, 2)  # (max, log of the sum) per row
     with pytest.raises(ValueError, match="grad_loss must be a floating point \\[N\\]"):
-        ce_backward(torch.ones(3), x, target, torch.ones(4), idx, -100)
-    with pytest.raises(ValueError, match="lse must be a floating point \\[N\\]"):
-        ce_backward(torch.ones(4), x, target, torch.ones(5), idx, -100)
+        ce_backward(torch.ones(3), x, target, lse, idx, -100)
+    with pytest.raises(ValueError, match="lse must be a floating point \\[N, 2\\]"):
+        ce_backward(torch.ones(4), x, target, torch.ones(4), idx, -100)
     with pytest.raises(ValueError, match="indices must lie in"):
-        ce_backward(torch.ones(4), x, target, torch.ones(4), -idx - 1, -100)
+        ce_backward(torch.ones(4), x, target, lse, -idx - 1, -100)
     with pytest.raises(ValueError, match="indices must be \\[N, k\\] with k < V"):
-        ce_backward(torch.ones(4), x, target, torch.ones(4), torch.zeros(4, 10, dtype=torch.long),
-                    -100)
+        ce_backward(torch.ones(4), x, target, lse, torch.zeros(4, 10, dtype=torch.long), -100)
 
 
 def test_empty_inputs():
@@ -672,17 +741,55 @@ def test_torch_compile_has_no_graph_break():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: p = exp(x - lse) with lse rounded to "
-                   "the accumulation type loses log(sum) for large logits (issue 15 note)")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_logits_keep_their_probabilities(device, dtype):
-    # Two equal logits far from zero share the mass: p = 1/2 each, loss log 2.
+@pytest.mark.parametrize("k", [2, 3])  # the top-k paths and the whole row
+def test_large_logits_keep_their_probabilities(device, dtype, k):
+    # Two equal logits far from zero share the mass: p = 1/2 each, loss log 2, gradient
+    # (-1/2, 1/2, 0). The kernels once took p = exp(x - lse) with lse = m + log s rounded
+    # to the accumulation type, which lost log s to the rounding of m: p = 1 for both at
+    # 1e10 in float32, and a loss of 0. They keep m and s apart now; so does the LM-head
+    # loss, which shares the maths.
     if runs_cuda_kernels(device) and dtype == torch.float64:
         pytest.skip("no float64 CUDA kernels")
-    big = 1e10 if dtype == torch.float32 else 1e18
-    x = torch.tensor([[big, big, 0.0]], dtype=dtype, device=device)
-    assert_close(seqfuse.sparse_softmax(x, 2), torch.tensor([[0.5, 0.5, 0.0]]), dtype)
-    assert_close(seqfuse.topk_softmax(x, 2)[0], torch.tensor([[0.5, 0.5]]), dtype)
-    loss = seqfuse.sparse_softmax_cross_entropy(x, torch.tensor([0], device=device), 2)
-    assert_close(loss, torch.tensor(math.log(2.0)), dtype)
+    for big in (1e10, 2.0**100, torch.finfo(dtype).max, -1e10):
+        x = torch.tensor([[big, big, 0.0 if big > 0 else 2 * big]], dtype=dtype, device=device)
+        half = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+        assert_close(seqfuse.sparse_softmax(x, k), half, dtype)
+        assert_close(seqfuse.topk_softmax(x, k)[0], half[:, :k], dtype)
+        logits = x.clone().requires_grad_()
+        loss = seqfuse.sparse_softmax_cross_entropy(logits, torch.tensor([0], device=device), k)
+        assert_close(loss, torch.tensor(math.log(2.0), dtype=torch.float64), dtype)
+        loss.backward()
+        assert_close(logits.grad, torch.tensor([[-0.5, 0.5, 0.0]], dtype=torch.float64), dtype)
+    if runs_cuda_kernels(device) or dtype == torch.float32:
+        return  # the LM head: once, in float64 on the CPU
+    hidden = torch.tensor([[1e10], [-1e10]], dtype=dtype, requires_grad=True)
+    weight = torch.tensor([[1.0], [1.0], [0.0], [0.5]], dtype=dtype)
+    for k_head in (2, 4):  # the sparse path and the dense one
+        loss = seqfuse.linear_sparse_softmax_cross_entropy(hidden, weight, torch.tensor([1, 2]),
+                                                           k_head, reduction="none")
+        assert_close(loss, torch.tensor([math.log(2.0), 0.0], dtype=dtype), dtype)
+        (dh,) = torch.autograd.grad(loss[0], hidden)
+        assert_close(dh, torch.tensor([[0.0], [0.0]], dtype=dtype), dtype)
+
+
+def test_reference_loss_leaves_ignored_rows_out():
+    # An ignored row counts for nothing, not even 0 * NaN: the reference masked the
+    # loss after computing it, so a NaN or an infinity in an ignored row made its
+    # gradient NaN (the kernels give 0); and it failed on V = 0 (a gather from an empty
+    # row), where every target is ignore_index.
+    logits = torch.randn(3, 6, dtype=torch.float64)
+    logits[1, 2] = math.nan
+    logits[2, 0] = math.inf
+    target = torch.tensor([0, -100, -100])
+    for fn in (seqfuse.sparse_softmax_cross_entropy, reference.sparse_softmax_cross_entropy):
+        for k in (2, 6):
+            x = logits.clone().requires_grad_()
+            loss = fn(x, target, k, reduction="sum")
+            (dx,) = torch.autograd.grad(loss, x)
+            assert torch.isfinite(loss) and torch.isfinite(dx).all(), fn
+            assert (dx[1:] == 0).all(), fn
+        empty = torch.zeros(2, 0, dtype=torch.float64, requires_grad=True)
+        loss = fn(empty, torch.tensor([-100, -100]), 3, reduction="none")
+        assert torch.equal(loss, torch.zeros(2, dtype=torch.float64)), fn

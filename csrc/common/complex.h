@@ -39,4 +39,14 @@ SEQFUSE_HD Complex<T> conj_of(Complex<T> x) {
   return {x.re, -x.im};
 }
 
+// Whether x (every part of it) is finite: x - x is 0 then, NaN for an infinity or a NaN.
+template <typename T>
+SEQFUSE_HD bool is_finite(T x) {
+  return x - x == T(0);
+}
+template <typename T>
+SEQFUSE_HD bool is_finite(Complex<T> x) {
+  return is_finite(x.re) && is_finite(x.im);
+}
+
 }  // namespace seqfuse

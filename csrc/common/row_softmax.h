@@ -3,11 +3,13 @@
 //
 //   top-k:   Omega_k = the k largest x_i; ties go to the lower index (NaN ranks above
 //            +inf, as torch.topk; -0 equals +0). k >= V keeps the whole row.
-//   sparse softmax:  p_i = exp(x_i - lse) [i in Omega_k],  lse = logsumexp_{Omega_k} x
+//   sparse softmax:  p_i = exp(x_i - m) / s [i in Omega_k],  m = max_{Omega_k} x,
+//                    s = sum_{Omega_k} exp(x_j - m)  (the log-sum-exp lse = m + log s)
 //                    dx_i = p_i (g_i - sum_j p_j g_j)
-//   SPACES loss:     L = lse - x_t,   dL/dx_i = p_i [i in Omega_k] - [i == t]
+//   SPACES loss:     L = (m - x_t) + log s,   dL/dx_i = p_i [i in Omega_k] - [i == t]
 //   Taylor softmax:  f_n(x) = sum_{m<=n} x^m / m!,  p_i = f_n(x_i) / S,  S = sum_j f_n(x_j)
 //                    dx_i = f_{n-1}(x_i) / S * (g_i - sum_j g_j p_j)
+//            (a row whose S is not finite is taken in scaled terms: TaylorRow below)
 //   entropy normalisation, one Newton step on q (L_i = log q_i over q_i != 0):
 //                    H = -sum q L,  M = sum q L^2,  D = H^2 - M,  u = (H* - H) / D,
 //                    gamma = 1 + u,  q'_i = exp(gamma L_i) / sum_j exp(gamma L_j)
@@ -96,15 +98,85 @@ struct Taylor {
   }
 };
 
-// The log-sum-exp over Omega_k, from m = max_{Omega_k} x and lse = m + log sum exp(x - m)
-// (so nothing overflows). A kept +inf makes that exp(inf - inf) = NaN. The softmaxes keep
-// it: a NaN normaliser poisons their row, as torch.softmax's exp(x - max) does. The loss
-// takes the true value, +inf (as torch.logsumexp), so L = +inf (NaN if x_t is the +inf)
-// and dL/dx_i = exp(x_i - lse) - [i == t] is NaN at the +inf entries only.
+// f_n(x) and f_{n-1}(x) as (f, df) * 2^(32 e), e >= 0: the terms are scaled down by 2^-32
+// whenever one passes 1 in magnitude, so that nothing overflows for any finite x (f_n
+// itself passes float32's range from |x| ~ 2^64 at n = 2, and from 2^14 at n = 8).
+// Below that the result is Taylor's, e = 0. x must be finite.
+template <typename acc_t>
+struct ScaledTaylor {
+  acc_t f, df;
+  int e;
+  SEQFUSE_HD static ScaledTaylor at(acc_t x, int order) {
+    const acc_t step = acc_t(1) / acc_t(4294967296.0);  // 2^-32
+    acc_t term = acc_t(1), below = acc_t(0);
+    int e = 0;
+    for (int m = 1; m <= order; ++m) {
+      below += term;
+      term *= x / acc_t(m);  // |term| <= 1 before, so at most |x| after: finite
+      while (term > acc_t(1) || term < acc_t(-1)) {
+        term *= step;
+        below *= step;
+        ++e;
+      }
+    }
+    return {below + term, below, e};
+  }
+};
+
+// v * 2^(-32 n), n >= 0, in steps that never underflow before the end.
+template <typename acc_t>
+SEQFUSE_HD acc_t scale_down_pow2_32(acc_t v, int n) {
+  const acc_t step = acc_t(1) / acc_t(4294967296.0);
+  for (; n > 0 && v != acc_t(0); --n) v *= step;
+  return v;
+}
+
+// The normaliser of one row of the Taylor softmax. Plain: S = sum_j f_n(x_j). Where that
+// is not finite, the maths may still have a finite p: the sum overflows (+inf, or NaN
+// from inf - inf between the terms of a negative x) while the f_n are finite in the
+// maths (f_2(float32 max) is, in float64), or an x is +inf, which makes p 0 at every
+// finite x. Such a row is taken in ScaledTaylor's terms: E = max_j e_j over the finite
+// x_j, each finite entry's f, df scaled by 2^(32 (e_i - E)), S their sum. An infinite or
+// NaN x keeps the plain f_n (inf for +inf; NaN for -inf, inf - inf between its terms, and
+// for NaN), so S is inf or NaN as in the plain sum, and p is NaN there, 0 elsewhere.
+template <typename acc_t>
+struct TaylorRow {
+  int order;
+  bool scaled;
+  int E;
+  acc_t S;
+  // Entry x's f_n in the row's scale.
+  SEQFUSE_HD acc_t term(acc_t x) const { return scaled_at(x).f; }
+  // (p_i, f_{n-1}(x_i) / S) of entry x.
+  SEQFUSE_HD Taylor<acc_t> normalised(acc_t x) const {
+    const Taylor<acc_t> t = scaled_at(x);
+    return {t.f / S, t.df / S};
+  }
+
+ private:
+  SEQFUSE_HD Taylor<acc_t> scaled_at(acc_t x) const {
+    if (!scaled || !(x - x == acc_t(0))) return Taylor<acc_t>::at(x, order);
+    const ScaledTaylor<acc_t> t = ScaledTaylor<acc_t>::at(x, order);
+    return {scale_down_pow2_32(t.f, E - t.e), scale_down_pow2_32(t.df, E - t.e)};
+  }
+};
+
+// The log-sum-exp over Omega_k in two parts, m = max_{Omega_k} x and s = sum exp(x - m)
+// (so nothing overflows, and s >= 1), never added: m + log s rounded to acc_t loses log s
+// to the rounding of m, up to |m| ulp, and exp(x - lse) with it (past |x| ~ 2^8 in float32
+// p would leave the dtype's tolerance, and two entries at the float32 max would both get
+// p = 1). So p = exp(x - m) / s, L = (m - x_t) + log s, dL/dx = exp((x - m) - log s).
+// A kept +inf makes s = exp(inf - inf) = NaN. The softmaxes keep it: a NaN normaliser
+// poisons their row, as torch.softmax's exp(x - max) does. The loss takes the true value
+// lse = +inf (as torch.logsumexp), as m = +inf with log s = 0: L = +inf (NaN if x_t is the
+// +inf) and dL/dx_i = exp((x_i - m) - log s) - [i == t] is NaN at the +inf entries only.
 template <typename acc_t>
 struct KeptLse {
-  acc_t m, softmax;
-  SEQFUSE_HD acc_t loss() const { return m == acc_t(INFINITY) ? m : softmax; }
+  acc_t m, s, log_s;  // log_s: log(s), computed by the caller (host or device log)
+  // The (m, log s) the loss and its gradient use.
+  SEQFUSE_HD KeptLse for_loss() const {
+    return m == acc_t(INFINITY) ? KeptLse{m, acc_t(1), acc_t(0)} : *this;
+  }
 };
 
 // Scalars of one Newton step of entropy normalisation (see the top of this file).

@@ -60,18 +60,22 @@ struct ScanGeometry {
 // The affine map x -> A x + B that a stretch of the recurrence applies to its
 // carry-in. A stretch in which a packed sequence starts ignores its carry-in (`cut`,
 // A unused): nothing before the boundary reaches it, not even an inf or NaN as 0 * inf.
-// `then` composes: first *this, then `next`.
-// (No default member initialisers: Affine lives in __shared__ arrays. Brace
-// initialisation without `cut` leaves it false.)
+// `then` composes: first *this, then `next`; that equals the recurrence only while the
+// maps are finite (csrc/cuda/scan.cu), and there is no identity map to start from:
+// {1, 0} would multiply an infinite A by 0. (No default member initialisers: Affine
+// lives in __shared__ arrays.)
 template <typename acc_t>
 struct Affine {
   acc_t A, B;
   bool cut;
-  SEQFUSE_HD static Affine identity() { return {acc_t(1), acc_t(0)}; }
   SEQFUSE_HD Affine then(const Affine& next) const {
     return next.cut ? next : Affine{next.A * A, next.A * B + next.B, cut};
   }
   SEQFUSE_HD acc_t apply(acc_t x) const { return cut ? B : A * x + B; }
+  // Whether apply(x) equals the recurrence it stands for: every number it uses finite.
+  SEQFUSE_HD bool applies_to(acc_t x) const {
+    return is_finite(B) && (cut || (is_finite(A) && is_finite(x)));
+  }
 };
 
 }  // namespace seqfuse

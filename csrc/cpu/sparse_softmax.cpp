@@ -49,14 +49,15 @@ acc_t nan_max(acc_t a, acc_t b) {
   return (b > a || b != b) ? b : a;
 }
 
-// logsumexp of n values produced by value(j), with their maximum; NaN in, NaN out.
+// The log-sum-exp of n values produced by value(j), as its maximum and sum (KeptLse);
+// NaN in, NaN out.
 template <typename acc_t, typename Fn>
 KeptLse<acc_t> logsumexp(int64_t n, const Fn& value) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < n; ++j) m = nan_max(m, value(j));
   acc_t s = 0;
   for (int64_t j = 0; j < n; ++j) s += std::exp(value(j) - m);
-  return {m, m + std::log(s)};
+  return {m, s, std::log(s)};
 }
 
 template <typename scalar_t>
@@ -98,7 +99,7 @@ void for_lanes(int64_t V, const Fn& fn) {
   for (int64_t i = 0; i < V; i += kLanes) fn(i, std::min(kLanes, V - i));
 }
 
-// logsumexp of a whole row, with its maximum; NaN in, NaN out (as logsumexp above).
+// The log-sum-exp of a whole row, as logsumexp above.
 template <typename scalar_t>
 KeptLse<typename Types<scalar_t>::acc> row_logsumexp(const scalar_t* row, int64_t V) {
   using acc_t = typename Types<scalar_t>::acc;
@@ -124,7 +125,7 @@ KeptLse<typename Types<scalar_t>::acc> row_logsumexp(const scalar_t* row, int64_
   s_lanes.store(lanes);
   acc_t s = 0;
   for (int64_t j = 0; j < Vec::size(); ++j) s += lanes[j];
-  return {m, m + std::log(s)};
+  return {m, s, std::log(s)};
 }
 
 // The top-k selection of one row at a time (see the top of this file).
@@ -187,19 +188,22 @@ void sparse_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t k, s
       const scalar_t* row = x + r * V;
       scalar_t* o = out + r * V;
       if (k >= V) {
-        const AccVec<scalar_t> lse(row_logsumexp(row, V).softmax);
+        const KeptLse<acc_t> lse = row_logsumexp(row, V);
+        const AccVec<scalar_t> m(lse.m), inv_s(acc_t(1) / lse.s);
         for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
-          store_acc((load_acc(row + i, n) - lse).exp(), o + i, n);
+          store_acc((load_acc(row + i, n) - m).exp() * inv_s, o + i, n);
         });
         continue;
       }
       const auto& top = topk.select(row, V, k);
       auto value = [&](int64_t j) { return acc_t(row[top[j].index]); };
-      const acc_t lse = logsumexp<acc_t>(k, value).softmax;
-      // A NaN normaliser (NaN in the row, or nothing above -inf) poisons the whole
-      // row, as the dense reference does; other rows are untouched.
-      std::fill_n(o, V, scalar_t(lse != lse ? lse : acc_t(0)));
-      for (int64_t j = 0; j < k; ++j) o[top[j].index] = scalar_t(std::exp(value(j) - lse));
+      const KeptLse<acc_t> lse = logsumexp<acc_t>(k, value);
+      // A NaN normaliser (NaN in the row, a kept +inf, or nothing above -inf) poisons
+      // the whole row, as the dense reference does; other rows are untouched.
+      std::fill_n(o, V, scalar_t(lse.s != lse.s ? lse.s : acc_t(0)));
+      for (int64_t j = 0; j < k; ++j) {
+        o[top[j].index] = scalar_t(std::exp(value(j) - lse.m) / lse.s);
+      }
     }
   });
 }
@@ -244,9 +248,9 @@ void topk_softmax_kernel(const scalar_t* x, int64_t R, int64_t V, int64_t kk, sc
       const scalar_t* row = x + r * V;
       const auto& top = topk.select_sorted(row, V, kk);
       auto value = [&](int64_t j) { return acc_t(row[top[j].index]); };
-      const acc_t lse = logsumexp<acc_t>(kk, value).softmax;
+      const KeptLse<acc_t> lse = logsumexp<acc_t>(kk, value);
       for (int64_t j = 0; j < kk; ++j) {
-        probs[r * kk + j] = scalar_t(std::exp(value(j) - lse));
+        probs[r * kk + j] = scalar_t(std::exp(value(j) - lse.m) / lse.s);
         indices[r * kk + j] = top[j].index;
       }
     }
@@ -283,15 +287,19 @@ void cross_entropy_kernel(const scalar_t* logits, const int64_t* target, int64_t
     TopK<scalar_t> topk;
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = logits + r * V;
+      KeptLse<acc_t> kept;
       if (k >= V) {
-        lse[r] = row_logsumexp(row, V).loss();
+        kept = row_logsumexp(row, V).for_loss();
       } else {
         const auto& top = topk.select(row, V, k);
-        lse[r] = logsumexp<acc_t>(k, [&](int64_t j) { return acc_t(row[top[j].index]); }).loss();
+        kept = logsumexp<acc_t>(k, [&](int64_t j) { return acc_t(row[top[j].index]); })
+                   .for_loss();
         for (int64_t j = 0; j < k; ++j) indices[r * k + j] = top[j].index;
       }
+      lse[2 * r] = kept.m;
+      lse[2 * r + 1] = kept.log_s;
       const int64_t t = target[r];
-      loss[r] = t == ignore_index ? acc_t(0) : lse[r] - acc_t(row[t]);
+      loss[r] = t == ignore_index ? acc_t(0) : (kept.m - acc_t(row[t])) + kept.log_s;
     }
   });
 }
@@ -312,23 +320,40 @@ void cross_entropy_backward_kernel(const typename Types<scalar_t>::acc* grad_los
         std::fill_n(g, V, scalar_t(0));
         continue;
       }
-      const acc_t gl = grad_loss[r];
+      const acc_t gl = grad_loss[r], m = lse[2 * r], log_s = lse[2 * r + 1];
       // Only the k selected logits are read: the rest of the gradient is zero.
       if (kk == 0) {
-        const AccVec<scalar_t> glv(gl), lsev(lse[r]);
+        const AccVec<scalar_t> glv(gl), mv(m), log_sv(log_s);
         for_lanes<scalar_t>(V, [&](int64_t i, int64_t n) {
-          store_acc(glv * (load_acc(row + i, n) - lsev).exp(), g + i, n);
+          store_acc(glv * ((load_acc(row + i, n) - mv) - log_sv).exp(), g + i, n);
         });
       } else {
         std::fill_n(g, V, scalar_t(0));
         for (int64_t j = 0; j < kk; ++j) {
           const int64_t i = indices[r * kk + j];
-          g[i] = scalar_t(gl * std::exp(acc_t(row[i]) - lse[r]));
+          g[i] = scalar_t(gl * std::exp((acc_t(row[i]) - m) - log_s));
         }
       }
       g[t] = scalar_t(acc_t(g[t]) - gl);
     }
   });
+}
+
+// The row's TaylorRow (csrc/common/row_softmax.h): the plain sum, or the scaled one
+// where that is not finite.
+template <typename acc_t, typename scalar_t>
+TaylorRow<acc_t> taylor_row(const scalar_t* row, int64_t V, int order) {
+  TaylorRow<acc_t> t{order, false, 0, acc_t(0)};
+  for (int64_t i = 0; i < V; ++i) t.S += Taylor<acc_t>::at(acc_t(row[i]), order).f;
+  if (std::isfinite(t.S)) return t;
+  t.scaled = true;
+  for (int64_t i = 0; i < V; ++i) {
+    const acc_t x = acc_t(row[i]);
+    if (std::isfinite(x)) t.E = std::max(t.E, ScaledTaylor<acc_t>::at(x, order).e);
+  }
+  t.S = 0;
+  for (int64_t i = 0; i < V; ++i) t.S += t.term(acc_t(row[i]));
+  return t;
 }
 
 template <typename scalar_t>
@@ -337,11 +362,8 @@ void taylor_kernel(const scalar_t* x, int64_t R, int64_t V, int order, scalar_t*
   for_rows(R, V, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = x + r * V;
-      acc_t S = 0;
-      for (int64_t i = 0; i < V; ++i) S += Taylor<acc_t>::at(acc_t(row[i]), order).f;
-      for (int64_t i = 0; i < V; ++i) {
-        out[r * V + i] = scalar_t(Taylor<acc_t>::at(acc_t(row[i]), order).f / S);
-      }
+      const TaylorRow<acc_t> t = taylor_row<acc_t>(row, V, order);
+      for (int64_t i = 0; i < V; ++i) out[r * V + i] = scalar_t(t.normalised(acc_t(row[i])).f);
     }
   });
 }
@@ -353,15 +375,12 @@ void taylor_backward_kernel(const scalar_t* grad, const scalar_t* x, const scala
   for_rows(R, V, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * V;
-      acc_t S = 0, dot = 0;
+      const TaylorRow<acc_t> t = taylor_row<acc_t>(x + o, V, order);
+      acc_t dot = 0;
+      for (int64_t i = 0; i < V; ++i) dot += acc_t(grad[o + i]) * acc_t(out[o + i]);
       for (int64_t i = 0; i < V; ++i) {
-        S += Taylor<acc_t>::at(acc_t(x[o + i]), order).f;
-        dot += acc_t(grad[o + i]) * acc_t(out[o + i]);
-      }
-      const acc_t inv = acc_t(1) / S;
-      for (int64_t i = 0; i < V; ++i) {
-        const acc_t df = Taylor<acc_t>::at(acc_t(x[o + i]), order).df;
-        grad_x[o + i] = scalar_t(df * inv * (acc_t(grad[o + i]) - dot));
+        const acc_t df = t.normalised(acc_t(x[o + i])).df;
+        grad_x[o + i] = scalar_t(df * (acc_t(grad[o + i]) - dot));
       }
     }
   });
@@ -469,7 +488,9 @@ void entropy_backward_kernel(const scalar_t* grad, const scalar_t* p,
         }
       }
       for (int64_t i = 0; i < V; ++i) {
-        grad_p[r * V + i] = scalar_t(trace.on_support(L[i]) ? adj[i] : acc_t(0));
+        // Zeros of p stay zero whatever p is after a step: no gradient reaches them. With
+        // no step the op is the identity, and the gradient passes through everywhere.
+        grad_p[r * V + i] = scalar_t(trace.on_support(L[i]) || iters == 0 ? adj[i] : acc_t(0));
       }
       grad_target[r] = target_bar;
     }

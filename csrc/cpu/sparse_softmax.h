@@ -19,8 +19,9 @@ void topk_softmax_forward(const at::Tensor& x, at::Tensor& probs, at::Tensor& in
 void topk_softmax_backward(const at::Tensor& grad, const at::Tensor& probs,
                            const at::Tensor& indices, at::Tensor& grad_x);
 
-// logits [N, V], target [N] int64. loss, lse [N]; indices [N, k] (any order) when
-// k < V, or [N, 0] for the plain softmax (k >= V). Rows with target == ignore_index
+// logits [N, V], target [N] int64. loss [N]; lse [N, 2]: the kept log-sum-exp as
+// (m, log s) (KeptLse::for_loss, csrc/common/row_softmax.h); indices [N, k] (any order)
+// when k < V, or [N, 0] for the plain softmax (k >= V). Rows with target == ignore_index
 // get loss 0.
 void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, int64_t k,
                            int64_t ignore_index, at::Tensor& loss, at::Tensor& lse,

@@ -21,6 +21,27 @@
 // gradient walk starts afresh at each sequence's last step. A cut is an Affine flag,
 // so the look-back needs no knowledge of where sequences lie and a chunk may hold any
 // number of boundaries; each step finds its sequence by a binary search of cu_seqlens.
+//
+// The look-back never composes the aggregates it meets: from the nearest published
+// inclusive prefix it applies them one by one, in time order. The carry is then the
+// same nested expression, agg_{c-1}(agg_{c-2}(... inclusive_j)), that the chunks in
+// between publish as their own inclusive prefixes, bit for bit: the result does not
+// depend on how far a block had to look back, i.e. on timing, and is the same on every
+// run and schedule.
+//
+// Non-finite values. A composed map equals the recurrence only while it is finite:
+// (A2 A1) x + (A2 B1 + B2) against A2 (A1 x + B1) + B2 meets inf - inf and inf * 0 where
+// the recurrence has +-inf (inf times a sum against the sum of inf times its terms; the
+// identity map {1, 0}, whose 0 multiplies an infinite A, as a starting point). So warp
+// w's carry-in is agg_{w-1}(carry_{w-1}) only while both are finite; from the first warp
+// where one is not, the channel takes the exact path: the later warps replay one after
+// another, each from the last value of the one before. Everything before that warp is
+// computed as without the non-finite value, so earlier outputs and the other channels
+// keep their bits. The inclusive prefix is chunk_agg(carry) where both are finite, else
+// the replay's last value, and the look-back applies an aggregate under the same rule,
+// otherwise waiting for that chunk's own prefix. Compositions start from a step, never
+// from the identity, and skip steps past T. A cut map ignores the carry, so only its B
+// need be finite (Affine::applies_to).
 #include <cuda/atomic>
 
 #include "dtype.cuh"
@@ -76,28 +97,30 @@ struct Lookback {
     return f;
   }
 
-  // The carry-in of chunk `chunk` for this lane's channel; publishes this chunk's
-  // inclusive prefix. Called by one full warp.
+  __device__ void wait_inclusive(int64_t tile) const {
+    ::cuda::atomic_ref<int, ::cuda::thread_scope_device> flag(flags[tile]);
+    while (flag.load(::cuda::memory_order_acquire) != kFlagInclusive) __nanosleep(32);
+  }
+
+  // The carry-in of chunk `chunk` (> 0) for this lane's channel, after publishing this
+  // chunk's aggregate (see the top of this file). Called by one full warp.
   __device__ acc_t carry_in(int64_t chunk, int64_t n_series, int64_t series, int lane,
-                            const Affine<acc_t>& agg, acc_t first_carry) {
-    const int64_t tile = chunk * n_series + series;
-    if (chunk == 0) {
-      publish(tile, lane, agg.apply(first_carry));
-      return first_carry;
-    }
-    publish(tile, lane, agg);
-    Affine<acc_t> between = Affine<acc_t>::identity();  // chunks j+1 .. chunk-1
-    acc_t carry;
-    for (int64_t j = chunk - 1;; --j) {
-      const int64_t prev = j * n_series + series;
-      if (wait(prev) == kFlagInclusive) {
-        carry = between.apply(inclusive[prev * kLanes + lane]);
-        break;
+                            const Affine<acc_t>& agg) {
+    publish(chunk * n_series + series, lane, agg);
+    int64_t j = chunk - 1;
+    while (wait(j * n_series + series) != kFlagInclusive) --j;
+    acc_t carry = inclusive[(j * n_series + series) * kLanes + lane];
+    for (int64_t m = j + 1; m < chunk; ++m) {
+      const int64_t tile = m * n_series + series;
+      const int64_t slot = tile * kLanes + lane;
+      const Affine<acc_t> step{agg_a[slot], agg_b[slot], agg_cut[slot]};
+      if (step.applies_to(carry)) {
+        carry = step.apply(carry);
+      } else {
+        wait_inclusive(tile);
+        carry = inclusive[tile * kLanes + lane];
       }
-      const int64_t slot = prev * kLanes + lane;
-      between = Affine<acc_t>{agg_a[slot], agg_b[slot], agg_cut[slot]}.then(between);
     }
-    publish(tile, lane, agg.apply(carry));
     return carry;
   }
 };
@@ -148,6 +171,21 @@ __device__ inline Boundary boundary_at(const ScanGeometry& g, int64_t bi, int64_
   return {n, t == (g.reverse ? end : begin), t == (g.reverse ? begin : end)};
 }
 
+// Where a step lies among packed sequences. Forward walk: the sequence's first step
+// cuts the carry; backward walk: its last one (the first the gradient walk meets).
+struct Boundary {
+  int64_t n;   // the sequence (the row's index without cu_seqlens)
+  bool first;  // the sequence's first step in scan order
+  bool last;   // its last step in scan order
+};
+
+__device__ inline Boundary boundary_at(const ScanGeometry& g, int64_t bi, int64_t t) {
+  if (!g.cu_seqlens) return {bi, t == g.time_at(0), t == g.time_at(g.T - 1)};
+  const int64_t n = sequence_of(g.cu_seqlens, g.N, t);
+  const int64_t begin = g.cu_seqlens[n], end = g.cu_seqlens[n + 1] - 1;
+  return {n, t == (g.reverse ? end : begin), t == (g.reverse ? begin : end)};
+}
+
 template <typename scalar_t, bool BACKWARD>
 __global__ void __launch_bounds__(kWarps * kLanes)
     scan_kernel(ScanArgs args, Lookback<acc_of<scalar_t>> lookback) {
@@ -159,7 +197,14 @@ __global__ void __launch_bounds__(kWarps * kLanes)
 
   SEQFUSE_SHARED(unsigned, s_tile);
   SEQFUSE_SHARED(Affine<acc_t>, s_agg, [kWarps][kLanes]);
-  SEQFUSE_SHARED(acc_t, s_carry, [kWarps][kLanes]);
+  // s_carry[w]: warp w's carry-in; s_carry[kWarps]: the inclusive prefix, when deferred.
+  SEQFUSE_SHARED(acc_t, s_carry, [kWarps + 1][kLanes]);
+  // Per channel: the first warp of the exact path (kWarps: none), and whether its
+  // inclusive prefix was known in step 2; per block: any exact path, any deferred prefix.
+  SEQFUSE_SHARED(int, s_exact_from, [kLanes]);
+  SEQFUSE_SHARED(int, s_known, [kLanes]);
+  SEQFUSE_SHARED(int, s_any_exact);
+  SEQFUSE_SHARED(int, s_deferred);
 
   const int lane = threadIdx.x % kLanes;
   const int warp = threadIdx.x / kLanes;
@@ -170,6 +215,7 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   const int64_t n_series = g.B * c_tiles;
   const int64_t chunk = s_tile / n_series;
   const int64_t series = s_tile % n_series;
+  const int64_t tile = chunk * n_series + series;
   const int64_t bi = series / c_tiles;
   const int64_t c = (series % c_tiles) * kLanes + lane;
   const bool active = c < g.C;
@@ -182,9 +228,11 @@ __global__ void __launch_bounds__(kWarps * kLanes)
   auto position = [&](int64_t q) { return BACKWARD ? g.T - 1 - q : q; };
   auto a_at = [&](int64_t p) { return to_acc(a[g.a_offset(bi, g.time_at(p), c)]); };
 
-  // 1. Load this thread's steps and compose them. A step that starts a recurrence
-  //    (a sequence's first step forwards, its last one backwards) cuts the carry; a
-  //    packed sequence's first step takes h0 here, a row's first step at its carry-in.
+  // 1. Load this thread's steps and compose them (steps past T take no part; a thread
+  // with none is left with {1, 0}, which nothing composes with). A step that starts a
+  // recurrence (a sequence's first step forwards, its last one backwards) cuts the
+  // carry; a packed sequence's first step takes h0 here, a row's first step at its
+  // carry-in.
   acc_t coef[kSteps], val[kSteps];
   bool cut[kSteps];
 #pragma unroll
@@ -208,61 +256,103 @@ __global__ void __launch_bounds__(kWarps * kLanes)
       cut[k] = packed && at.last;
     }
   }
-  Affine<acc_t> agg = Affine<acc_t>::identity();
+  Affine<acc_t> agg{coef[0], val[0], cut[0]};
 #pragma unroll
-  for (int k = 0; k < kSteps; ++k) agg = agg.then({coef[k], val[k], cut[k]});
+  for (int k = 1; k < kSteps; ++k) {
+    if (q0 + k < g.T) agg = agg.then({coef[k], val[k], cut[k]});
+  }
   s_agg[warp][lane] = agg;
   __syncthreads();
 
-  // 2. Warp 0 composes the warps, looks back and hands each warp its carry-in.
+  // 2. Warp 0 composes the warps that hold steps, looks back, and hands each warp its
+  // carry-in: agg_{w-1}(carry_{w-1}) while both are finite; from the first warp e where
+  // one is not, the channel is on the exact path and warps e+1.. take theirs from the
+  // replay. The inclusive prefix is chunk_agg(carry) where both are finite (published
+  // now if so in every channel), else the replay's last value (published after it).
   if (warp == 0) {
-    Affine<acc_t> chunk_agg = Affine<acc_t>::identity();
-    for (int w = 0; w < kWarps; ++w) chunk_agg = chunk_agg.then(s_agg[w][lane]);
+    Affine<acc_t> chunk_agg = s_agg[0][lane];
+    for (int w = 1; w < kWarps && chunk * kChunk + w * kSteps < g.T; ++w) {
+      chunk_agg = chunk_agg.then(s_agg[w][lane]);
+    }
     const acc_t first = !BACKWARD && !packed && h0 && active ? h0[bi * g.C + c] : acc_t(0);
-    acc_t carry = lookback.carry_in(chunk, n_series, series, lane, chunk_agg, first);
+    acc_t carry = chunk == 0 ? first : lookback.carry_in(chunk, n_series, series, lane, chunk_agg);
+    const bool known = chunk_agg.applies_to(carry);
+    const bool deferred = !__all_sync(0xffffffffu, known);
+    s_carry[kWarps][lane] = known ? chunk_agg.apply(carry) : acc_t(0);
+    if (!deferred) lookback.publish(tile, lane, s_carry[kWarps][lane]);
+    int e = kWarps;
     for (int w = 0; w < kWarps; ++w) {
       s_carry[w][lane] = carry;
-      carry = s_agg[w][lane].apply(carry);
+      if (e < kWarps) continue;
+      if (s_agg[w][lane].applies_to(carry)) {
+        carry = s_agg[w][lane].apply(carry);
+      } else {
+        e = w;
+      }
+    }
+    const bool any_exact = __any_sync(0xffffffffu, e < kWarps);
+    s_exact_from[lane] = e;
+    s_known[lane] = known;
+    if (lane == 0) {
+      s_any_exact = any_exact;
+      s_deferred = deferred;
     }
   }
   __syncthreads();
 
-  // 3. Replay from the carry-in and write.
+  // 3. Replay from the carry-in and write, every warp at once; on the exact path warp
+  // w > e replays in turn w - e, from the last value of warp w - 1.
+  const int turns = s_any_exact ? kWarps : 1;
+  const int e = s_exact_from[lane];
+  const bool known = s_known[lane];
   const acc_t nan = acc_t(NAN);
-  acc_t x = s_carry[warp][lane];
   acc_t da_sum = acc_t(0);
+  for (int turn = 0; turn < turns; ++turn) {
+    if (turn == (warp > e ? warp - e : 0)) {
+      acc_t x = s_carry[warp][lane];
 #pragma unroll
-  for (int k = 0; k < kSteps; ++k) {
-    const int64_t q = q0 + k;
-    if (!active || q >= g.T) continue;
-    x = cut[k] ? val[k] : coef[k] * x + val[k];
-    const int64_t p = position(q);
-    const int64_t t = g.time_at(p);
-    const int64_t i = g.offset(bi, t, c);
-    static_cast<scalar_t*>(args.out)[i] = from_acc<scalar_t>(poisoned ? nan : x);
-    if constexpr (BACKWARD) {
-      const Boundary at = boundary_at(g, bi, t);
-      const auto* h = static_cast<const scalar_t*>(args.h);
-      const acc_t h_prev = !at.first ? to_acc(h[g.offset(bi, g.time_at(p - 1), c)])
-                                     : (h0 ? h0[at.n * g.C + c] : acc_t(0));
-      const acc_t da = poisoned ? nan : x * conj_of(h_prev);
-      if (g.a_sT == 0) {
-        da_sum += da;
-      } else {
-        static_cast<acc_t*>(args.grad_a)[i] = da;
+      for (int k = 0; k < kSteps; ++k) {
+        const int64_t q = q0 + k;
+        if (!active || q >= g.T) continue;
+        x = cut[k] ? val[k] : coef[k] * x + val[k];
+        const int64_t p = position(q);
+        const int64_t t = g.time_at(p);
+        const int64_t i = g.offset(bi, t, c);
+        static_cast<scalar_t*>(args.out)[i] = from_acc<scalar_t>(poisoned ? nan : x);
+        if constexpr (BACKWARD) {
+          const Boundary at = boundary_at(g, bi, t);
+          const auto* h = static_cast<const scalar_t*>(args.h);
+          const acc_t h_prev = !at.first ? to_acc(h[g.offset(bi, g.time_at(p - 1), c)])
+                                         : (h0 ? h0[at.n * g.C + c] : acc_t(0));
+          const acc_t da = poisoned ? nan : x * conj_of(h_prev);
+          if (g.a_sT == 0) {
+            da_sum += da;
+          } else {
+            static_cast<acc_t*>(args.grad_a)[i] = da;
+          }
+          if (at.first) {
+            static_cast<acc_t*>(args.grad_h0)[at.n * g.C + c] =
+                poisoned ? nan : conj_of(a_at(p)) * x;
+          }
+        }
       }
-      if (at.first) {
-        static_cast<acc_t*>(args.grad_h0)[at.n * g.C + c] =
-            poisoned ? nan : conj_of(a_at(p)) * x;
+      if ((warp >= e && warp + 1 < kWarps) || (!known && warp + 1 == kWarps)) {
+        s_carry[warp + 1][lane] = x;
       }
     }
+    if (turns > 1) __syncthreads();
+  }
+  if (s_deferred) {
+    __syncthreads();
+    if (warp == 0) lookback.publish(tile, lane, s_carry[kWarps][lane]);
   }
 
   // A time-invariant `a` gets one partial sum of da per chunk instead of [B, T, C].
   if constexpr (BACKWARD) {
     if (g.a_sT == 0) {
-      // Each thread read only its own s_carry slot in step 3 and writes only that one:
-      // no barrier needed before the reuse.
+      // Each thread read only its own s_carry slot in step 3 and writes only that one,
+      // or step 3 ended on a barrier; warp 0's deferred publish reads slot kWarps,
+      // which no one writes here.
       s_carry[warp][lane] = da_sum;
       __syncthreads();
       if (warp == 0 && active) {

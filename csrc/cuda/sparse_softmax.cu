@@ -27,10 +27,10 @@
 //
 // Only when none fits (k too large for the candidate buffer, or k >= V on a row too
 // long to stage) does the block read the row from global memory in every pass.
-// Then, over the kept entries: m = max, lse = m + log sum exp(x - m) (float32; the loss
-// takes +inf for m = +inf, see KeptLse), and the output (dense: fill, then scatter the
-// kept; compact: sorted in shared memory by a bitonic network when k <= kTopKSortedMax;
-// loss: lse - x_t and the kept indices).
+// Then, over the kept entries: m = max and s = sum exp(x - m) (float32, kept apart, see
+// KeptLse), and the output (dense: fill, then scatter the kept p = exp(x - m) / s;
+// compact: sorted in shared memory by a bitonic network when k <= kTopKSortedMax; loss:
+// (m - x_t) + log s, (m, log s) and the kept indices).
 #include <cstdint>
 #include <type_traits>
 
@@ -269,7 +269,7 @@ SEQFUSE_HD int64_t filter_capacity(int64_t kk) {
   return kk + room > kMinCandidates ? kk + room : kMinCandidates;
 }
 
-// Given the group's Omega_k = {entries of view with composite >= T}: lse, then the
+// Given the group's Omega_k = {entries of view with composite >= T}: m and s, then the
 // mode's output. x_t is the target logit (Loss mode; NaN when out of range).
 template <class G, typename scalar_t, Mode kMode, class View>
 __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
@@ -288,7 +288,8 @@ __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
     const Composite c = view.at(j);
     if (c >= T) local += expf(value_of(c) - m);
   }
-  const float lse = m + logf(group_reduce<G>(local, Sum{}, sh.red));
+  const float s = group_reduce<G>(local, Sum{}, sh.red);
+  auto prob = [&](Composite c) { return expf(value_of(c) - m) / s; };
 
   if (G::rank() == 0) sh.n_kept = 0;
   G::sync();
@@ -296,14 +297,14 @@ __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
     scalar_t* out = static_cast<scalar_t*>(args.out) + r * V;
     // A NaN normaliser (NaN kept, +inf kept, or nothing kept above -inf) poisons the
     // whole row, as the dense reference does.
-    const bool poisoned = lse != lse;
-    const scalar_t fill = from_acc<scalar_t>(poisoned ? lse : 0.f);
+    const bool poisoned = s != s;
+    const scalar_t fill = from_acc<scalar_t>(poisoned ? s : 0.f);
     for (int64_t i = G::rank(); i < V; i += G::kSize) out[i] = fill;
     G::sync();  // the fill lands before the kept entries are written over it
     if (!poisoned) {
       for (int64_t j = G::rank(); j < view.n; j += G::kSize) {
         const Composite c = view.at(j);
-        if (c >= T) out[index_of(c)] = from_acc<scalar_t>(expf(value_of(c) - lse));
+        if (c >= T) out[index_of(c)] = from_acc<scalar_t>(prob(c));
       }
     }
   } else if constexpr (kMode == Mode::Compact) {
@@ -317,7 +318,7 @@ __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
       if (n_sort > 0) {
         sort_buf[pos] = c;
       } else {  // long lists go out in any order; the binding sorts them
-        probs[pos] = from_acc<scalar_t>(expf(value_of(c) - lse));
+        probs[pos] = from_acc<scalar_t>(prob(c));
         indices[pos] = index_of(c);
       }
     }
@@ -326,7 +327,7 @@ __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
       G::sync();
       sort_descending<G>(sort_buf, n_sort);
       for (int j = G::rank(); j < kk; j += G::kSize) {
-        probs[j] = from_acc<scalar_t>(expf(value_of(sort_buf[j]) - lse));
+        probs[j] = from_acc<scalar_t>(prob(sort_buf[j]));
         indices[j] = index_of(sort_buf[j]);
       }
     }
@@ -339,9 +340,10 @@ __device__ void finish_row(const View& view, Composite T, float x_t, int64_t r,
     }
     if (G::rank() == 0) {
       const int64_t t = args.target[r];
-      const float loss_lse = KeptLse<float>{m, lse}.loss();
-      args.loss[r] = t == args.ignore_index ? 0.f : loss_lse - x_t;
-      args.lse[r] = loss_lse;
+      const KeptLse<float> kept = KeptLse<float>{m, s, logf(s)}.for_loss();
+      args.loss[r] = t == args.ignore_index ? 0.f : (kept.m - x_t) + kept.log_s;
+      args.lse[2 * r] = kept.m;
+      args.lse[2 * r + 1] = kept.log_s;
     }
   }
 }
@@ -583,10 +585,10 @@ __global__ void __launch_bounds__(kRowThreads)
   scalar_t* g = grad + r * V;
   const int64_t t = target[r];
   const float gl = t == ignore_index ? 0.f : grad_loss[r];
-  const float l = lse[r];
+  const float m = lse[2 * r], log_s = lse[2 * r + 1];
   if (kk == 0) {  // the plain softmax: the whole row is read
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-      const float p = t == ignore_index ? 0.f : expf(to_acc(row[i]) - l);
+      const float p = t == ignore_index ? 0.f : expf((to_acc(row[i]) - m) - log_s);
       g[i] = from_acc<scalar_t>(gl * p - (i == t ? gl : 0.f));
     }
     return;
@@ -598,7 +600,7 @@ __global__ void __launch_bounds__(kRowThreads)
   // Only the kept logits are read.
   for (int64_t j = threadIdx.x; j < kk; j += kRowThreads) {
     const int64_t i = indices[r * kk + j];
-    const float p = expf(to_acc(row[i]) - l);
+    const float p = expf((to_acc(row[i]) - m) - log_s);
     if (i == t) target_kept = 1;
     g[i] = from_acc<scalar_t>(gl * (p - (i == t ? 1.f : 0.f)));
   }
@@ -606,18 +608,38 @@ __global__ void __launch_bounds__(kRowThreads)
   if (threadIdx.x == 0 && !target_kept) g[t] = from_acc<scalar_t>(-gl);
 }
 
+// The row's TaylorRow (csrc/common/row_softmax.h), the same in every thread of the block:
+// the plain sum, or the scaled one where that is not finite.
+template <typename scalar_t>
+__device__ TaylorRow<float> taylor_row(const scalar_t* row, int64_t V, int order, float* red) {
+  TaylorRow<float> t{order, false, 0, 0.f};
+  float local = 0.f;
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
+    local += Taylor<float>::at(to_acc(row[i]), order).f;
+  }
+  t.S = group_reduce<RowBlock>(local, Sum{}, red);
+  if (isfinite(t.S)) return t;
+  t.scaled = true;
+  float E = 0.f;  // a small integer, exact in a float
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
+    const float x = to_acc(row[i]);
+    if (isfinite(x)) E = fmaxf(E, float(ScaledTaylor<float>::at(x, order).e));
+  }
+  t.E = int(group_reduce<RowBlock>(E, NanMax{}, red));
+  local = 0.f;
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) local += t.term(to_acc(row[i]));
+  t.S = group_reduce<RowBlock>(local, Sum{}, red);
+  return t;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     taylor_kernel(const scalar_t* x, int64_t V, int order, scalar_t* out) {
   SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
-  float local = 0.f;
+  const TaylorRow<float> t = taylor_row(x + o, V, order, red);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    local += Taylor<float>::at(to_acc(x[o + i]), order).f;
-  }
-  const float S = group_reduce<RowBlock>(local, Sum{}, red);
-  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    out[o + i] = from_acc<scalar_t>(Taylor<float>::at(to_acc(x[o + i]), order).f / S);
+    out[o + i] = from_acc<scalar_t>(t.normalised(to_acc(x[o + i])).f);
   }
 }
 
@@ -627,16 +649,15 @@ __global__ void __launch_bounds__(kRowThreads)
                            int64_t V, int order, scalar_t* grad_x) {
   SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
-  float s_local = 0.f, dot_local = 0.f;
+  const TaylorRow<float> t = taylor_row(x + o, V, order, red);
+  float dot_local = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    s_local += Taylor<float>::at(to_acc(x[o + i]), order).f;
     dot_local += to_acc(grad[o + i]) * to_acc(out[o + i]);
   }
-  const float inv = 1.f / group_reduce<RowBlock>(s_local, Sum{}, red);
   const float dot = group_reduce<RowBlock>(dot_local, Sum{}, red);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    const float df = Taylor<float>::at(to_acc(x[o + i]), order).df;
-    grad_x[o + i] = from_acc<scalar_t>(df * inv * (to_acc(grad[o + i]) - dot));
+    const float df = t.normalised(to_acc(x[o + i])).df;
+    grad_x[o + i] = from_acc<scalar_t>(df * (to_acc(grad[o + i]) - dot));
   }
 }
 
@@ -754,7 +775,9 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     const float L = logf(to_acc(p[o + i]));
-    grad_p[o + i] = from_acc<scalar_t>(on_support(L) ? adj[i] : 0.f);
+    // Zeros of p stay zero whatever p is after a step: no gradient reaches them. With no
+    // step the op is the identity, and the gradient passes through everywhere.
+    grad_p[o + i] = from_acc<scalar_t>(on_support(L) || iters == 0 ? adj[i] : 0.f);
   }
   if (threadIdx.x == 0) grad_target[r] = target_bar;
 }

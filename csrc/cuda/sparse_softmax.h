@@ -33,7 +33,9 @@ cudaError_t topk_softmax_backward(const void* grad, const void* probs, const int
                                   RowShape s, int64_t kk, void* grad_x, DType dtype,
                                   cudaStream_t stream);
 
-// indices [N, k] in any order when k < V; untouched (and may be null) when k >= V.
+// loss [N]; lse [N, 2]: the kept log-sum-exp as (m, log s) (KeptLse::for_loss,
+// csrc/common/row_softmax.h); indices [N, k] in any order when k < V; untouched (and may
+// be null) when k >= V.
 cudaError_t cross_entropy_forward(const void* logits, const int64_t* target, RowShape s, int64_t k,
                                   int64_t ignore_index, float* loss, float* lse, int64_t* indices,
                                   DType dtype, cudaStream_t stream);

@@ -94,7 +94,8 @@ def _forward_fake(hidden, weight, bias, target, k, ignore_index, chunk_size):
     kk = k if k < V else 0
     acc = _acc_dtype(hidden.dtype)
     per_row = hidden.new_empty((N,), dtype=acc)
-    return (per_row, per_row.new_empty((N,)), hidden.new_empty((N, kk), dtype=acc),
+    # lse [N, 2]: the kept log-sum-exp as (max, log of the sum), kept apart for precision.
+    return (per_row, per_row.new_empty((N, 2)), hidden.new_empty((N, kk), dtype=acc),
             hidden.new_empty((N, kk), dtype=torch.int64))
 
 

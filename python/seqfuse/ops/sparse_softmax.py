@@ -165,7 +165,9 @@ def entropy_normalize(
     dim = _check_dim("entropy_normalize", p, dim)
     rows = p.movedim(dim, -1)
     if not isinstance(target_entropy, torch.Tensor):
-        target_entropy = torch.tensor(float(target_entropy), device=p.device)
+        # In the accumulation dtype: a default (float32) tensor would round a float64 H*.
+        target_entropy = torch.tensor(float(target_entropy), dtype=_acc_dtype(p.dtype),
+                                      device=p.device)
     check_backend("entropy_normalize", p, target_entropy)
     try:
         target = target_entropy.to(_acc_dtype(p.dtype)).expand(rows.shape[:-1])
@@ -210,7 +212,8 @@ def _cross_entropy_fake(logits, target, k, ignore_index):
     N, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     indices = logits.new_empty((N, k if k < V else 0), dtype=torch.int64)
-    return logits.new_empty((N,), dtype=acc), logits.new_empty((N,), dtype=acc), indices
+    # lse [N, 2]: the kept log-sum-exp as (max, log of the sum), kept apart for precision.
+    return logits.new_empty((N,), dtype=acc), logits.new_empty((N, 2), dtype=acc), indices
 
 
 @torch.library.register_fake("seqfuse::sparse_softmax_cross_entropy_backward")

@@ -46,13 +46,22 @@ def sparse_softmax_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """``logsumexp(topk(s)) - s_target`` (see ``seqfuse.sparse_softmax_cross_entropy``)."""
+    """``logsumexp(topk(s)) - s_target`` (see ``seqfuse.sparse_softmax_cross_entropy``).
+
+    Ignored rows are left out before anything is computed: masking their loss afterwards
+    would send 0 * NaN = NaN into the gradient of a row holding a NaN or an infinity."""
     s = _acc(logits)
     keep = target != ignore_index
-    safe_target = torch.where(keep, target, 0)
-    values, _ = _stable_topk(s, min(k, s.shape[-1]))
-    loss = torch.logsumexp(values, dim=-1) - s.gather(-1, safe_target[:, None])[:, 0]
-    loss = torch.where(keep, loss, 0.0)
+    rows = s[keep]
+    values, _ = _stable_topk(rows, min(k, s.shape[-1]))
+    # The log-sum-exp as m + log sum exp(v - m), m the row's (constant) maximum, added to
+    # the target's term last: m + log(...) rounded first would lose the log to the
+    # rounding of m for large logits, and exp(v - lse) in the gradient with it.
+    m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else values[..., :1]
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    picked = rows.gather(-1, target[keep][:, None])
+    kept = ((m - picked) + torch.logsumexp(values - m, dim=-1, keepdim=True))[:, 0]
+    loss = s.new_zeros(keep.shape).masked_scatter(keep, kept)
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
@@ -61,9 +70,23 @@ def sparse_softmax_cross_entropy(
 
 
 def taylor_softmax(x: torch.Tensor, order: int = 2, dim: int = -1) -> torch.Tensor:
-    """``f_n(x_i) / sum_j f_n(x_j)``, ``f_n(x) = sum_{m<=n} x^m / m!``."""
+    """``f_n(x_i) / sum_j f_n(x_j)``, ``f_n(x) = sum_{m<=n} x^m / m!``.
+
+    Each row is divided by ``c^n``, ``c = max(1, max |x_j|)`` over its finite entries (p
+    does not change), so that ``f_n`` of a large finite x, which passes the float range
+    long before x does, stays finite: ``f_n(x) / c^n = sum_m (x/c)^m c^(m-n) / m!``. An
+    infinite or NaN x keeps its plain ``f_n``: inf for +inf, NaN for -inf (inf - inf
+    between its terms) and NaN, so the row is NaN there and 0 at its finite entries.
+    """
     xs = _acc(x)
-    f = sum(xs**m / math.factorial(m) for m in range(order + 1))
+    finite = xs.detach().isfinite()
+    if xs.numel():
+        c = torch.where(finite, xs.detach().abs(), 0).amax(dim, keepdim=True).clamp(min=1)
+    else:
+        c = xs.new_ones(())
+    u = torch.where(finite, xs / c, xs)
+    scale = torch.where(finite, c, 1.0)
+    f = sum(u**m * scale ** (m - order) / float(math.factorial(m)) for m in range(order + 1))
     return (f / f.sum(dim, keepdim=True)).to(x.dtype)
 
 
@@ -74,19 +97,29 @@ def entropy_normalize(
 
         H = -sum p log p,  D = H^2 - sum p (log p)^2,  gamma = 1 + (H* - H) / D
 
-    (gamma = 1 where D = 0: a uniform row cannot move). Zeros stay zero.
+    (gamma = 1 where D = 0: a uniform row cannot move). Zeros stay zero. The iterates
+    are carried as logs (``log q <- log_softmax(gamma log q)``): a large step can take
+    an entry of ``q`` below the smallest float, and ``0 * log 0`` would then make the
+    next step NaN where the maths is finite.
     """
     q = _acc(p.movedim(dim, -1))
     target = torch.as_tensor(target_entropy, dtype=q.dtype, device=q.device)
     support = q != 0
+    any_support = support.any(-1, keepdim=True)
+    log_q = torch.log(torch.where(support, q, 1.0))
     for _ in range(iters):
-        log_q = torch.where(support, torch.log(torch.where(support, q, 1.0)), 0.0)
+        q = torch.where(support, torch.exp(log_q), 0.0)
+        log_q = torch.where(support, log_q, 0.0)
         H = -(q * log_q).sum(-1)
         D = H**2 - (q * log_q**2).sum(-1)
         gamma = 1 + torch.where(D != 0, (target - H) / torch.where(D != 0, D, 1.0), 0.0)
-        logits = torch.where(support, gamma[..., None] * log_q, -math.inf)
-        q = torch.where(support, torch.softmax(logits, dim=-1), 0.0)
-    return q.to(p.dtype).movedim(-1, dim)
+        # A row with no support takes logits 0 (left out below): -inf throughout would
+        # send NaN into the gradient.
+        logits = torch.where(support, gamma[..., None] * log_q,
+                             torch.where(any_support, -math.inf, 0.0))
+        log_q = torch.log_softmax(logits, dim=-1)
+    out = torch.where(support, torch.exp(log_q), 0.0) if iters else q
+    return out.to(p.dtype).movedim(-1, dim)
 
 
 def linear_sparse_softmax_cross_entropy(
@@ -100,8 +133,33 @@ def linear_sparse_softmax_cross_entropy(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The LM head's logits in full, then the SPACES loss on them (see
-    ``seqfuse.linear_sparse_softmax_cross_entropy``); the loss in float32 for half inputs."""
-    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    loss = sparse_softmax_cross_entropy(_acc(logits), target.reshape(-1), k, ignore_index,
-                                        reduction)
-    return loss.view(target.shape) if reduction == "none" else loss
+    ``seqfuse.linear_sparse_softmax_cross_entropy``); the loss in float32 for half inputs.
+
+    The full logits only rank: the kept ones and the target's are then taken again as
+    products of their own weight rows, so that the gradient reaches exactly those rows
+    (at most k + 1 per token), as the maths has it. Through the full product it would
+    also reach every other row as 0 times the hidden state, which is NaN for a NaN
+    state. Ignored rows are left out before anything is computed, for the same reason.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    keep = t != ignore_index
+    h, t = h[keep], t[keep]
+    with torch.no_grad():
+        ranked = _acc(torch.nn.functional.linear(h, weight, bias))
+        _, top = _stable_topk(ranked, min(k, weight.shape[0]))
+    cols = torch.cat([top, t[:, None]], 1)                   # Omega, then the target
+    picked = (h[:, None, :] * weight[cols]).sum(-1)
+    if bias is not None:
+        picked = picked + bias[cols]
+    picked = _acc(picked)
+    values, target_logit = picked[:, :-1], picked[:, -1:]
+    m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else target_logit.detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    kept = ((m - target_logit) + torch.logsumexp(values - m, dim=-1, keepdim=True))[:, 0]
+    loss = kept.new_zeros(keep.shape).masked_scatter(keep, kept)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / keep.sum()
+    return loss.view(target.shape)
