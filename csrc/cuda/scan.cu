@@ -171,21 +171,6 @@ __device__ inline Boundary boundary_at(const ScanGeometry& g, int64_t bi, int64_
   return {n, t == (g.reverse ? end : begin), t == (g.reverse ? begin : end)};
 }
 
-// Where a step lies among packed sequences. Forward walk: the sequence's first step
-// cuts the carry; backward walk: its last one (the first the gradient walk meets).
-struct Boundary {
-  int64_t n;   // the sequence (the row's index without cu_seqlens)
-  bool first;  // the sequence's first step in scan order
-  bool last;   // its last step in scan order
-};
-
-__device__ inline Boundary boundary_at(const ScanGeometry& g, int64_t bi, int64_t t) {
-  if (!g.cu_seqlens) return {bi, t == g.time_at(0), t == g.time_at(g.T - 1)};
-  const int64_t n = sequence_of(g.cu_seqlens, g.N, t);
-  const int64_t begin = g.cu_seqlens[n], end = g.cu_seqlens[n + 1] - 1;
-  return {n, t == (g.reverse ? end : begin), t == (g.reverse ? begin : end)};
-}
-
 template <typename scalar_t, bool BACKWARD>
 __global__ void __launch_bounds__(kWarps * kLanes)
     scan_kernel(ScanArgs args, Lookback<acc_of<scalar_t>> lookback) {
