@@ -189,3 +189,15 @@ def test_plot_recorded_cpu_results(tmp_path):
     for family in charts:
         with open(tmp_path / f"{family}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tests_only_stops_after_the_tests(tmp_path):
+    # --tests-only: the machine record, the build, the probe and the CUDA tests, then the
+    # report; no sanitizer, ceilings or benchmark step.
+    proc = run_suite(str(tmp_path / "out"), "--dry-run", "--tests-only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [line.split("\t")[0] for line in
+             (tmp_path / "out" / "steps.tsv").read_text().splitlines()]
+    assert steps[-1] == "tests" and "env" in steps and "build" in steps
+    assert not any(s.startswith(("bench", "sanitize", "memcheck", "ceilings")) for s in steps)
+    assert (tmp_path / "out" / "results.md").exists()

@@ -2,7 +2,7 @@
 # The GPU suite: one command that verifies and measures seqfuse on a fresh GPU machine
 # (CUDA torch and nvcc, no network) and leaves everything in one folder.
 #
-#   bash benchmarks/gpu/run.sh OUTDIR [--wheels DIR] [--quick] [--dry-run]
+#   bash benchmarks/gpu/run.sh OUTDIR [--wheels DIR] [--quick | --tests-only] [--dry-run]
 #
 #   OUTDIR      created if missing; gets env.json, steps.tsv, logs/, bench/,
 #               ceilings.json, results.json and results.md
@@ -11,6 +11,8 @@
 #               --no-deps into a fresh --target folder put on PYTHONPATH, so the
 #               machine's own torch and triton are never touched
 #   --quick     a run that surely fits in 6 minutes (see the budget below)
+#   --tests-only  env, build, probe and the CUDA tests (cap 200 s), then the report: the
+#               check of new CUDA code on a short device allowance (~5 minutes)
 #   --dry-run   no GPU needed: argument handling, the wheel install (into a temporary
 #               folder), the output layout, the sanitizer workload and the ceilings on
 #               the CPU, and the report built from the recorded CPU run in
@@ -39,15 +41,16 @@
 set -uo pipefail
 
 usage() {
-  sed -n '4,18p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '4,20p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
-OUT="" WHEELS="" QUICK=0 DRY=0
+OUT="" WHEELS="" QUICK=0 DRY=0 TESTS_ONLY=0
 while [[ $# -gt 0 ]]; do
   case $1 in
     --wheels) [[ $# -ge 2 ]] || usage; WHEELS=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --tests-only) TESTS_ONLY=1; shift ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) usage ;;
     -*) echo "run.sh: unknown option $1" >&2; usage ;;
@@ -203,8 +206,9 @@ if [[ $DRY == 1 ]]; then
   # Collecting them takes 10 s here, and CI's own test run already imports every file.
   skip tests "would run: ${TESTS[*]}"
 else
-  step tests "$(cap 120 60)" "${TESTS[@]}"
+  step tests "$( ((TESTS_ONLY)) && echo 200 || cap 120 60)" "${TESTS[@]}"
 fi
+((TESTS_ONLY)) && finish 0
 
 # ---- compute-sanitizer over every CUDA kernel (on a dry run: the same calls on the CPU).
 # memcheck here; racecheck and initcheck after the benchmarks, with what time is left
