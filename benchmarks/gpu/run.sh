@@ -13,8 +13,8 @@
 #   --quick     a run that surely fits in 6 minutes (see the budget below)
 #   --tests-only  env, build, probe and the CUDA tests (cap 200 s), then the report: the
 #               check of new CUDA code on a short device allowance (~5 minutes)
-#   (Where the machine hands back only a few files, as the device tool here does:
-#   eight, write OUTDIR outside the returned folder and return it as one archive,
+#   (Where the machine hands back only a few files (some lending tools return
+#   eight), write OUTDIR outside the returned folder and return it as one archive,
 #   `run.sh /tmp/suite ...; tar czf "$OUT/suite.tgz" -C /tmp suite`.)
 #   --dry-run   no GPU needed: argument handling, the wheel install (into a temporary
 #               folder), the output layout, the sanitizer workload and the ceilings on
