@@ -3,11 +3,13 @@ the emulator reports what a GPU would not forgive, and an AddressSanitizer run o
 subset of every family's emulated tests."""
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
 import torch
 
 import seqfuse
@@ -78,6 +80,22 @@ def test_a_missing_barrier_shows_under_another_thread_order(emulator):
 def test_unwritten_shared_memory_reads_as_nan(emulator):
     _, out = selftest(emulator, "uninitialised_shared")
     assert torch.isnan(out).all()
+
+
+def test_random_schedule_also_poisons_with_a_finite_value(emulator):
+    # Under the random schedule half the blocks start from 0x3F bytes, a finite float
+    # (0.747...), so that a kernel which handles NaN specially still shows the read.
+    finite = struct.unpack("<f", b"\x3f" * 4)[0]
+    seen = set()
+    for seed in range(16):
+        _, out = selftest(emulator, "uninitialised_shared", threads="random", seed=seed)
+        if torch.isnan(out).all():
+            seen.add("nan")
+        elif torch.equal(out, torch.full_like(out, finite)):
+            seen.add("finite")
+        else:
+            raise AssertionError(f"seed {seed}: neither poison: {out[:4]}")
+    assert seen == {"nan", "finite"}
 
 
 @pytest.mark.parametrize("name, match", [

@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "macros.h"
+#include "packed.h"
 
 namespace seqfuse {
 
@@ -38,26 +39,16 @@ enum class FeatureMap : int { Identity = 0, Elu1 = 1, Relu = 2 };
 constexpr int64_t kMaxHeadDim = 256;
 
 // q, k: contiguous [B, T, H, Dk]; v, o: contiguous [B, T, H, Dv]; states per (b, h).
-//
-// Packed sequences: with `cu_seqlens` (N + 1 offsets, 0 = cu_seqlens[0] <= ... <=
-// cu_seqlens[N] = T), the tensors hold one row (B = 1) and sequence n is the stretch
-// of steps [cu_seqlens[n], cu_seqlens[n+1]), a causal product of its own with its own
-// state (states per (n, h)): nothing crosses a boundary. Without it, each of the B rows
-// is one sequence of T steps.
+// Packed sequences (packed.h): each is a causal product of its own with its own state
+// (states per (n, h)): nothing crosses a boundary.
 struct LinearAttentionGeometry {
   int64_t B, T, H, Dk, Dv;
-  const int64_t* cu_seqlens = nullptr;  // host or device memory, as the kernel runs
+  const int64_t* cu_seqlens = nullptr;  // packed sequences, or null
   int64_t N = 0;                        // sequences, with cu_seqlens
 
-  // One sequence: `length` steps from `start` in tensor row `row`.
-  struct Span {
-    int64_t row, start, length;
-  };
+  using Span = seqfuse::Span;
   SEQFUSE_HD int64_t sequences() const { return cu_seqlens ? N : B; }
-  SEQFUSE_HD Span span(int64_t n) const {
-    return cu_seqlens ? Span{0, cu_seqlens[n], cu_seqlens[n + 1] - cu_seqlens[n]}
-                      : Span{n, 0, T};
-  }
+  SEQFUSE_HD Span span(int64_t n) const { return sequence_span(cu_seqlens, n, T); }
 
   SEQFUSE_HD int64_t qk_offset(int64_t b, int64_t t, int64_t h) const {
     return ((b * T + t) * H + h) * Dk;

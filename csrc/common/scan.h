@@ -15,34 +15,25 @@
 
 #include "complex.h"
 #include "macros.h"
+#include "packed.h"
 
 namespace seqfuse {
 
 // b, h, grad_h and grad_b are contiguous [B, T, C]. `a` is addressed through its
 // strides after broadcasting to [B, T, C]: a zero stride is a broadcast dimension, so
 // a per-channel `a` ([C]) is read from C numbers and never materialised.
-//
-// Packed sequences: with `cu_seqlens` (N + 1 offsets, 0 = cu_seqlens[0] <= ... <=
-// cu_seqlens[N] = T), the tensors hold one row (B = 1) and sequence n is the stretch
-// of steps [cu_seqlens[n], cu_seqlens[n+1]), a recurrence of its own that starts from
-// h0[n]: no state crosses a boundary, and `reverse` walks each stretch backwards.
-// Without it, each of the B rows is one sequence of T steps.
+// Packed sequences (packed.h): each is a recurrence of its own that starts from h0[n]:
+// no state crosses a boundary, and `reverse` walks each one backwards.
 struct ScanGeometry {
   int64_t B, T, C;
   int64_t a_sB, a_sT, a_sC;
   bool reverse;
-  const int64_t* cu_seqlens = nullptr;  // host or device memory, as the kernel runs
+  const int64_t* cu_seqlens = nullptr;  // packed sequences, or null
   int64_t N = 0;                        // sequences, with cu_seqlens
 
-  // One recurrence: `length` steps from `start` in tensor row `row`.
-  struct Span {
-    int64_t row, start, length;
-  };
+  using Span = seqfuse::Span;
   SEQFUSE_HD int64_t sequences() const { return cu_seqlens ? N : B; }
-  SEQFUSE_HD Span span(int64_t n) const {
-    return cu_seqlens ? Span{0, cu_seqlens[n], cu_seqlens[n + 1] - cu_seqlens[n]}
-                      : Span{n, 0, T};
-  }
+  SEQFUSE_HD Span span(int64_t n) const { return sequence_span(cu_seqlens, n, T); }
   // The time of scan position p (0 .. length-1) of a span.
   SEQFUSE_HD int64_t time_in(const Span& s, int64_t p) const {
     return s.start + (reverse ? s.length - 1 - p : p);

@@ -429,15 +429,6 @@ void with_problem(const LinearAttentionGeometry& geo, const LinearAttentionOptio
   });
 }
 
-template <typename Fn>
-void with_feature_map(FeatureMap f, Fn&& fn) {
-  switch (f) {
-    case FeatureMap::Elu1: return fn(std::integral_constant<FeatureMap, FeatureMap::Elu1>{});
-    case FeatureMap::Relu: return fn(std::integral_constant<FeatureMap, FeatureMap::Relu>{});
-    default: return fn(std::integral_constant<FeatureMap, FeatureMap::Identity>{});
-  }
-}
-
 }  // namespace
 
 void linear_attention_forward(const LinearAttentionGeometry& g, const LinearAttentionOptions& opt,

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/linear_attention.h"
 
@@ -37,6 +38,17 @@ struct ChunkProblem {
 };
 
 constexpr int64_t kMaxChunk = 128;
+
+// fn(std::integral_constant<FeatureMap, f>{}): the feature map as a template argument.
+template <typename Fn>
+void with_feature_map(FeatureMap f, Fn&& fn) {
+  switch (f) {
+    case FeatureMap::Elu1: return fn(std::integral_constant<FeatureMap, FeatureMap::Elu1>{});
+    case FeatureMap::Relu: return fn(std::integral_constant<FeatureMap, FeatureMap::Relu>{});
+    default: return fn(std::integral_constant<FeatureMap, FeatureMap::Identity>{});
+  }
+}
+
 
 constexpr int64_t padded_elements(int64_t n) { return (n + 15) / 16 * 16; }
 

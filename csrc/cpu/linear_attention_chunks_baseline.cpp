@@ -14,33 +14,5 @@
 
 #define SEQFUSE_VECTOR_BYTES 16
 #include "linear_attention_chunks_impl.h"
-
-namespace seqfuse::cpu {
-
-template <typename scalar_t, typename acc_t>
-void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0, int64_t G,
-                    int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, bool outputs,
-                    acc_t* scratch) {
-  run_chunked_forward(p, b, h0, G, t_begin, t_end, S, z, outputs, scratch);
-}
-
-template <typename scalar_t, typename acc_t>
-void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0, int64_t G,
-                     int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
-                     bool grads, acc_t* scratch) {
-  run_chunked_backward(p, b, h0, G, t_begin, t_end, S, z, W, Wz, grads, scratch);
-}
-
-#define SEQFUSE_INSTANTIATE(scalar_t, acc_t)                                                     \
-  template void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>&, int64_t, int64_t,       \
-                                      int64_t, int64_t, int64_t, acc_t*, acc_t*, bool, acc_t*);   \
-  template void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>&, int64_t, int64_t,      \
-                                       int64_t, int64_t, int64_t, acc_t*, acc_t*, acc_t*, acc_t*,  \
-                                       bool, acc_t*);
-SEQFUSE_INSTANTIATE(float, float)
-SEQFUSE_INSTANTIATE(double, double)
-SEQFUSE_INSTANTIATE(c10::Half, float)
-SEQFUSE_INSTANTIATE(c10::BFloat16, float)
-#undef SEQFUSE_INSTANTIATE
-
-}  // namespace seqfuse::cpu
+#define SEQFUSE_CHUNKS_ISA baseline
+#include "linear_attention_chunks_entry.h"

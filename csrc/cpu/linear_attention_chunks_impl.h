@@ -347,15 +347,6 @@ class Chunks {
   acc_t *p_tile_, *dp_, *gz_, *part_, *gpow_, *row_;
 };
 
-template <typename Fn>
-void with_feature_map(FeatureMap f, Fn&& fn) {
-  switch (f) {
-    case FeatureMap::Elu1: return fn(std::integral_constant<FeatureMap, FeatureMap::Elu1>{});
-    case FeatureMap::Relu: return fn(std::integral_constant<FeatureMap, FeatureMap::Relu>{});
-    default: return fn(std::integral_constant<FeatureMap, FeatureMap::Identity>{});
-  }
-}
-
 // Heads [h0, h0 + G) of batch row b, chunk by chunk, each chunk through every head of
 // the group before the next: the rows of one step hold the heads side by side, so a
 // chunk's rows are read (and prefetched) as whole runs of lines and pages, which

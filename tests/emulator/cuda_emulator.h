@@ -9,7 +9,8 @@
 //   - __syncthreads, __syncwarp and the warp collectives (shuffles, ballot, vote),
 //     which meet the other threads in the scheduler of runtime.cpp: threads of a block
 //     are cooperative fibers that yield only at these points;
-//   - shared memory, allocated per block at its exact size and poisoned (0xFF bytes);
+//   - shared memory, allocated per block at its exact size and poisoned (0xFF bytes, or
+//     under the random schedule for half the blocks 0x3F: finite);
 //   - atomics, fences and __nanosleep (a yield to the other fibers);
 //   - nvcuda::wmma 16x16x16 tiles, with the alignment and leading-dimension rules;
 //   - device maths: float overloads in the global namespace, so float code rounds in
