@@ -337,6 +337,23 @@ def test_cuda_infinite_a_follows_the_recurrence(device, dtype, reverse):
         assert_close(x, y, dtype, equal_nan=True)
 
 
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_cuda_chunk_whose_composed_map_overflows(device):
+    # float64, a = 1e6 and b = 0 in channel 0: every warp's map (8 steps, A = 1e48) and
+    # every carry (0) is finite, but a chunk's composed map (A = 1e384) is not, so its
+    # inclusive prefix is published late, from the replay (no exact path runs). Later
+    # chunks must still get carry 0, and channel 1 is an ordinary scan.
+    T = 300
+    a = torch.full((1, T, 2), 1e6, dtype=torch.float64)
+    a[..., 1] = 0.9
+    b = torch.zeros(1, T, 2, dtype=torch.float64)
+    b[..., 1] = torch.rand(T, dtype=torch.float64)
+    h = seqfuse.linear_scan(a.to(device), b.to(device))
+    want = reference.linear_scan(a, b)
+    assert torch.equal(want[..., 0], torch.zeros(1, T, dtype=torch.float64))
+    assert_close(h, want)
+
+
 # ---- packed sequences (cu_seqlens) ------------------------------------------------------
 
 # Lengths with empty sequences, single steps, primes, chunk sizes +- 1 (the CUDA kernel's
