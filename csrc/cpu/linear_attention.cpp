@@ -30,7 +30,7 @@
 // of kChunk steps carrying S' = [S, z] ([Dk, Dv+1]) in a scratch tile, with tile
 // products on ATen's matrix multiply: a forward sweep (G and dq, re-deriving the
 // carried state) then a reverse sweep carrying W (dk, dv, and the initial state's
-// gradient).
+// gradient). Its masked products keep causality as the forward's do (masked_product).
 #include "linear_attention.h"
 
 #include <ATen/ATen.h>
@@ -164,6 +164,51 @@ struct Kernel {
         const acc_t a = p[r * C + s];
         const acc_t* x = vp + s * dv1();
         for (int64_t c = 0; c < dv1(); ++c) out[c] += a * x[c];
+      }
+    }
+  }
+
+  // out = beta out + alpha A X for a masked [n, n] tile P: A = P (lower: row r sums
+  // s <= r) or A = P^T (upper: row s sums r >= s). The product multiplies P's masked-out
+  // zeros by every row of X, and 0 * NaN = NaN would carry a non-finite row of X to the
+  // rows that must not see it (a gradient of an earlier or a later step). With one in X,
+  // its rows from the first such (lower) or up to the last (upper) are zeroed for the
+  // product, which leaves the other rows of out as in the run without them, and the rows
+  // that do see them are summed over their own steps only.
+  void masked_product(at::Tensor& out, const at::Tensor& p, const at::Tensor& x, bool upper,
+                      acc_t beta, acc_t alpha) const {
+    const int64_t n = x.size(0), cols = x.size(1);
+    const acc_t* xs = x.data_ptr<acc_t>();
+    int64_t first = n, last = -1;
+    if (!all_finite(xs, n * cols)) {
+      for (int64_t r = 0; r < n; ++r) {
+        if (all_finite(xs + r * cols, cols)) continue;
+        first = std::min(first, r);
+        last = r;
+      }
+    }
+    const at::Tensor a = upper ? p.t() : p;
+    if (last < 0) {
+      out.addmm_(a, x, beta, alpha);
+      return;
+    }
+    const int64_t from = upper ? 0 : first, to = upper ? last + 1 : n;  // rows that see one
+    const at::Tensor before = out.narrow(0, from, to - from).clone();
+    at::Tensor zeroed = x.clone();
+    zeroed.narrow(0, from, to - from).zero_();
+    out.addmm_(a, zeroed, beta, alpha);
+    const acc_t* ps = p.data_ptr<acc_t>();
+    const acc_t* prev = before.data_ptr<acc_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    for (int64_t r = from; r < to; ++r) {
+      acc_t* row = o + r * cols;
+      const acc_t* old = prev + (r - from) * cols;
+      for (int64_t c = 0; c < cols; ++c) row[c] = beta == acc_t(0) ? acc_t(0) : beta * old[c];
+      const int64_t s0 = upper ? r : 0, s1 = upper ? n : r + 1;
+      for (int64_t s = s0; s < s1; ++s) {
+        const acc_t w = alpha * (upper ? ps[s * n + r] : ps[r * n + s]);
+        const acc_t* xr = xs + s * cols;
+        for (int64_t c = 0; c < cols; ++c) row[c] += w * xr[c];
       }
     }
   }
@@ -463,7 +508,7 @@ struct Kernel {
       gather_output_grad(grad_o, o, den, bh, t0, n, gt);
       at::mm_out(dp, gt, vp.t());
       mask(dp, gpow);
-      at::mm_out(dqf, dp, kf);
+      masked_product(dqf, dp, kf, false, 0, 1);
       dqf.addmm_(decayed(gt, false, gpow, s.rows), state.t());
       store_feature_grad(dqf, q + geo.qk_offset(b, t0, h), scale, dq + geo.qk_offset(b, t0, h));
       advance_state(state, kf, vp, gpow, s);
@@ -485,7 +530,7 @@ struct Kernel {
       at::mm_out(p, qf, kf.t());
       mask(p, gpow);
       at::mm_out(dvp, decayed(kf, true, gpow, s.rows), w);
-      dvp.addmm_(p.t(), gt, 1, scale);
+      masked_product(dvp, p, gt, true, 1, scale);
       const acc_t* src = dvp.data_ptr<acc_t>();
       for (int64_t r = 0; r < n; ++r, src += dv1()) {
         scalar_t* dst = dv + geo.v_offset(b, t0 + r, h);
@@ -496,7 +541,7 @@ struct Kernel {
       at::mm_out(p, gt, vp.t());
       mask(p, gpow);
       at::mm_out(dkf, decayed(vp, true, gpow, s.rows), w.t());
-      dkf.addmm_(p.t(), qf, 1, scale);
+      masked_product(dkf, p, qf, true, 1, scale);
       store_feature_grad(dkf, k + geo.qk_offset(b, t0, h), acc_t(1), dk + geo.qk_offset(b, t0, h));
 
       // W <- gamma^n W + scale (diag(gamma^(r+1)) phi(Q))^T G
