@@ -188,10 +188,11 @@ __device__ void stage_thetas(const GPGeometry& g, int64_t d0, double* theta) {
 // dst[r][c] = (R_{l0 + r} x[l0 + r])[d0 + c] for r < rows, c < W (R = 1 without rope),
 // zeros outside the tile or past D (so odd D without rope is exact). x points at row
 // l0, rows `ld` apart; dst rows are `pitch` apart. One pair per thread and step: d0 is
-// even, so a pair never straddles two chunks.
+// even, so a pair never straddles two chunks. The staged values are times `factor`.
 template <typename scalar_t, int W, typename stage_t>
 __device__ void stage_rows(const GPGeometry& g, const scalar_t* x, int64_t ld, int64_t l0,
-                           int rows, int64_t d0, const double* theta, stage_t* dst, int pitch) {
+                           int rows, int64_t d0, const double* theta, stage_t* dst, int pitch,
+                           acc_of<scalar_t> factor = acc_of<scalar_t>(1)) {
   using acc_t = acc_of<scalar_t>;
   constexpr int T = Tile<scalar_t>::T;
   for (int e = threadIdx.x; e < T * (W / 2); e += kThreads) {
@@ -208,12 +209,17 @@ __device__ void stage_rows(const GPGeometry& g, const scalar_t* x, int64_t ld, i
         rope_rotate(x0, x1, c, s);
       }
     }
-    dst[r * pitch + 2 * p] = from_acc<stage_t>(x0);
-    dst[r * pitch + 2 * p + 1] = from_acc<stage_t>(x1);
+    dst[r * pitch + 2 * p] = from_acc<stage_t>(factor * x0);
+    dst[r * pitch + 2 * p + 1] = from_acc<stage_t>(factor * x1);
   }
 }
 
-// Stages chunk d0 of the q rows from i0 and the k rows from j0 into sm.a and sm.b.
+// Stages chunk d0 of the q rows from i0 and the k rows from j0 into sm.a and sm.b. On
+// CUDA cores the q rows are staged times scale: c q . k stays finite wherever it is
+// representable, where (q . k) c overflowed for a q . k beyond the range (the CPU
+// kernels and the reference take c q too). Tensor-core tiles keep their half inputs
+// unscaled (one rounding fewer) and scale the float accumulators: float16 products
+// cannot overflow them, bfloat16 ones beyond float's max do (documented).
 template <typename scalar_t>
 __device__ void stage_chunk(const GPGeometry& g, const scalar_t* q, const scalar_t* k,
                             int64_t b, int64_t hq, int64_t i0, int64_t j0, int64_t d0,
@@ -221,8 +227,9 @@ __device__ void stage_chunk(const GPGeometry& g, const scalar_t* q, const scalar
   using K = Tile<scalar_t>;
   const int64_t ld = g.Hqk * g.D;
   stage_thetas<kChunk>(g, d0, sm.theta);  // its barrier: the previous chunk is read
+  const auto c = acc_of<scalar_t>(K::kTensorCores ? 1.0 : g.scale);
   stage_rows<scalar_t, kChunk>(g, q + g.qk_offset(b, i0, hq), ld, i0, tile_rows<scalar_t>(g, i0),
-                               d0, sm.theta, &sm.a[0][0], K::kPitch);
+                               d0, sm.theta, &sm.a[0][0], K::kPitch, c);
   stage_rows<scalar_t, kChunk>(g, k + g.qk_offset(b, j0, hq), ld, j0, tile_rows<scalar_t>(g, j0),
                                d0, sm.theta, &sm.b[0][0], K::kPitch);
   __syncthreads();
@@ -291,10 +298,12 @@ __device__ void tile_product(const GPGeometry& g, const scalar_t* q, const scala
       }
     }
   }
+  if constexpr (K::kTensorCores) {  // (CUDA cores took the scale on q when staging)
 #pragma unroll
-  for (int r = 0; r < P; ++r) {
+    for (int r = 0; r < P; ++r) {
 #pragma unroll
-    for (int c = 0; c < P; ++c) acc[r][c] *= acc_t(g.scale);
+      for (int c = 0; c < P; ++c) acc[r][c] *= acc_t(g.scale);
+    }
   }
 }
 

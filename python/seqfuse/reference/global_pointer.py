@@ -34,7 +34,10 @@ def global_pointer_scores(q, k, *, mask=None, rope=True, tril=True, scale=None,
     B, L, _, D = q.shape
     if rope:
         q, k = _rope(q), _rope(k)
-    s = torch.einsum("bmhd,bnhd->bhmn", q, k) * (D ** -0.5 if scale is None else scale)
+    # c q . k with c on q first, as the kernels: (q . k) c would overflow for a product
+    # beyond the dtype's range whose scaled value is within it.
+    c = D ** -0.5 if scale is None else scale
+    s = torch.einsum("bmhd,bnhd->bhmn", q * c, k)
     if bias_start is not None:
         s = s + bias_start[..., :, None]
     if bias_end is not None:
@@ -59,7 +62,7 @@ def multilabel_categorical_crossentropy(scores, labels, reduction="mean"):
     keep = scores != float("-inf")
     neg = torch.where(keep & (t < 1), scores + torch.log1p(-t), float("-inf"))
     pos = torch.where(keep & (t > 0), torch.log(t) - scores, float("-inf"))
-    zero = torch.zeros_like(scores[..., :1])
+    zero = scores.new_zeros(*scores.shape[:-1], 1)  # the "1 +" (also of an empty row)
     loss = (torch.logsumexp(torch.cat([zero, neg], -1), -1)
             + torch.logsumexp(torch.cat([zero, pos], -1), -1))
     return _reduce(loss, reduction)
