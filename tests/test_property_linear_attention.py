@@ -485,3 +485,19 @@ def test_relu_feature_keeps_a_nan(device):
         (dq_ref,) = torch.autograd.grad(out, q_ref, torch.ones_like(out))
         assert torch.isnan(dq[0, 2, 0, 1]) and torch.isfinite(dq[0, 2, 0, [0, 2]]).all(), fmap
         assert_matches(dq, dq_ref, torch.float64, f"{fmap}: dq")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_above_one_keeps_a_large_q_out_of_later_gradients(device):
+    # Found by the thorough profile: BLAS may scale X by alpha before a product, so with
+    # scale = 1.7 a finite q_0 = float64's max became inf inside the CPU backward's masked
+    # product, and 0 * inf = NaN reached dk and dv at step 1 (q_0 reaches neither).
+    big = torch.finfo(torch.float64).max
+    q = torch.tensor([big, 0.5], dtype=torch.float64).view(1, 2, 1, 1)
+    k = torch.tensor([0.3, -0.7], dtype=torch.float64).view(1, 2, 1, 1)
+    v = torch.tensor([1.1, 0.4], dtype=torch.float64).view(1, 2, 1, 1)
+    leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
+    o = seqfuse.causal_linear_attention(*leaves, normalize=False, scale=1.7)
+    _, dk, dv = torch.autograd.grad(o, leaves, torch.ones_like(o))
+    assert dk[0, 1].item() == pytest.approx(1.7 * 0.5 * 0.4)
+    assert dv[0, 1].item() == pytest.approx(1.7 * 0.5 * -0.7)

@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -179,10 +180,19 @@ struct Kernel {
                       acc_t beta, acc_t alpha) const {
     const int64_t n = x.size(0), cols = x.size(1);
     const acc_t* xs = x.data_ptr<acc_t>();
+    // BLAS may scale X by alpha before multiplying: with |alpha| > 1 (a scale above 1), a
+    // finite x whose alpha x overflows is as bad as an infinity.
+    auto row_ok = [&](const acc_t* row, int64_t len) {
+      if (std::abs(alpha) <= acc_t(1)) return all_finite(row, len);
+      for (int64_t i = 0; i < len; ++i) {
+        if (!std::isfinite(alpha * row[i])) return false;
+      }
+      return true;
+    };
     int64_t first = n, last = -1;
-    if (!all_finite(xs, n * cols)) {
+    if (!row_ok(xs, n * cols)) {
       for (int64_t r = 0; r < n; ++r) {
-        if (all_finite(xs + r * cols, cols)) continue;
+        if (row_ok(xs + r * cols, cols)) continue;
         first = std::min(first, r);
         last = r;
       }
