@@ -755,3 +755,40 @@ def test_cuda_low_precision(device, dtype, B, L, Hqk, H, D, rope, mask_zero):
     for got, ref in zip(torch.autograd.grad(loss.sum(), leaves),
                         torch.autograd.grad(want.sum(), wide)):
         assert_close(got, ref, dtype=dtype, rtol=5e-2, atol=5e-2)
+
+
+# ---- found by the property tests (tests/test_property_global_pointer.py) ---------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_of_losses_near_the_dtype_max(device):
+    # Two rows each losing float32's max: their mean is max, but it was taken as a float32
+    # sum first (inf). The mean is now taken in float64.
+    big = torch.finfo(torch.float32).max
+    s = torch.full((2, 1), big, device=device)
+    dense = seqfuse.multilabel_categorical_crossentropy(s, torch.zeros_like(s))
+    sparse = seqfuse.sparse_multilabel_categorical_crossentropy(
+        s, torch.zeros(2, 0, dtype=torch.long, device=device))
+    for loss in (dense, sparse):
+        assert loss.dtype == torch.float32 and loss.item() == big
+
+
+def test_reference_loss_of_an_empty_row_is_zero():
+    # log(1 + 0) + log(1 + 0): the reference's "1 +" was taken from scores[..., :1], which
+    # is empty for N = 0, so its loss was -inf.
+    s = torch.zeros(3, 0, dtype=F64)
+    want = torch.zeros(3, dtype=F64)
+    assert torch.equal(reference.multilabel_categorical_crossentropy(s, s, "none"), want)
+    assert torch.equal(seqfuse.multilabel_categorical_crossentropy(s, s, "none"), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_scale_is_applied_to_q_before_the_product(device, dtype):
+    # c q . k with q . k beyond the dtype's range but c q . k within it: the reference
+    # and the CUDA kernels took (q . k) c, inf; now all scale q first (as the CPU did).
+    big = torch.finfo(dtype).max
+    q = torch.full((1, 1, 1, 1), 2.0, dtype=dtype, device=device)
+    k = torch.full((1, 1, 1, 1), big, dtype=dtype, device=device)
+    kw = dict(rope=False, scale=0.25)
+    assert reference.global_pointer_scores(q, k, **kw).item() == 0.5 * big
+    assert seqfuse.global_pointer_scores(q, k, **kw).item() == 0.5 * big

@@ -793,3 +793,12 @@ def test_reference_loss_leaves_ignored_rows_out():
         empty = torch.zeros(2, 0, dtype=torch.float64, requires_grad=True)
         loss = fn(empty, torch.tensor([-100, -100]), 3, reduction="none")
         assert torch.equal(loss, torch.zeros(2, dtype=torch.float64)), fn
+
+
+def test_reference_cross_entropy_without_classes():
+    # V = 0 with no row kept: the reference's row maximum was values[..., :1], [R, 0], and
+    # indexing its column 0 raised (found by tests/test_property_sparse_softmax.py).
+    for R, target in ((0, torch.zeros(0, dtype=torch.long)), (3, torch.full((3,), -100))):
+        loss = reference.sparse_softmax_cross_entropy(torch.zeros(R, 0, dtype=torch.float64),
+                                                      target, 1, reduction="none")
+        assert torch.equal(loss, torch.zeros(R, dtype=torch.float64))

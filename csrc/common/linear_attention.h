@@ -58,26 +58,28 @@ struct LinearAttentionGeometry {
   }
 };
 
+// phi; NaN in, NaN out (relu too: max(NaN, 0) must not be 0, or a NaN would vanish).
 template <FeatureMap F, typename T>
 SEQFUSE_HD T feature(T x) {
   using std::exp;
   if constexpr (F == FeatureMap::Elu1) {
     return x > T(0) ? x + T(1) : exp(x);
   } else if constexpr (F == FeatureMap::Relu) {
-    return x > T(0) ? x : T(0);
+    return x > T(0) || x != x ? x : T(0);
   } else {
     return x;
   }
 }
 
-// d phi / dx; at 0, relu's derivative is taken as 0 (as torch.relu's backward does).
+// d phi / dx; at 0, relu's derivative is taken as 0 (as torch.relu's backward does); at
+// a NaN x it is NaN.
 template <FeatureMap F, typename T>
 SEQFUSE_HD T feature_grad(T x) {
   using std::exp;
   if constexpr (F == FeatureMap::Elu1) {
     return x > T(0) ? T(1) : exp(x);
   } else if constexpr (F == FeatureMap::Relu) {
-    return x > T(0) ? T(1) : T(0);
+    return x > T(0) ? T(1) : (x == x ? T(0) : x);
   } else {
     return T(1);
   }

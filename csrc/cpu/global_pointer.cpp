@@ -110,15 +110,58 @@ struct Rotated {
     at::mm_out(out, matrix(rq.data() + i0 * g.D, i1 - i0, g.D, g.D),
                matrix(rk.data() + j0 * g.D, w, g.D, g.D).t());
   }
-  // grad_rq[i0:i1] += scale * ds @ rk[j0:],  grad_rk[j0:] += ds^T @ rq[i0:i1].
-  void product_backward(int64_t i0, int64_t i1, int64_t j0, const acc_t* ds, acc_t* grad_rq,
-                        acc_t* grad_rk) const {
-    const int64_t w = g.L - j0, n = i1 - i0;
+  // grad_rq[i0:i1] += scale * ds @ rk[j0:],  grad_rk[j0:] += ds^T @ rq[i0:i1], summed over
+  // the live spans (live: [n, w] like ds, nonzero where the span has a score). ds is 0
+  // on the others, but a matrix product would still multiply that 0 by their q or k
+  // row, and 0 * NaN would carry a non-finite q_i into dk_j of a span masked for it. So
+  // rows holding a NaN or an infinity are zeroed for the products and added span by span.
+  void product_backward(int64_t i0, int64_t i1, int64_t j0, const acc_t* ds, const uint8_t* live,
+                        acc_t* grad_rq, acc_t* grad_rk) const {
+    const int64_t w = g.L - j0, n = i1 - i0, D = g.D;
+    std::vector<int64_t> bad_q = non_finite_rows(rq.data() + i0 * D, n);
+    std::vector<int64_t> bad_k = non_finite_rows(rk.data() + j0 * D, w);
     at::Tensor dst = matrix(ds, n, w, w);
-    at::Tensor gq = matrix(grad_rq + i0 * g.D, n, g.D, g.D);
-    at::Tensor gk = matrix(grad_rk + j0 * g.D, w, g.D, g.D);
-    gq.addmm_(dst, matrix(rk.data() + j0 * g.D, w, g.D, g.D), 1, g.scale);
-    gk.addmm_(dst.t(), matrix(rq.data() + i0 * g.D, n, g.D, g.D));
+    at::Tensor gq = matrix(grad_rq + i0 * D, n, D, D);
+    at::Tensor gk = matrix(grad_rk + j0 * D, w, D, D);
+    at::Tensor mq = matrix(rq.data() + i0 * D, n, D, D);
+    at::Tensor mk = matrix(rk.data() + j0 * D, w, D, D);
+    if (!bad_k.empty()) {
+      mk = mk.clone();
+      for (int64_t j : bad_k) mk[j].zero_();
+    }
+    if (!bad_q.empty()) {
+      mq = mq.clone();
+      for (int64_t i : bad_q) mq[i].zero_();
+    }
+    gq.addmm_(dst, mk, 1, g.scale);
+    gk.addmm_(dst.t(), mq);
+    for (int64_t j : bad_k) {
+      const acc_t* x = rk.data() + (j0 + j) * D;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!live[i * w + j]) continue;
+        const acc_t f = acc_t(g.scale) * ds[i * w + j];
+        for (int64_t d = 0; d < D; ++d) grad_rq[(i0 + i) * D + d] += f * x[d];
+      }
+    }
+    for (int64_t i : bad_q) {
+      const acc_t* x = rq.data() + (i0 + i) * D;
+      for (int64_t j = 0; j < w; ++j) {
+        if (!live[i * w + j]) continue;
+        for (int64_t d = 0; d < D; ++d) grad_rk[(j0 + j) * D + d] += ds[i * w + j] * x[d];
+      }
+    }
+  }
+  std::vector<int64_t> non_finite_rows(const acc_t* x, int64_t rows) const {
+    std::vector<int64_t> out;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = 0; d < g.D; ++d) {
+        if (!std::isfinite(x[r * g.D + d])) {
+          out.push_back(r);
+          break;
+        }
+      }
+    }
+    return out;
   }
 };
 
@@ -210,11 +253,15 @@ void scores_backward_kernel(const GPGeometry& g, const acc_t* grad, const acc_t*
   at::parallel_for(0, g.B * g.Hqk, grain(pair_cost(g)), [&](int64_t begin, int64_t end) {
     Rotated<acc_t> r(g, table);
     std::vector<acc_t> ds(LL), grq(g.L * g.D), grk(g.L * g.D);
+    std::vector<uint8_t> live(LL);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.Hqk, hq = item % g.Hqk;
       const HeadRange heads = heads_of(g, hq);
       r.load(q, k, b, hq);
       std::fill(ds.begin(), ds.end(), acc_t(0));
+      for (int64_t i = 0; i < g.L; ++i) {
+        for (int64_t j = 0; j < g.L; ++j) live[i * g.L + j] = !g.masked(mask, b, i, j);
+      }
       for (int64_t h = heads.first; h < heads.first + heads.count; ++h) {
         const acc_t* gr = grad + g.score_offset(b, h, 0, 0);
         acc_t* gbs = grad_bs + g.bias_offset(b, h, 0);
@@ -232,7 +279,7 @@ void scores_backward_kernel(const GPGeometry& g, const acc_t* grad, const acc_t*
       }
       std::fill(grq.begin(), grq.end(), acc_t(0));
       std::fill(grk.begin(), grk.end(), acc_t(0));
-      r.product_backward(0, g.L, 0, ds.data(), grq.data(), grk.data());
+      r.product_backward(0, g.L, 0, ds.data(), live.data(), grq.data(), grk.data());
       r.store_unrotated(grq.data(), b, hq, grad_q);
       r.store_unrotated(grk.data(), b, hq, grad_k);
     }
@@ -402,6 +449,7 @@ void loss_backward_kernel(const GPGeometry& g, const acc_t* grad_terms, const ac
   at::parallel_for(0, g.B * g.Hqk, grain(pair_cost(g)), [&](int64_t begin, int64_t end) {
     Rotated<acc_t> r(g, table);
     std::vector<acc_t> tile(kRowTile * g.L), ds(kRowTile * g.L), grq(g.L * g.D), grk(g.L * g.D);
+    std::vector<uint8_t> live(kRowTile * g.L);
     LossRows<acc_t> rows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / g.Hqk, hq = item % g.Hqk;
@@ -414,8 +462,10 @@ void loss_backward_kernel(const GPGeometry& g, const acc_t* grad_terms, const ac
         const int64_t i1 = std::min(g.L, i0 + kRowTile), j0 = g.tril ? i0 : 0, w = g.L - j0;
         r.product(i0, i1, j0, tile.data());
         std::fill(ds.begin(), ds.end(), acc_t(0));
+        std::fill(live.begin(), live.end(), uint8_t(0));
         for_each_entry(g, mask, bs, be, mask_zero, b, heads, i0, i1, j0, tile.data(),
                        [&](int64_t hh, int64_t i, int64_t j, acc_t s) {
+                         live[(i - i0) * w + (j - j0)] = 1;
                          const int64_t row = g.row(b, heads.first + hh);
                          const acc_t t = rows.cursors[hh].is_positive(i * g.L + j) ? 1 : 0;
                          const acc_t d = mce_grad(s, acc_t(1) - t, t, terms[2 * row],
@@ -425,7 +475,7 @@ void loss_backward_kernel(const GPGeometry& g, const acc_t* grad_terms, const ac
                          grad_bs[row * g.L + i] += d;
                          grad_be[row * g.L + j] += d;
                        });
-        r.product_backward(i0, i1, j0, ds.data(), grq.data(), grk.data());
+        r.product_backward(i0, i1, j0, ds.data(), live.data(), grq.data(), grk.data());
       }
       r.store_unrotated(grq.data(), b, hq, grad_q);
       r.store_unrotated(grk.data(), b, hq, grad_k);

@@ -75,6 +75,7 @@ struct BackwardSmem {
   acc_t ds[T][T + 1];     // dS summed over heads, [own axis][other axis]
   acc_t sums[kSide][T];   // column sums across ty
   double theta[T / 2];
+  int non_finite;         // whether the staged v holds a NaN or an infinity
 };
 
 __device__ __forceinline__ double scores_log_base() { return log(kScoresRopeBase); }
@@ -188,10 +189,11 @@ __device__ void stage_thetas(const GPGeometry& g, int64_t d0, double* theta) {
 // dst[r][c] = (R_{l0 + r} x[l0 + r])[d0 + c] for r < rows, c < W (R = 1 without rope),
 // zeros outside the tile or past D (so odd D without rope is exact). x points at row
 // l0, rows `ld` apart; dst rows are `pitch` apart. One pair per thread and step: d0 is
-// even, so a pair never straddles two chunks.
+// even, so a pair never straddles two chunks. The staged values are times `factor`.
 template <typename scalar_t, int W, typename stage_t>
 __device__ void stage_rows(const GPGeometry& g, const scalar_t* x, int64_t ld, int64_t l0,
-                           int rows, int64_t d0, const double* theta, stage_t* dst, int pitch) {
+                           int rows, int64_t d0, const double* theta, stage_t* dst, int pitch,
+                           acc_of<scalar_t> factor = acc_of<scalar_t>(1)) {
   using acc_t = acc_of<scalar_t>;
   constexpr int T = Tile<scalar_t>::T;
   for (int e = threadIdx.x; e < T * (W / 2); e += kThreads) {
@@ -208,12 +210,17 @@ __device__ void stage_rows(const GPGeometry& g, const scalar_t* x, int64_t ld, i
         rope_rotate(x0, x1, c, s);
       }
     }
-    dst[r * pitch + 2 * p] = from_acc<stage_t>(x0);
-    dst[r * pitch + 2 * p + 1] = from_acc<stage_t>(x1);
+    dst[r * pitch + 2 * p] = from_acc<stage_t>(factor * x0);
+    dst[r * pitch + 2 * p + 1] = from_acc<stage_t>(factor * x1);
   }
 }
 
-// Stages chunk d0 of the q rows from i0 and the k rows from j0 into sm.a and sm.b.
+// Stages chunk d0 of the q rows from i0 and the k rows from j0 into sm.a and sm.b. On
+// CUDA cores the q rows are staged times scale: c q . k stays finite wherever it is
+// representable, where (q . k) c overflowed for a q . k beyond the range (the CPU
+// kernels and the reference take c q too). Tensor-core tiles keep their half inputs
+// unscaled (one rounding fewer) and scale the float accumulators: float16 products
+// cannot overflow them, bfloat16 ones beyond float's max do (documented).
 template <typename scalar_t>
 __device__ void stage_chunk(const GPGeometry& g, const scalar_t* q, const scalar_t* k,
                             int64_t b, int64_t hq, int64_t i0, int64_t j0, int64_t d0,
@@ -221,8 +228,9 @@ __device__ void stage_chunk(const GPGeometry& g, const scalar_t* q, const scalar
   using K = Tile<scalar_t>;
   const int64_t ld = g.Hqk * g.D;
   stage_thetas<kChunk>(g, d0, sm.theta);  // its barrier: the previous chunk is read
+  const auto c = acc_of<scalar_t>(K::kTensorCores ? 1.0 : g.scale);
   stage_rows<scalar_t, kChunk>(g, q + g.qk_offset(b, i0, hq), ld, i0, tile_rows<scalar_t>(g, i0),
-                               d0, sm.theta, &sm.a[0][0], K::kPitch);
+                               d0, sm.theta, &sm.a[0][0], K::kPitch, c);
   stage_rows<scalar_t, kChunk>(g, k + g.qk_offset(b, j0, hq), ld, j0, tile_rows<scalar_t>(g, j0),
                                d0, sm.theta, &sm.b[0][0], K::kPitch);
   __syncthreads();
@@ -291,10 +299,12 @@ __device__ void tile_product(const GPGeometry& g, const scalar_t* q, const scala
       }
     }
   }
+  if constexpr (K::kTensorCores) {  // (CUDA cores took the scale on q when staging)
 #pragma unroll
-  for (int r = 0; r < P; ++r) {
+    for (int r = 0; r < P; ++r) {
 #pragma unroll
-    for (int c = 0; c < P; ++c) acc[r][c] *= acc_t(g.scale);
+      for (int c = 0; c < P; ++c) acc[r][c] *= acc_t(g.scale);
+    }
   }
 }
 
@@ -442,6 +452,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward (scores and loss) --------------------------------------------------------
 
+// Whether span (i, j) has a score: inside the sequence, not masked, and with LOSS not
+// the padding slot.
+template <bool LOSS>
+__device__ bool span_live(const GPArgs& a, int64_t b, int64_t i, int64_t j) {
+  const GPGeometry& g = a.geom;
+  return i < g.L && j < g.L && !g.masked(a.mask, b, i, j) &&
+         !(LOSS && padding_slot(i * g.L + j, a.mask_zero));
+}
+
 // COLUMNS = false: block (b, hq, tile i) -> grad_q rows, grad_bias_start.
 // COLUMNS = true:  block (b, hq, tile j) -> grad_k rows, grad_bias_end.
 // LOSS: dS from the loss terms (scores recomputed), else the scores' upstream gradient.
@@ -496,8 +515,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
         for (int c = 0; c < P; ++c) {
           const int64_t j = j0 + tx + kSide * c;
           acc_t d = acc_t(0);
-          if (i < g.L && j < g.L && !g.masked(a.mask, b, i, j) &&
-              !(LOSS && padding_slot(i * g.L + j, a.mask_zero))) {
+          if (span_live<LOSS>(a, b, i, j)) {
             if constexpr (LOSS) {
               const acc_t s = prod[r][c] + bias_at<acc_t>(a.bias_start, g.bias_offset(b, h, i)) +
                               bias_at<acc_t>(a.bias_end, g.bias_offset(b, h, j));
@@ -556,12 +574,22 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
     }
     // grad_out[own rows, d] += scale * sum_y ds[x][y] * (R other)[y rows, d]
     const int64_t x0 = COLUMNS ? j0 : i0, y0 = COLUMNS ? i0 : j0;
+    // A masked span's ds is 0, but 0 times a NaN or an infinity in its partner row is NaN:
+    // when the staged rows hold one, masked spans are skipped (the reference's gradient
+    // of a masked span reaches neither q_i nor k_j).
     for (int64_t d0 = 0; d0 < g.D; d0 += T) {
       __syncthreads();
+      if (tid == 0) sm.non_finite = 0;
       stage_thetas<T>(g, d0, sm.theta);
       stage_rows<scalar_t, T>(g, other + g.qk_offset(b, y0, hq), g.Hqk * g.D, y0,
                               tile_rows<scalar_t>(g, y0), d0, sm.theta, &sm.v[0][0], T + 1);
       __syncthreads();
+      for (int e = tid; e < T * T; e += kThreads) {
+        const acc_t x = sm.v[e / T][e % T];
+        if (x - x != acc_t(0)) sm.non_finite = 1;  // NaN for a NaN or an infinity
+      }
+      __syncthreads();
+      const bool careful = sm.non_finite != 0;
       acc_t o[P][P] = {};
       for (int y = 0; y < T; ++y) {
         acc_t dv[P], vv[P];
@@ -571,6 +599,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const GPArgs a) {
         for (int c = 0; c < P; ++c) vv[c] = sm.v[y][tx + kSide * c];
 #pragma unroll
         for (int r = 0; r < P; ++r) {
+          if (careful) {  // (rare: the mask is read again rather than kept in shared memory)
+            const int64_t x = x0 + ty + kSide * r, other_at = y0 + y;
+            if (!span_live<LOSS>(a, b, COLUMNS ? other_at : x, COLUMNS ? x : other_at)) continue;
+          }
 #pragma unroll
           for (int c = 0; c < P; ++c) o[r][c] += dv[r] * vv[c];
         }

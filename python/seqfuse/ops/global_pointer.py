@@ -22,9 +22,13 @@ _REDUCTIONS = ("none", "mean", "sum")
 def _reduce(terms: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     # The terms come in the accumulation type (float32 for half inputs): they are the
     # normalisers of the backward, so they are rounded to the input's dtype only here.
+    # The mean is taken in float64: rows' losses near the dtype's max have a mean within
+    # its range whose sum is not.
     loss = terms.sum(-1)
-    if reduction != "none":
-        loss = loss.mean() if reduction == "mean" else loss.sum()
+    if reduction == "mean":
+        loss = loss.mean(dtype=torch.float64)
+    elif reduction == "sum":
+        loss = loss.sum()
     return loss.to(dtype)
 
 

@@ -29,23 +29,34 @@ _rope = rope  # global_pointer_scores' `rope` flag shadows the function
 
 
 def global_pointer_scores(q, k, *, mask=None, rope=True, tril=True, scale=None,
-                          bias_start=None, bias_end=None) -> torch.Tensor:
-    """Scores ``[B, H, L, L]`` of q, k ``[B, L, H|1, D]``; see seqfuse.global_pointer_scores."""
+                          bias_start=None, bias_end=None, mask_zero=False) -> torch.Tensor:
+    """Scores ``[B, H, L, L]`` of q, k ``[B, L, H|1, D]``; see seqfuse.global_pointer_scores.
+    ``mask_zero`` masks span (0, 0) too (the sparse losses' padding slot)."""
     B, L, _, D = q.shape
     if rope:
         q, k = _rope(q), _rope(k)
-    s = torch.einsum("bmhd,bnhd->bhmn", q, k) * (D ** -0.5 if scale is None else scale)
-    if bias_start is not None:
-        s = s + bias_start[..., :, None]
-    if bias_end is not None:
-        s = s + bias_end[..., None, :]
     masked = torch.zeros(L, L, dtype=torch.bool, device=q.device)
     if tril:
         masked = torch.ones_like(masked).tril(-1)
+    if mask_zero and L:
+        masked[0, 0] = True
     masked = masked.expand(B, 1, L, L)
     if mask is not None:
         pad = mask == 0
         masked = masked | pad[:, None, :, None] | pad[:, None, None, :]
+    # c q . k with c on q first, as the kernels: (q . k) c would overflow for a product
+    # beyond the dtype's range whose scaled value is within it. Each span multiplies its
+    # own q_i and k_j, both zeroed where it is masked: a product of matrices would give
+    # the masked spans' zero gradients times q_i or k_j, 0 * NaN for a non-finite one.
+    c = D ** -0.5 if scale is None else scale
+    keep = ~masked[..., None]                                      # [B, 1, L, L, 1]
+    qi = (q * c).permute(0, 2, 1, 3)[:, :, :, None, :]             # [B, H, L, 1, D]
+    kj = k.permute(0, 2, 1, 3)[:, :, None, :, :]                   # [B, H, 1, L, D]
+    s = (torch.where(keep, qi, 0.0) * torch.where(keep, kj, 0.0)).sum(-1)
+    if bias_start is not None:
+        s = s + bias_start[..., :, None]
+    if bias_end is not None:
+        s = s + bias_end[..., None, :]
     return s.masked_fill(masked, float("-inf"))
 
 
@@ -59,7 +70,7 @@ def multilabel_categorical_crossentropy(scores, labels, reduction="mean"):
     keep = scores != float("-inf")
     neg = torch.where(keep & (t < 1), scores + torch.log1p(-t), float("-inf"))
     pos = torch.where(keep & (t > 0), torch.log(t) - scores, float("-inf"))
-    zero = torch.zeros_like(scores[..., :1])
+    zero = scores.new_zeros(*scores.shape[:-1], 1)  # the "1 +" (also of an empty row)
     loss = (torch.logsumexp(torch.cat([zero, neg], -1), -1)
             + torch.logsumexp(torch.cat([zero, pos], -1), -1))
     return _reduce(loss, reduction)
@@ -113,6 +124,7 @@ def global_pointer_loss(q, k, pos_index, *, mask=None, rope=True, tril=True, sca
                         bias_start=None, bias_end=None, mask_zero=True, reduction="mean"):
     """The sparse loss of the materialised scores, flattened to ``[B, H, L*L]``."""
     scores = global_pointer_scores(q, k, mask=mask, rope=rope, tril=tril, scale=scale,
-                                   bias_start=bias_start, bias_end=bias_end)
+                                   bias_start=bias_start, bias_end=bias_end,
+                                   mask_zero=mask_zero)
     return sparse_multilabel_categorical_crossentropy(scores.flatten(-2), pos_index, mask_zero,
                                                       reduction)

@@ -17,14 +17,31 @@ import torch
 import torch.nn.functional as F
 
 
+class _Feature(torch.autograd.Function):
+    """elu(x) + 1 or relu(x), NaN in, NaN out, with the kernels' derivative: 1 for x > 0,
+    e^x (elu1) or 0 (relu) for x <= 0, and NaN at a NaN x (torch's own elu gives 1 or NaN
+    there depending on the tensor's size, its relu 1)."""
+
+    @staticmethod
+    def forward(ctx, x, name):
+        ctx.save_for_backward(x)
+        ctx.name = name
+        return F.elu(x) + 1 if name == "elu1" else torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        below = torch.exp(x) if ctx.name == "elu1" else torch.zeros_like(x)
+        slope = torch.where(x > 0, 1.0, torch.where(torch.isnan(x), x, below))
+        return grad * slope, None
+
+
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
     """phi: ``"identity"``, ``"elu1"`` (elu(x) + 1) or ``"relu"``."""
     if name == "identity":
         return x
-    if name == "elu1":
-        return F.elu(x) + 1
-    if name == "relu":
-        return torch.relu(x)
+    if name in ("elu1", "relu"):
+        return _Feature.apply(x, name)
     raise ValueError(f"feature_map must be 'identity', 'elu1' or 'relu', got {name!r}")
 
 

@@ -57,7 +57,8 @@ def sparse_softmax_cross_entropy(
     # The log-sum-exp as m + log sum exp(v - m), m the row's (constant) maximum, added to
     # the target's term last: m + log(...) rounded first would lose the log to the
     # rounding of m for large logits, and exp(v - lse) in the gradient with it.
-    m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else values[..., :1]
+    m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else \
+        values.new_zeros(values.shape[0], 1)  # V = 0 (values[..., :1] was [R, 0])
     m = torch.where(torch.isfinite(m), m, 0.0)
     picked = rows.gather(-1, target[keep][:, None])
     kept = ((m - picked) + torch.logsumexp(values - m, dim=-1, keepdim=True))[:, 0]
