@@ -240,14 +240,16 @@ class Chunks {
 
   // dx = factor * grad * phi'(x) for n rows, from phi(x) ([n, Dk] rows; unused for the
   // identity): phi' is 1 for the identity, [phi > 0] for relu and min(phi, 1) for elu1
-  // (1 above zero, e^x below; NaN stays NaN).
+  // (1 above zero, e^x below); a NaN phi (a NaN x) gives a NaN phi' for both.
   void store_feature_grads(const acc_t* grad, int64_t ld, int64_t n, const acc_t* phi,
                            acc_t factor, scalar_t* dx) const {
     const int64_t D = Dk_;
     for (int64_t r = 0; r < n; ++r, dx += g_.H * D, grad += ld, phi += D) {
       for (int64_t d = 0; d < D; ++d) {
         acc_t slope = 1;
-        if constexpr (F == FeatureMap::Relu) slope = phi[d] > acc_t(0) ? acc_t(1) : acc_t(0);
+        if constexpr (F == FeatureMap::Relu) {
+          slope = phi[d] > acc_t(0) ? acc_t(1) : phi[d] == phi[d] ? acc_t(0) : phi[d];
+        }
         if constexpr (F == FeatureMap::Elu1) slope = phi[d] > acc_t(1) ? acc_t(1) : phi[d];
         row_[d] = factor * grad[d] * slope;
       }
