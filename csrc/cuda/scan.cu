@@ -171,8 +171,10 @@ __device__ inline Boundary boundary_at(const ScanGeometry& g, int64_t bi, int64_
   return {n, t == (g.reverse ? end : begin), t == (g.reverse ? begin : end)};
 }
 
+// One resident block per SM is all the bound asks: without it ptxas held the backward
+// (packed boundaries and the exact path) to 80 registers on sm_80 and spilled.
 template <typename scalar_t, bool BACKWARD>
-__global__ void __launch_bounds__(kWarps * kLanes)
+__global__ void __launch_bounds__(kWarps * kLanes, 1)
     scan_kernel(ScanArgs args, Lookback<acc_of<scalar_t>> lookback) {
   using acc_t = acc_of<scalar_t>;
   const ScanGeometry& g = args.geom;
