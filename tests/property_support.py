@@ -216,3 +216,16 @@ def expect_clear_error(call, names, what):
         assert any(n in msg for n in names), f"{what}: the error names none of {names}: {msg}"
         return
     raise AssertionError(f"{what}: no error raised")
+
+
+def bad_calls_raise(bad_calls, device):
+    """Every (what, call, names) that the strategy `bad_calls` draws raises a clear error
+    (expect_clear_error); as many examples as the profile gives `device`. Run it in a
+    child process (run_child), where a crash fails the test instead of the run."""
+    @settings(max_examples=examples(device))
+    @given(bad_calls)
+    def run(bad):
+        what, fn, names = bad
+        expect_clear_error(fn, names, what)
+
+    run()

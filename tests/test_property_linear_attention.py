@@ -15,7 +15,7 @@ from seqfuse import reference
 from seqfuse.nn import CausalLinearAttention
 from conftest import DEVICES, cpu_kernels, runs_cuda_kernels
 from property_support import (HALF, LAYOUTS, SPECIALS, assert_equal_outside, assert_matches,
-                              check, examples, expect_clear_error, fill, leaf, magnitudes,
+                              check, examples, bad_calls_raise, fill, leaf, magnitudes,
                               ref_leaf, run_child, sizes, special_value)
 
 pytestmark = pytest.mark.property
@@ -378,13 +378,7 @@ def _bad_calls(device):
 
 
 def bad_la_calls_raise(device):
-    @settings(max_examples=examples(device))
-    @given(_bad_calls(device))
-    def run_bad(bad):
-        what, fn, names = bad
-        expect_clear_error(fn, names, what)
-
-    run_bad()
+    bad_calls_raise(_bad_calls(device), device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "emulated"])

@@ -14,7 +14,7 @@ import seqfuse
 from seqfuse import reference
 from conftest import DEVICES, cpu_kernels, runs_cuda_kernels
 from property_support import (SPECIALS, assert_equal_outside, assert_matches, check, examples,
-                              expect_clear_error, fill, magnitudes, run_child, sizes,
+                              bad_calls_raise, fill, magnitudes, run_child, sizes,
                               special_value)
 
 pytestmark = pytest.mark.property
@@ -219,13 +219,7 @@ def _bad_calls():
 
 
 def bad_lm_calls_raise(device):
-    @settings(max_examples=examples(device))
-    @given(_bad_calls())
-    def run_bad(bad):
-        what, fn, names = bad
-        expect_clear_error(fn, names, what)
-
-    run_bad()
+    bad_calls_raise(_bad_calls(), device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "emulated"])

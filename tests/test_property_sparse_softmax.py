@@ -13,7 +13,7 @@ import seqfuse
 from seqfuse import reference
 from conftest import DEVICES, cpu_kernels, runs_cuda_kernels
 from property_support import (SPECIALS, assert_equal_outside, assert_matches, check, examples,
-                              expect_clear_error, fill, leaf, magnitudes, ref_leaf, run_child,
+                              bad_calls_raise, fill, leaf, magnitudes, ref_leaf, run_child,
                               sizes, special_value)
 
 pytestmark = pytest.mark.property
@@ -255,13 +255,7 @@ def _bad_calls():
 
 
 def bad_row_calls_raise(device):
-    @settings(max_examples=examples(device))
-    @given(_bad_calls())
-    def run(bad):
-        what, fn, names = bad
-        expect_clear_error(fn, names, what)
-
-    run()
+    bad_calls_raise(_bad_calls(), device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "emulated"])
