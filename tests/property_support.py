@@ -121,12 +121,14 @@ def ref_leaf(x64: torch.Tensor) -> torch.Tensor:
     return x64.detach().clone().requires_grad_()
 
 
-def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None, floor=None):
+def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None, floor=None,
+                   bound=None):
     """`actual` (computed in `dtype`) equals the float64 `expected`: NaN and +-inf at
     the same entries (of `expected` rounded to actual's dtype: what overflows there is
     inf), the finite entries within the dtype's tolerance, atol relative to the largest
     finite entry of `expected` (so tiny magnitudes are checked as closely as large), never
-    below `floor`."""
+    below `floor`. `bound` (a tensor of expected's shape) lets each entry also be off by
+    up to its own bound: the rounding a result that cancels large terms may carry."""
     actual = actual.detach().cpu()
     expected = expected.detach().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -155,8 +157,19 @@ def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None, fl
     # Below the dtype's normal range results have lost relative precision (gradual
     # underflow), so atol never goes below a few of its smallest normals (or `floor`).
     floor = 4 * torch.finfo(actual.real.dtype if actual.is_complex() else actual.dtype).smallest_normal if floor is None else floor
-    torch.testing.assert_close(a[keep], e_keep, rtol=rtol, atol=max(atol * scale, floor),
-                               msg=lambda m: f"{what}: {m}")
+    atol = max(atol * scale, floor)
+    if bound is None:
+        torch.testing.assert_close(a[keep], e_keep, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{what}: {m}")
+        return
+    error = (a[keep] - e_keep).abs()
+    allowed = torch.maximum(atol + rtol * e_keep.abs(), bound.detach().cpu().double()[keep])
+    worst = int((error / allowed).argmax())
+    assert (error <= allowed).all(), (
+        f"{what}: {int((error > allowed).sum())} of {error.numel()} entries off; worst "
+        f"{a[keep][worst].item()!r} vs {e_keep[worst].item()!r} (error {error[worst].item():.3g}, "
+        f"allowed {allowed[worst].item():.3g}: atol {atol:.3g}, rtol {rtol:.3g}, own bound "
+        f"{bound.detach().cpu().double()[keep][worst].item():.3g})")
 
 
 def assert_equal_outside(clean, poisoned, keep, what=""):

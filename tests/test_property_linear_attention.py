@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import seqfuse
 from seqfuse import reference
 from seqfuse.nn import CausalLinearAttention
+from seqfuse.reference.linear_attention import feature_map as reference_feature_map
 from conftest import DEVICES, cpu_kernels, runs_cuda_kernels
 from property_support import (HALF, LAYOUTS, SPECIALS, assert_equal_outside, assert_matches,
                               check, examples, bad_calls_raise, fill, leaf, magnitudes,
@@ -148,14 +149,49 @@ def run(case, q, k, v, decay, state, device="cpu", fn=None, grads=True, dtype=No
     return (o, S, z), [torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves)]
 
 
-def check_close(actual, expected, dtype, what, grad_scale=None):
-    """assert_matches with the family's tolerance; a gradient's absolute error may reach
-    a few ulp of grad_scale, the size of the terms it is a difference of (dq: S - o z,
-    of the order of v, against a result of the order of eps)."""
-    kw = dict(TOL.get(dtype, {}))
-    if grad_scale is not None:
-        kw["floor"] = 64 * torch.finfo(dtype).eps * grad_scale
-    assert_matches(actual, expected, dtype, what, **kw)
+def gradient_term_sizes(case, q, k, v, decay, state, o):
+    """For each entry of dq, dk, dv, dS0 and dz0 the sum of the absolute values of the
+    terms the exact gradient adds up: the gradient of the same sums with every factor
+    taken in absolute value (the quadratic form on |phi(q)|, |phi(k)|, |v|, |S0|, |z0|
+    and |cotangents|, the normaliser's two terms |dN| / |den| and |o . do| |dD| / |den|
+    each counted), times |phi'|. A gradient that cancels large terms (dk of a step whose
+    output does not depend on k, o = v at T = 1) is exact only to a few ulp of these."""
+    B, T, H, Dk = q.shape
+    seed, fmap = case["seed"], case["feature_map"]
+
+    def phi(x):
+        x = x.detach().requires_grad_()
+        y = reference_feature_map(x, fmap)
+        return y.detach(), torch.autograd.grad(y.sum(), x)[0].abs() if T else x.detach()
+    (fq, dfq), (fk, dfk) = phi(q), phi(k)
+    S0, z0 = state if state is not None else (q.new_zeros(B, H, Dk, v.shape[-1]),
+                                              q.new_zeros(B, H, Dk))
+    leaves = [x.abs().requires_grad_() for x in (fq, fk, v, S0, z0)]
+    kw = dict(feature_map="identity", normalize=False, decay=decay, scale=case["scale"],
+              return_state=True)
+    form = reference.causal_linear_attention_quadratic
+    num, (S_T, z_T) = form(*leaves[:3], initial_state=leaves[3:], **kw)
+    do, dS, dz = (fill(t.shape, torch.float64, seed + 10 + i).abs()
+                  for i, t in enumerate((num, S_T, z_T)))
+    total = (S_T * dS).sum() + (z_T * dz).sum()
+    if case["normalize"]:
+        ones = q.new_ones(B, T, H, 1)
+        den_abs = form(leaves[0], leaves[1], ones, initial_state=(leaves[4][..., None], leaves[4]),
+                       **kw)[0]
+        den = (form(fq, fk, ones, initial_state=(z0[..., None], z0), **kw)[0] + case["eps"]).abs()
+        total = total + (num * do / den).sum() + (den_abs * (o.abs() * do).sum(-1, True) / den).sum()
+    else:
+        total = total + (num * do).sum()
+    sizes_ = list(torch.autograd.grad(total, leaves)) if total.requires_grad else leaves
+    sizes_[0], sizes_[1] = sizes_[0] * dfq, sizes_[1] * dfk
+    return [torch.nan_to_num(x.detach(), nan=math.inf) for x in sizes_]
+
+
+def check_close(actual, expected, dtype, what, terms=None):
+    """assert_matches with the family's tolerance; a gradient's entry may also be off by
+    a few ulp of the terms it adds up (gradient_term_sizes)."""
+    bound = None if terms is None else 16 * torch.finfo(dtype).eps * terms
+    assert_matches(actual, expected, dtype, what, bound=bound, **TOL.get(dtype, {}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,9 +211,11 @@ def test_linear_attention_matches_reference(device, specials):
         assert outs[0].dtype == dtype
         for name, a, e in zip(("o", "S_T", "z_T"), outs, outs_ref):
             check_close(a, e, dtype, name)
-        for name, a, e in zip(("dq", "dk", "dv", "dS0", "dz0"), grads, grads_ref):
-            e = e.sum(0, keepdim=True) if a.shape != e.shape else e  # an expanded batch
-            check_close(a, e, dtype, name, grad_scale=max(1.0, case["mags"][2]))
+        terms = gradient_term_sizes(case, q, k, v, decay, state, outs_ref[0]) if grads else []
+        for name, a, e, t in zip(("dq", "dk", "dv", "dS0", "dz0"), grads, grads_ref, terms):
+            if a.shape != e.shape:  # an expanded batch: the sum over its rows
+                e, t = e.sum(0, keepdim=True), t.sum(0, keepdim=True)
+            check_close(a, e, dtype, name, terms=t)
 
     check(device, la_cases(device, specials), prop)
 
