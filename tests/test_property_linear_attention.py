@@ -57,6 +57,11 @@ def la_cases(draw, device, specials=False):
     mags = case["mags"]
     low = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).smallest_normal
     low *= 2.0 ** 30
+    # Under a decay the kernels also scale rows of q, k and v by gamma^j (gamma >= 0.7,
+    # j < T): each magnitude stays that far above the smallest normal too ("small", at
+    # most 0.1, decays whatever it scales below every term an output keeps).
+    if case["decay"] == "random":
+        mags[:] = [max(m, min(1.0, low / 0.7 ** T)) for m in mags]
     products = lambda: (mags[1] * mags[2], mags[0] * mags[1], math.prod(mags))  # noqa: E731
     while min(products()) < low:
         i = mags.index(min(mags))
@@ -140,7 +145,9 @@ def run(case, q, k, v, decay, state, device="cpu", fn=None, grads=True, dtype=No
     o, (S, z) = (fn or seqfuse.causal_linear_attention)(*used, **kw)
     if not grads:
         return (o, S, z), []
-    ups = [fill(t.shape, torch.float64, case["seed"] + 10 + i).to(device, t.dtype)
+    # Cotangents held exactly by the case's dtype, so that both runs differentiate along
+    # the same direction.
+    ups = [fill(t.shape, torch.float64, case["seed"] + 10 + i).to(case["dtype"]).to(device, t.dtype)
            for i, t in enumerate((o, S, z))]
     leaves = ins + (list(init) if init else [])
     pairs = [(t, u) for t, u in zip((o, S, z), ups) if t.requires_grad]  # T = 0: no graph
@@ -213,8 +220,9 @@ def test_linear_attention_matches_reference(device, specials):
             check_close(a, e, dtype, name)
         terms = gradient_term_sizes(case, q, k, v, decay, state, outs_ref[0]) if grads else []
         for name, a, e, t in zip(("dq", "dk", "dv", "dS0", "dz0"), grads, grads_ref, terms):
-            if a.shape != e.shape:  # an expanded batch: the sum over its rows
-                e, t = e.sum(0, keepdim=True), t.sum(0, keepdim=True)
+            if a.shape != e.shape:  # an expanded batch: the sum of its rows' gradients,
+                # each in the dtype (one row's may overflow it where the sum would not)
+                e, t = e.to(dtype).double().sum(0, keepdim=True), t.sum(0, keepdim=True)
             check_close(a, e, dtype, name, terms=t)
 
     check(device, la_cases(device, specials), prop)
