@@ -964,17 +964,20 @@ def test_cpu_kernel_float32_odd_head_dims(Dk, Dv):
     _match_reference(2, 83, 2, Dk, Dv, dtype=torch.float32)
 
 
-def test_cpu_kernel_baseline_build_matches_reference():
-    # The CPU kernel has an AVX2+FMA build and a baseline one (csrc/cpu/
-    # linear_attention_chunks_*.cpp); SEQFUSE_CPU_ISA=baseline makes a fresh process use
-    # the baseline one whatever the processor has.
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_kernel_narrower_builds_match_reference(isa):
+    # The CPU kernel has AVX-512, AVX2+FMA and baseline builds (csrc/cpu/
+    # linear_attention_chunks_*.cpp), the widest the processor runs picked at run time;
+    # SEQFUSE_CPU_ISA caps the choice in a fresh process, so that each build is tested on
+    # a machine that has the widest (the suite itself runs that one).
     code = (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import test_linear_attention as t; "
         "torch.manual_seed(0); t._match_reference(2, 150, 3, 16, 12); "
         "t._match_reference(1, 301, 1, 5, 9, feature_map='relu'); "
         "t._match_reference(2, 83, 2, 13, 20, dtype=torch.float32); "
+        "t._match_reference(2, 83, 2, 72, 3, dtype=torch.float32); "
         "t._match_reference(1, 70, 2, 64, 64, dtype=torch.float32, decay=False)")
-    env = dict(os.environ, SEQFUSE_CPU_ISA="baseline")
+    env = dict(os.environ, SEQFUSE_CPU_ISA=isa)
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -3,9 +3,9 @@
 //
 // A work item is one (batch, head) over a range of steps, walked chunk by chunk with the
 // state carried in a tile (linear_attention_chunks.h; its products run on register-
-// blocked micro-kernels, tile_gemm.h, compiled for AVX2+FMA and for the x86-64 baseline
-// and picked at run time). With at least as many (batch, head) pairs as threads, an item
-// is a whole sequence. With fewer, each sequence is cut into segments, so that every
+// blocked micro-kernels, tile_gemm.h, compiled for AVX-512, for AVX2+FMA and for the
+// x86-64 baseline and picked at run time). With at least as many (batch, head) pairs as
+// threads, an item is a whole sequence. With fewer, each sequence is cut into segments, so that every
 // thread has one, and the states at the segment boundaries are found first:
 //
 //   1. in parallel, the increment of every piece of the sequence that precedes a
@@ -54,19 +54,27 @@ int64_t chunk_length(int64_t Dk, int64_t Dv) {
   return d <= 64 ? 16 : 64;
 }
 
-// The AVX2+FMA kernels when they are built and the processor has both, unless
-// SEQFUSE_CPU_ISA=baseline asks for the baseline ones (read once: it lets the tests run
-// those on any machine).
-bool use_avx2() {
-#ifdef SEQFUSE_CHUNKS_AVX2
-  static const bool yes = [] {
-    const char* forced = std::getenv("SEQFUSE_CPU_ISA");
-    if (forced && std::strcmp(forced, "baseline") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// The widest build of the chunk kernels the processor runs: AVX-512 (F and VL), else
+// AVX2+FMA, else the x86-64 baseline. SEQFUSE_CPU_ISA=baseline or avx2 caps the choice
+// (read once: it lets the tests run every build on a machine that has the widest).
+enum class Isa { Baseline, Avx2, Avx512 };
+
+Isa chunk_isa() {
+#ifdef SEQFUSE_CHUNKS_X86
+  static const Isa isa = [] {
+    Isa best = Isa::Baseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                 ? Isa::Avx512 : Isa::Avx2;
+    }
+    const char* cap = std::getenv("SEQFUSE_CPU_ISA");
+    if (cap && std::strcmp(cap, "baseline") == 0) return Isa::Baseline;
+    if (cap && std::strcmp(cap, "avx2") == 0) return std::min(best, Isa::Avx2);
+    return best;
   }();
-  return yes;
+  return isa;
 #else
-  return false;
+  return Isa::Baseline;
 #endif
 }
 
@@ -261,16 +269,26 @@ class Runner {
   void forward_item(int64_t b, int64_t h, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
                     bool outputs, acc_t* tiles) const {
     if (t1 <= t0) return;
-#ifdef SEQFUSE_CHUNKS_AVX2
-    if (use_avx2()) return chunked_forward_avx2(p_, b, h, G, t0, t1, S, z, outputs, tiles);
+#ifdef SEQFUSE_CHUNKS_X86
+    switch (chunk_isa()) {
+      case Isa::Avx512: return chunked_forward_avx512(p_, b, h, G, t0, t1, S, z, outputs, tiles);
+      case Isa::Avx2: return chunked_forward_avx2(p_, b, h, G, t0, t1, S, z, outputs, tiles);
+      default: break;
+    }
 #endif
     chunked_forward_baseline(p_, b, h, G, t0, t1, S, z, outputs, tiles);
   }
   void backward_item(int64_t b, int64_t h, int64_t G, int64_t t0, int64_t t1, acc_t* S, acc_t* z,
                      acc_t* W, acc_t* Wz, bool grads, acc_t* tiles) const {
     if (t1 <= t0) return;
-#ifdef SEQFUSE_CHUNKS_AVX2
-    if (use_avx2()) return chunked_backward_avx2(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
+#ifdef SEQFUSE_CHUNKS_X86
+    switch (chunk_isa()) {
+      case Isa::Avx512:
+        return chunked_backward_avx512(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
+      case Isa::Avx2:
+        return chunked_backward_avx2(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
+      default: break;
+    }
 #endif
     chunked_backward_baseline(p_, b, h, G, t0, t1, S, z, W, Wz, grads, tiles);
   }

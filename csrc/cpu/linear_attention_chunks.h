@@ -2,8 +2,8 @@
 // CPU kernels' work item (maths: csrc/common/linear_attention.h; bodies:
 // linear_attention_chunks_impl.h). linear_attention.cpp cuts a call into these items,
 // runs them in parallel and carries the states between them; each item is compiled
-// once per instruction set (linear_attention_chunks_baseline.cpp, _avx2.cpp) and the
-// caller picks one at run time.
+// once per instruction set (linear_attention_chunks_baseline.cpp, _avx2.cpp,
+// _avx512.cpp) and the caller picks one at run time.
 #pragma once
 
 #include <cstdint>
@@ -11,9 +11,10 @@
 
 #include "../common/linear_attention.h"
 
-// The AVX2+FMA build exists on x86-64 with GCC (it is compiled under #pragma GCC target).
+// The AVX2+FMA and AVX-512 builds exist on x86-64 with GCC (they are compiled under
+// #pragma GCC target).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEQFUSE_CHUNKS_AVX2 1
+#define SEQFUSE_CHUNKS_X86 1
 #endif
 
 namespace seqfuse::cpu {
@@ -77,24 +78,28 @@ constexpr int64_t chunk_scratch_elements(int64_t chunk, int64_t Dk, int64_t Dv, 
 //
 // scratch: chunk_scratch_elements(chunk, Dk, Dv, G) elements. Instantiated for
 // (float, float), (double, double), (c10::Half, float) and (c10::BFloat16, float); the
-// _avx2 ones need a processor with AVX2 and FMA.
+// _avx2 ones need a processor with AVX2 and FMA, the _avx512 ones AVX-512F and VL too.
 template <typename scalar_t, typename acc_t>
 void chunked_forward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
                               int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
                               bool outputs, acc_t* scratch);
-#ifdef SEQFUSE_CHUNKS_AVX2
-template <typename scalar_t, typename acc_t>
-void chunked_forward_avx2(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
-                          int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
-                          bool outputs, acc_t* scratch);
 template <typename scalar_t, typename acc_t>
 void chunked_backward_baseline(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
                                int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
                                acc_t* W, acc_t* Wz, bool grads, acc_t* scratch);
-template <typename scalar_t, typename acc_t>
-void chunked_backward_avx2(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,
-                           int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,
-                           acc_t* W, acc_t* Wz, bool grads, acc_t* scratch);
+#ifdef SEQFUSE_CHUNKS_X86
+#define SEQFUSE_DECLARE_CHUNKS(isa)                                                            \
+  template <typename scalar_t, typename acc_t>                                                 \
+  void chunked_forward_##isa(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,    \
+                             int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,    \
+                             bool outputs, acc_t* scratch);                                    \
+  template <typename scalar_t, typename acc_t>                                                 \
+  void chunked_backward_##isa(const ChunkProblem<scalar_t, acc_t>& p, int64_t b, int64_t h0,   \
+                              int64_t G, int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z,   \
+                              acc_t* W, acc_t* Wz, bool grads, acc_t* scratch);
+SEQFUSE_DECLARE_CHUNKS(avx2)
+SEQFUSE_DECLARE_CHUNKS(avx512)
+#undef SEQFUSE_DECLARE_CHUNKS
 #endif
 
 }  // namespace seqfuse::cpu

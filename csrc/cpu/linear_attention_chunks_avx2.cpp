@@ -14,7 +14,7 @@
 #include "linear_attention_chunks.h"
 #include "vec_math.h"
 
-#ifdef SEQFUSE_CHUNKS_AVX2
+#ifdef SEQFUSE_CHUNKS_X86
 // Everything below is compiled for AVX2 and FMA; chunked_*_avx2 may only be called on a
 // processor that has both (linear_attention.cpp checks). The headers above, included
 // first, stay at the baseline: their inline functions may be shared with other files.
@@ -23,4 +23,4 @@
 #include "linear_attention_chunks_impl.h"
 #define SEQFUSE_CHUNKS_ISA avx2
 #include "linear_attention_chunks_entry.h"
-#endif  // SEQFUSE_CHUNKS_AVX2
+#endif  // SEQFUSE_CHUNKS_X86

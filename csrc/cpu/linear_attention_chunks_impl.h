@@ -363,18 +363,21 @@ class HeadGroup {
       : p_(p), g_(p.geo), b_(b), h0_(h0), G_(G), C_(p.chunk), tiles_(scratch),
         xt_(scratch + chunk_tile_elements(p.chunk, p.geo.Dk, p.geo.Dv)) {}
 
+  // Each chunk's rows are asked for one chunk ahead, one head at a time just before the
+  // head's products of the chunk before run (prefetch_rows): a whole group's rows at
+  // once (thousands of lines) fill the core's miss buffers and stall it until they drain.
   void forward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, bool outputs) const {
-    auto prefetch = [&](int64_t t0) {
+    auto prefetch = [&](int64_t t0, int64_t g0, int64_t heads) {
       if (t0 < t_begin || t0 >= t_end) return;
       const int64_t n = std::min(C_, t_end - t0);
-      prefetch_rows(p_.k, g_.Dk, t0, n);
-      prefetch_rows(p_.v, g_.Dv, t0, n);
-      if (outputs) prefetch_rows(p_.q, g_.Dk, t0, n);
+      prefetch_rows(p_.k, g_.Dk, t0, n, g0, heads);
+      prefetch_rows(p_.v, g_.Dv, t0, n, g0, heads);
+      if (outputs) prefetch_rows(p_.q, g_.Dk, t0, n, g0, heads);
     };
-    prefetch(t_begin), prefetch(t_begin + C_);
+    prefetch(t_begin, 0, G_);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
-      prefetch(t0 + 2 * C_);
       for (int64_t g = 0; g < G_; ++g) {
+        prefetch(t0 + C_, g, 1);
         head(g).forward(t0, std::min(C_, t_end - t0), S + g * state(), z + g * g_.Dk, outputs);
       }
     }
@@ -383,20 +386,22 @@ class HeadGroup {
 
   void backward(int64_t t_begin, int64_t t_end, acc_t* S, acc_t* z, acc_t* W, acc_t* Wz,
                 bool grads) const {
-    auto prefetch = [&](int64_t t0, bool query) {
+    auto prefetch = [&](int64_t t0, bool query, int64_t g0, int64_t heads) {
       if (t0 < t_begin || t0 >= t_end) return;
       const int64_t n = std::min(C_, t_end - t0);
-      prefetch_rows(p_.grad_o, g_.Dv, t0, n);
-      if (p_.normalize) prefetch_rows(p_.o_saved, g_.Dv, t0, n);
-      if (query || grads) prefetch_rows(p_.k, g_.Dk, t0, n), prefetch_rows(p_.v, g_.Dv, t0, n);
-      if (!query || F != FeatureMap::Identity) prefetch_rows(p_.q, g_.Dk, t0, n);
+      prefetch_rows(p_.grad_o, g_.Dv, t0, n, g0, heads);
+      if (p_.normalize) prefetch_rows(p_.o_saved, g_.Dv, t0, n, g0, heads);
+      if (query || grads) {
+        prefetch_rows(p_.k, g_.Dk, t0, n, g0, heads), prefetch_rows(p_.v, g_.Dv, t0, n, g0, heads);
+      }
+      if (!query || F != FeatureMap::Identity) prefetch_rows(p_.q, g_.Dk, t0, n, g0, heads);
     };
     if (grads) {
       for (int64_t g = 0; g < G_; ++g) head(g).begin_query_grads(S + g * state());
-      prefetch(t_begin, true), prefetch(t_begin + C_, true);
+      prefetch(t_begin, true, 0, G_);
       for (int64_t t0 = t_begin; t0 < t_end; t0 += C_) {
-        prefetch(t0 + 2 * C_, true);
         for (int64_t g = 0; g < G_; ++g) {
+          prefetch(t0 + C_, true, g, 1);
           head(g).query_grads(t0, std::min(C_, t_end - t0), z + g * g_.Dk);
         }
       }
@@ -404,10 +409,10 @@ class HeadGroup {
     }
     if (t_end <= t_begin) return;
     const int64_t last = t_begin + (t_end - t_begin - 1) / C_ * C_;
-    prefetch(last, false), prefetch(last - C_, false);
+    prefetch(last, false, 0, G_);
     for (int64_t t0 = last; t0 >= t_begin; t0 -= C_) {
-      prefetch(t0 - 2 * C_, false);
       for (int64_t g = 0; g < G_; ++g) {
+        prefetch(t0 - C_, false, g, 1);
         head(g).key_value_grads(t0, std::min(C_, t_end - t0), W + g * state(), Wz + g * g_.Dk,
                                 grads);
       }
@@ -423,13 +428,14 @@ class HeadGroup {
                                       xt_ + g * padded_elements(state()));
   }
 
-  // Asks for the cache lines of the group's n rows of x (D values per head) from step
-  // t0, ahead of their use: two chunks ahead, while the products of the chunks before
-  // run. Strided rows get little from the hardware prefetchers.
+  // Asks for the cache lines of n rows of x (D values per head) from step t0, of the
+  // group's heads [g0, g0 + heads), ahead of their use. Strided rows get little from
+  // the hardware prefetchers.
   template <typename T>
-  void prefetch_rows(const T* x, int64_t D, int64_t t0, int64_t n) const {
-    const char* row = reinterpret_cast<const char*>(x + ((b_ * g_.T + t0) * g_.H + h0_) * D);
-    const int64_t bytes = G_ * D * int64_t(sizeof(T)), stride = g_.H * D * int64_t(sizeof(T));
+  void prefetch_rows(const T* x, int64_t D, int64_t t0, int64_t n, int64_t g0,
+                     int64_t heads) const {
+    const char* row = reinterpret_cast<const char*>(x + ((b_ * g_.T + t0) * g_.H + h0_ + g0) * D);
+    const int64_t bytes = heads * D * int64_t(sizeof(T)), stride = g_.H * D * int64_t(sizeof(T));
     for (int64_t r = 0; r < n; ++r, row += stride) {
       for (int64_t i = 0; i < bytes; i += 64) tile_prefetch(row + i);
       tile_prefetch(row + bytes - 1);

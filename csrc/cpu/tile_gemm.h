@@ -19,12 +19,13 @@
 //
 // The micro-kernel keeps an MR x (NV vectors) block of C in registers over the whole
 // k loop: per k, NV vector loads of B, MR broadcasts of A and MR * NV fused
-// multiply-adds. With 16 vector registers, MR = 6 and NV = 2 leave 12 accumulators, which
-// is enough to cover the latency of the FMA units. Written with GCC vector extensions,
+// multiply-adds. With 16 vector registers (SSE2, AVX2), MR = 6 and NV = 2 leave 12
+// accumulators, which is enough to cover the latency of the FMA units; AVX-512's 32
+// take NV = 4 (24 accumulators: each broadcast of A feeds four multiply-adds). Written with GCC vector extensions,
 // so one source compiles for each instruction set the includer selects:
 //
-//   SEQFUSE_VECTOR_BYTES  16 (SSE2, the x86-64 baseline) or 32 (AVX2+FMA, in a file
-//                         compiled under #pragma GCC target("avx2,fma"))
+//   SEQFUSE_VECTOR_BYTES  16 (SSE2, the x86-64 baseline), 32 (AVX2+FMA) or 64 (AVX-512),
+//                         the wider ones in a file compiled under #pragma GCC target
 //
 // Everything here has internal linkage: a file that includes this header gets its own
 // copy, compiled for its own instruction set, which the linker never merges with the
@@ -55,9 +56,10 @@ struct TileVec {
   static constexpr int lanes = SEQFUSE_VECTOR_BYTES / sizeof(T);
 };
 
-// Rows of one register block, and its columns in vectors.
+// Rows of one register block, and its columns in vectors (narrower panels cover what
+// is left of N).
 constexpr int kTileMR = 6;
-constexpr int kTileNV = 2;
+constexpr int kTileNV = SEQFUSE_VECTOR_BYTES == 64 ? 4 : 2;
 // The largest K (a head dim or a chunk length) a product may have: the packed tail of
 // B lives on the stack.
 constexpr int64_t kTileMaxK = 256;
@@ -177,6 +179,11 @@ void tile_gemm_shaped(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int6
   for (; j0 + kTileNV * L <= N; j0 += kTileNV * L) {
     tile_column_panel<T, kTileNV, S>(M, K, j0, alpha, a, a_rs, a_cs, b, ldb, beta, c, ldc);
   }
+  if constexpr (kTileNV > 2) {
+    for (; j0 + 2 * L <= N; j0 += 2 * L) {
+      tile_column_panel<T, 2, S>(M, K, j0, alpha, a, a_rs, a_cs, b, ldb, beta, c, ldc);
+    }
+  }
   for (; j0 + L <= N; j0 += L) {
     tile_column_panel<T, 1, S>(M, K, j0, alpha, a, a_rs, a_cs, b, ldb, beta, c, ldc);
   }
@@ -222,7 +229,10 @@ bool tile_stream(T* dst, const T* src, int64_t n) {
   constexpr int64_t L = TileVec<T>::lanes;
   if (reinterpret_cast<uintptr_t>(dst) % SEQFUSE_VECTOR_BYTES != 0 || n % L != 0) return false;
   for (int64_t i = 0; i < n; i += L) {
-#if SEQFUSE_VECTOR_BYTES == 32
+#if SEQFUSE_VECTOR_BYTES == 64
+    if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    else _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
+#elif SEQFUSE_VECTOR_BYTES == 32
     if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
     else _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
 #else
@@ -278,20 +288,20 @@ T tile_sum(const T* a, int64_t n) {
 }
 
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: 8 x 8 blocks, each
-// read as 8 rows of vectors and written as 8, through registers where the vectors hold
-// 8 floats (AVX); element by element otherwise.
+// read as 8 rows of 8-float vectors and written as 8, through registers where the build
+// has them (AVX and wider); element by element otherwise.
 template <typename T>
 void tile_transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
                     int64_t ld_dst) {
   int64_t r0 = 0;
-  if constexpr (std::is_same_v<T, float> && TileVec<T>::lanes == 8) {
-    using V = typename TileVec<T>::type;
+  if constexpr (std::is_same_v<T, float> && SEQFUSE_VECTOR_BYTES >= 32) {
+    typedef float V __attribute__((vector_size(32)));
     using I = int __attribute__((vector_size(32)));
     for (; r0 + 8 <= rows; r0 += 8) {
       int64_t c0 = 0;
       for (; c0 + 8 <= cols; c0 += 8) {
         V x[8], y[8];
-        for (int r = 0; r < 8; ++r) x[r] = tile_load(src + (r0 + r) * ld_src + c0);
+        for (int r = 0; r < 8; ++r) std::memcpy(&x[r], src + (r0 + r) * ld_src + c0, sizeof(V));
         // Interleave pairs of rows, then pairs of pairs, then the 128-bit halves.
         for (int r = 0; r < 8; r += 2) {
           y[r] = __builtin_shuffle(x[r], x[r + 1], I{0, 8, 1, 9, 4, 12, 5, 13});
@@ -307,7 +317,7 @@ void tile_transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T*
           y[r] = __builtin_shuffle(x[r], x[r + 4], I{0, 1, 2, 3, 8, 9, 10, 11});
           y[r + 4] = __builtin_shuffle(x[r], x[r + 4], I{4, 5, 6, 7, 12, 13, 14, 15});
         }
-        for (int c = 0; c < 8; ++c) tile_store(dst + (c0 + c) * ld_dst + r0, y[c]);
+        for (int c = 0; c < 8; ++c) std::memcpy(dst + (c0 + c) * ld_dst + r0, &y[c], sizeof(V));
       }
       for (int64_t r = r0; r < r0 + 8; ++r) {
         for (int64_t c = c0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
