@@ -83,7 +83,9 @@ class Chunks {
       for (int64_t s = 0; s < n; ++s) part_[s] = gpow_[n - 1 - s];
       for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_dot(kt_ + d * C_, part_, n);
     } else {
-      for (int64_t d = 0; d < Dk_; ++d) z[d] += tile_sum(kt_ + d * C_, n);
+      for (int64_t s = 0; s < n; ++s) {  // rows of phi(K): whole vectors, no reductions
+        for (int64_t d = 0; d < Dk_; ++d) z[d] += K.p[s * K.ld + d];
+      }
     }
     tile_gemm(TileShape::Full, Dk_, Dv_, n, acc_t(1), kt_, C_, 1, Vd.p, Vd.ld, acc_t(1), S, Dv_);
   }
