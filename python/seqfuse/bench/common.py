@@ -68,6 +68,30 @@ def time_fn(fn: Callable[[], object], device: str, *, min_time: float | None = N
     return statistics.median(times)
 
 
+def time_paired(fn_a: Callable[[], object], fn_b: Callable[[], object], device: str, *,
+                min_time: float | None = None, warmup: int = 2,
+                max_reps: int = 200) -> tuple[float, float, float]:
+    """fn_a and fn_b called alternately (a, b, a, b, ...) for at least `min_time` s each:
+    their median seconds per call and the median of the per-pair ratios b / a. On a
+    machine whose speed drifts, both calls of a pair see the same moment, so the ratio
+    holds where two medians taken a second apart do not."""
+    min_time = MIN_TIME if min_time is None else min_time
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    a: list[float] = []
+    b: list[float] = []
+    start = time.perf_counter()
+    while len(a) < 3 or (time.perf_counter() - start < 2 * min_time and len(a) < max_reps):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    ratio = statistics.median(y / x for x, y in zip(a, b))
+    return statistics.median(a), statistics.median(b), ratio
+
+
 def memory_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     """Achievable memory bandwidth in bytes/s: a device-to-device copy of nbytes
     (each byte read once and written once)."""

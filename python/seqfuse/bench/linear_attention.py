@@ -14,9 +14,11 @@ chunks from D = 128 and 16-step ones below, where it does a little less). Bytes 
 k, v read and o written once (twice that for fwd+bwd). On the CPU, seqfuse is also
 timed on one thread (seqfuse_1thread_ms, x_threads = its ratio to the run's thread
 count), and rows with another feature map or the normaliser get x_identity, their
-time over the identity, no-normaliser row of the same shape and pass. The anchor
-fast-transformers gets its own GFLOP/s and %matmul (the row's FLOPs over its time). The recurrent
-reference is timed forward only (its backward is T steps of autograd), and skipped
+time over the identity map without the normaliser on the same inputs. x_ft_cpu and
+x_identity are the medians of ratios of calls made in alternation (time_paired), which a
+machine whose speed drifts moves much less than two medians taken apart. The anchor
+fast-transformers gets its own GFLOP/s and %matmul (the row's FLOPs over its time). The
+recurrent reference is timed forward only (its backward is T steps of autograd), and skipped
 above T = 1024 on CPU; the quadratic one where its [B, H, T, T] scores pass 2 GiB.
 
 Packed sequences: 64 sequences with lengths drawn uniformly from [1, 2048] (a fixed
@@ -33,7 +35,7 @@ import torch
 import seqfuse
 from seqfuse import reference
 from seqfuse.bench.common import (Rows, format_table, matmul_rate, memory_bandwidth,
-                                   time_fn)
+                                   time_fn, time_paired)
 
 COLUMNS = ["case", "dtype", "phi", "norm", "pass", "seqfuse_ms", "quadratic_ms", "recurrent_ms",
            "ft_cpu_ms", "fla_chunk_ms", "fla_fused_ms", "x_quadratic", "x_recurrent", "x_ft_cpu",
@@ -80,18 +82,23 @@ def _flops(B, H, T, D):
     return B * H * T * (4 * D * D + 65 * 2 * D)
 
 
-def _timed(fn, leaves, backward, device, slow=False):
-    # The references take seconds per call on a CPU: one warm-up and three timed runs.
-    opts = dict(warmup=1, min_time=0.0) if slow else {}
+def _step(fn, leaves, backward):
+    """One call of fn on leaves (and with backward, its backward pass), as a thunk."""
     if not backward:
-        return time_fn(lambda: fn(*leaves), device, **opts)
+        return lambda: fn(*leaves)
 
     def step():
         for x in leaves:
             x.grad = None
         out = fn(*leaves)
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
-    return time_fn(step, device, **opts)
+    return step
+
+
+def _timed(fn, leaves, backward, device, slow=False):
+    # The references take seconds per call on a CPU: one warm-up and three timed runs.
+    opts = dict(warmup=1, min_time=0.0) if slow else {}
+    return time_fn(_step(fn, leaves, backward), device, **opts)
 
 
 def _one_thread(fn):
@@ -152,7 +159,6 @@ def run(device: str, quick: bool):
     fast_transformers = _fast_transformers() if device == "cpu" else None
     rates = {}
     rows = Rows()
-    identity_ms = {}  # (shape, pass) -> seqfuse's time with identity features, no normaliser
     for B, H, T, D, dtype, feature_map, normalize in _cases(device, quick):
         if dtype not in rates:
             rates[dtype] = matmul_rate(device, dtype)
@@ -199,11 +205,19 @@ def run(device: str, quick: bool):
                              ("ft_cpu_ms", "x_ft_cpu"), ("fla_chunk_ms", "x_fla_chunk")):
                 if row.get(ref):
                     row[col] = row[ref] / row["seqfuse_ms"]
-            key = (row["case"], row["dtype"], row["pass"])
-            if feature_map == "identity" and not normalize:
-                identity_ms[key] = row["seqfuse_ms"]
-            elif key in identity_ms:
-                row["x_identity"] = row["seqfuse_ms"] / identity_ms[key]
+            # The ratios the CPU targets read are timed again in pairs (time_paired): the
+            # anchor against seqfuse, and this feature map against the identity.
+            leaves = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+            ours = _step(impls["seqfuse_ms"], leaves, backward)
+            if row.get("ft_cpu_ms"):
+                ft_leaves = [x.detach().transpose(1, 2).contiguous().requires_grad_(backward)
+                             for x in (q, k, v)]
+                _, _, row["x_ft_cpu"] = time_paired(
+                    ours, _step(fast_transformers, ft_leaves, backward), device)
+            if device == "cpu" and (feature_map != "identity" or normalize):
+                identity = _step(lambda q, k, v: seqfuse.causal_linear_attention(q, k, v, normalize=False),
+                                 leaves, backward)
+                _, _, row["x_identity"] = time_paired(identity, ours, device)
             flops = _flops(B, H, T, D) * (3 if backward else 1)
             row["GFLOP/s"] = flops / row["seqfuse_ms"] / 1e6
             row["%matmul"] = 100 * flops / (row["seqfuse_ms"] / 1e3) / rates[dtype]
