@@ -412,3 +412,17 @@ def test_weight_rows_outside_the_top_k_get_no_gradient_from_a_nan_row():
         # NaN ranks first: Omega = {0}, which is also the target: only row 0 is touched.
         assert torch.isnan(dW[0]).all(), fn
         assert torch.equal(dW[1:], torch.zeros(4, 2, dtype=torch.float64)), fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_of_losses_near_the_max(device):
+    # Logits of 2.25e38 (1.5e19 * 1.5e19): three losses whose float32 sum overflows and
+    # whose mean does not (float32 on every device: its range is the point).
+    hidden = torch.full((3, 1), 1.5e19, device=device, requires_grad=True)
+    weight = torch.tensor([[1.5e19], [0.0], [-1.0]], device=device, requires_grad=True)
+    target = torch.tensor([1, 1, 2], device=device)
+    mean = OP(hidden, weight, target, 2)
+    want = reference.linear_sparse_softmax_cross_entropy(
+        hidden.detach().double().cpu(), weight.detach().double().cpu(), target.cpu(), 2)
+    assert torch.isfinite(mean) and math.isclose(mean.item(), want.item(), rel_tol=1e-6)
+    assert torch.isinf(OP(hidden, weight, target, 2, reduction="sum"))

@@ -85,7 +85,8 @@ def linear_sparse_softmax_cross_entropy(
         return loss.view(target.shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / (target != ignore_index).sum()
+    # Each term divided first: a mean of losses near the dtype's max does not overflow.
+    return (loss / (target != ignore_index).sum()).sum()
 
 
 @torch.library.register_fake("seqfuse::linear_sparse_softmax_cross_entropy")

@@ -114,8 +114,8 @@ def sparse_softmax_cross_entropy(
     loss, _, _ = torch.ops.seqfuse.sparse_softmax_cross_entropy(logits, target, k, ignore_index)
     if reduction == "sum":
         loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.sum() / (target != ignore_index).sum()
+    elif reduction == "mean":  # each term divided first: a mean of losses near the dtype's
+        loss = (loss / (target != ignore_index).sum()).sum()  # max does not overflow
     return loss.to(logits.dtype)
 
 
