@@ -426,3 +426,4 @@ def test_mean_of_losses_near_the_max(device):
         hidden.detach().double().cpu(), weight.detach().double().cpu(), target.cpu(), 2)
     assert torch.isfinite(mean) and math.isclose(mean.item(), want.item(), rel_tol=1e-6)
     assert torch.isinf(OP(hidden, weight, target, 2, reduction="sum"))
+    assert torch.isnan(OP(hidden[:0], weight, target[:0], 2))  # no rows: still 0 / 0

@@ -433,6 +433,9 @@ def test_cross_entropy_mean_of_losses_near_the_max(device):
     assert torch.isinf(seqfuse.sparse_softmax_cross_entropy(x, target, 2, reduction="sum"))
     (dx,) = torch.autograd.grad(mean, x)
     assert torch.isfinite(dx).all()
+    # No rows at all: the mean is still 0 / 0.
+    empty = seqfuse.sparse_softmax_cross_entropy(x[:0], target[:0], 2)
+    assert torch.isnan(empty)
 
 
 def test_cross_entropy_all_ignored_is_nan_mean():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from seqfuse._extension import check_backend
-from seqfuse.ops.sparse_softmax import REDUCTIONS, _acc_dtype, _check_int
+from seqfuse.ops.sparse_softmax import REDUCTIONS, _acc_dtype, _check_int, _mean
 
 
 def linear_sparse_softmax_cross_entropy(
@@ -85,8 +85,7 @@ def linear_sparse_softmax_cross_entropy(
         return loss.view(target.shape)
     if reduction == "sum":
         return loss.sum()
-    # Each term divided first: a mean of losses near the dtype's max does not overflow.
-    return (loss / (target != ignore_index).sum()).sum()
+    return _mean(loss, (target != ignore_index).sum())
 
 
 @torch.library.register_fake("seqfuse::linear_sparse_softmax_cross_entropy")

@@ -114,9 +114,15 @@ def sparse_softmax_cross_entropy(
     loss, _, _ = torch.ops.seqfuse.sparse_softmax_cross_entropy(logits, target, k, ignore_index)
     if reduction == "sum":
         loss = loss.sum()
-    elif reduction == "mean":  # each term divided first: a mean of losses near the dtype's
-        loss = (loss / (target != ignore_index).sum()).sum()  # max does not overflow
+    elif reduction == "mean":
+        loss = _mean(loss, (target != ignore_index).sum())
     return loss.to(logits.dtype)
+
+
+def _mean(loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """sum(loss) / count with each term divided first, so that a mean of losses near the
+    dtype's max does not overflow; no rows at all give 0 / 0 = NaN."""
+    return (loss / count).sum() if loss.numel() else loss.sum() / count
 
 
 def taylor_softmax(x: torch.Tensor, order: int = 2, dim: int = -1) -> torch.Tensor:
