@@ -134,14 +134,22 @@ def test_row_op_matches_reference(device, op):
         xr = ref_leaf(x64 if op != "sparse_softmax_cross_entropy" else x64[..., 0])
         outs_ref, dx_ref = outputs_and_grad(case, reference, xr, target, case["seed"] + 3)
         assert outs[0].dtype == dtype
-        assert_matches(outs[0], outs_ref[0], dtype, op)
+        eps = torch.finfo(dtype).eps
+        floor = None
+        if op == "sparse_softmax_cross_entropy":
+            # lse(x) - x_t is exact to a few ulp of the logits' size, not of the loss's:
+            # a confident row's loss of 4e-7 carries log(1 + 1e-7)'s rounding.
+            finite = x64[torch.isfinite(x64)]
+            floor = 4 * eps * max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
+        assert_matches(outs[0], outs_ref[0], dtype, op, floor=floor)
         if op == "topk_softmax":
             assert torch.equal(outs[1].cpu(), outs_ref[1]), "topk indices"
         if dx_ref is not None:
             if op == "sparse_softmax":
                 dx, dx_ref = nan_rows_nan_throughout(outs[0], dx, dx_ref)
-            # The gradients of a normaliser sum to 0 over a row: terms of size 1 cancel.
-            assert_matches(dx, dx_ref, dtype, f"grad of {op}", floor=torch.finfo(dtype).eps)
+            # The gradients of a normaliser sum to 0 over a row: terms of size 1 cancel
+            # (a one-entry row's exact 0 came out as 3e-16 in float64).
+            assert_matches(dx, dx_ref, dtype, f"grad of {op}", floor=4 * eps)
 
     check(device, row_cases(device, op), prop)
 
