@@ -5,8 +5,9 @@
 // state carried in a tile (linear_attention_chunks.h; its products run on register-
 // blocked micro-kernels, tile_gemm.h, compiled for AVX-512, for AVX2+FMA and for the
 // x86-64 baseline and picked at run time). With at least as many (batch, head) pairs as
-// threads, an item is a whole sequence. With fewer, each sequence is cut into segments, so that every
-// thread has one, and the states at the segment boundaries are found first:
+// threads, an item is a whole sequence. With fewer, each sequence is cut into segments,
+// so that every thread has one, and the states at the segment boundaries are found
+// first:
 //
 //   1. in parallel, the increment of every piece of the sequence that precedes a
 //      boundary: U = sum_s gamma^(end-1-s) phi(k_s) [v_s, 1]^T, the state that piece

@@ -16,8 +16,9 @@
 
 #ifdef SEQFUSE_CHUNKS_X86
 // Everything below is compiled for AVX-512F/VL with AVX2 and FMA; chunked_*_avx512 may
-// only be called on a processor that has all four (linear_attention.cpp checks). The headers above, included
-// first, stay at the baseline: their inline functions may be shared with other files.
+// only be called on a processor that has all four (linear_attention.cpp checks). The
+// headers above, included first, stay at the baseline: their inline functions may be
+// shared with other files.
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 #define SEQFUSE_VECTOR_BYTES 64
 #include "linear_attention_chunks_impl.h"
