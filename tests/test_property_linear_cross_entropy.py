@@ -58,7 +58,11 @@ def lm_inputs(case):
     N, D, V, dtype, seed = case["N"], case["D"], case["V"], case["dtype"], case["seed"]
     hidden = fill((N, D), dtype, seed, scale=case["scale"], kind=case["kind"])
     weight = fill((V, D), dtype, seed + 1, scale=case["scale"], kind=case["kind"])
-    bias = fill((V,), dtype, seed + 2, kind=case["kind"]) if case["bias"] else None
+    # The bias on the logits' own grid (scale^2 times small integers), so that h w + b is
+    # exact too: an unscaled bias of 2 next to logits on a grid of 2^24 (or 2^-24) rounds
+    # away in float32 and breaks a tie the float64 reference keeps.
+    bias = (fill((V,), dtype, seed + 2, scale=case["scale"] ** 2, kind=case["kind"])
+            if case["bias"] else None)
     for where, name, n, v, d in case["specials"]:
         value = special_value(name, dtype)
         if where == "hidden":

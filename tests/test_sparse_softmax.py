@@ -2,6 +2,7 @@
 SPACES loss, taylor_softmax and entropy_normalize against their plain-PyTorch
 references."""
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -581,6 +582,59 @@ def test_entropy_normalize_reference_survives_an_underflowing_step():
         (dx,) = torch.autograd.grad(out, x, torch.tensor([[0.3, -0.7]], dtype=torch.float64))
         assert torch.equal(out, torch.tensor([[1.0, 0.0]], dtype=torch.float64)), fn
         assert torch.isfinite(dx).all(), fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_normalize_gamma_product_past_the_float_range(device):
+    # p = [4.19e-4, 0.9996] moved to 0.352 nats: Newton's first gamma is -12.7 (the row
+    # flips), the second -4e38 (past float32's range: D is a subnormal -8e-40), and their
+    # product 5e39. The kernels took log q = G log p - log Z with G that product: in
+    # float32 inf - inf, NaN rows from iters = 2 on, where the maths gives the one-hot
+    # [0, 1] with gradient 0 (0 times the infinite gamma was NaN there too). The
+    # reference overflowed the same way in float32 (float64 at larger gammas).
+    dtypes = [torch.float32] + ([] if runs_cuda_kernels(device) else [torch.float64])
+    g = torch.tensor([[0.3, -0.7]])
+    for dtype, iters, fn in itertools.product(dtypes, (2, 3, 4), (seqfuse, reference)):
+        x = torch.tensor([[0.000419, 0.999581]], dtype=dtype, device=device, requires_grad=True)
+        out = fn.entropy_normalize(x, 0.352, iters)
+        (dx,) = torch.autograd.grad(out, x, g.to(device, dtype))
+        what = f"{fn.__name__} {dtype} iters={iters}"
+        assert torch.equal(out.detach().cpu(), torch.tensor([[0.0, 1.0]], dtype=dtype)), what
+        assert torch.equal(dx.cpu(), torch.zeros(1, 2, dtype=dtype)), what
+
+
+def test_entropy_normalize_gradient_of_a_near_uniform_step():
+    # Newton's first step takes [0.98, 0.02] to a near-uniform row (H 0.690 of log 2 =
+    # 0.693), where D = -0.0058 and the second gamma is 54. dJ/dgamma sums terms whose
+    # weights add up to 0; taken about log q = 0 they cancelled (log q ~ -0.69 in both
+    # entries) and the float64 gradient was 1.6e-12 off, relative (the reference: 6e-15).
+    # Taken about the row's largest log q: 5e-15. Checked against 50-digit mpmath.
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    p, target, g = [0.97988982594754337, 0.02011017405245654], 0.38440508179779853, [0.5, -1.25]
+
+    def exact(p):  # two Newton steps in 50 digits
+        l = [mpmath.log(v) for v in p]
+        for _ in range(2):
+            q = [mpmath.exp(v) for v in l]
+            H = -sum(a * b for a, b in zip(q, l))
+            D = H * H - sum(a * b * b for a, b in zip(q, l))
+            z = [(1 + (target - H) / D) * v for v in l]
+            lse = mpmath.log(sum(mpmath.exp(v) for v in z))
+            l = [v - lse for v in z]
+        return sum(gi * mpmath.exp(v) for gi, v in zip(g, l))
+
+    h = mpmath.mpf("1e-30")
+    want = []
+    for i in range(2):
+        up, down = [mpmath.mpf(v) for v in p], [mpmath.mpf(v) for v in p]
+        up[i] += h
+        down[i] -= h
+        want.append(float((exact(up) - exact(down)) / (2 * h)))
+    x = torch.tensor([p], dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(seqfuse.entropy_normalize(x, target, 2), x,
+                                torch.tensor([g], dtype=torch.float64))
+    torch.testing.assert_close(dx, torch.tensor([want], dtype=torch.float64), rtol=0, atol=1e-13)
 
 
 # gradients of the kernels themselves, float64

@@ -10,15 +10,26 @@
 //   Taylor softmax:  f_n(x) = sum_{m<=n} x^m / m!,  p_i = f_n(x_i) / S,  S = sum_j f_n(x_j)
 //                    dx_i = f_{n-1}(x_i) / S * (g_i - sum_j g_j p_j)
 //            (a row whose S is not finite is taken in scaled terms: TaylorRow below)
-//   entropy normalisation, one Newton step on q (L_i = log q_i over q_i != 0):
-//                    H = -sum q L,  M = sum q L^2,  D = H^2 - M,  u = (H* - H) / D,
-//                    gamma = 1 + u,  q'_i = exp(gamma L_i) / sum_j exp(gamma L_j)
-//            Every iterate is a power of the input: log q_t = G_t log p - logZ_t with
-//            G_0 = 1, logZ_0 = 0, G_{t+1} = gamma_t G_t. Its adjoint, given g' = dL/dq':
-//                    gbar = sum_i g'_i q'_i (L_i - sum_j q'_j L_j)         (dL/dgamma)
+//   entropy normalisation, one Newton step on q (l_i = log q_i over q_i != 0):
+//                    H = -sum q l,  M = sum q l^2,  D = H^2 - M,  u = (H* - H) / D,
+//                    gamma = 1 + u,  l'_i = gamma l_i - log sum_j exp(gamma l_j)
+//            Every iterate is a power of the input p (L = log p), held as EntropyIterate
+//            (G, R, z): l_t = G_t (L - R_t) - z_t, G_0 = 1, R_0 = z_0 = 0,
+//            G_{t+1} = gamma_t G_t, R_{t+1} = the L at which G_{t+1} L is largest (the
+//            row's max L for G >= 0, its min L below), z = log sum_j exp(G (L_j - R)),
+//            in [0, log V]. G (L - R) <= 0 whatever G is: a product of gammas past the
+//            float range sends the other entries to q = 0, where G L - log Z would be
+//            inf - inf. Entries with q = 0 add nothing to a sum (the limit of q l^k).
+//            The adjoint runs in log space, a_i = dJ/dl_i (at the output a_i = g_i q_i):
+//                    S = sum a'_i,  b_i = a'_i - q'_i S,  gbar = sum_i b_i (l_i - c)
+//            (dJ/dgamma) for any c, as the b_i sum to 0: c = the row's largest l (-z; at
+//            the input max L), or a near-uniform row's gbar would cancel its terms.
 //                    Hbar = -gbar (1 + 2 H u) / D,  Mbar = gbar u / D,  H*bar += gbar / D
-//                    dL/dq_i = -Hbar (L_i + 1) + Mbar (L_i^2 + 2 L_i)
-//                              + gamma q'_i / q_i * (g'_i - sum_j g'_j q'_j)
+//                    a_i = gamma b_i + q_i (-Hbar (l_i + 1) + Mbar (l_i^2 + 2 l_i))
+//            and at the input dJ/dp_i = a_i / p_i, taken as
+//                    gamma b_i / p_i - Hbar (L_i + 1) + Mbar (L_i^2 + 2 L_i).
+//            A D below the float range makes gamma infinite and the row one-hot: there
+//            every b_i and gbar are 0, and 0 times the infinite gamma (or u) is 0.
 #pragma once
 
 #include <cmath>
@@ -193,5 +204,29 @@ struct EntropyStep {
     return s;
   }
 };
+
+// One iterate of entropy normalisation, l = G (L - R) - z (see the top of this file).
+template <typename acc_t>
+struct EntropyIterate {
+  acc_t G, R, z;
+  // The input itself: l_0 = L.
+  SEQFUSE_HD static EntropyIterate input() { return {acc_t(1), acc_t(0), acc_t(0)}; }
+  // G' = gamma G, R' where G' L is largest over the row's L in [L_min, L_max]; z' is the
+  // caller's, log sum_j exp(G' (L_j - R')), after this.
+  SEQFUSE_HD EntropyIterate next(acc_t gamma, acc_t L_min, acc_t L_max) const {
+    const acc_t g = G * gamma;
+    return {g, g >= acc_t(0) ? L_max : L_min, acc_t(0)};
+  }
+  // l for an entry of the support (L > -inf). At R itself the product is 0 even for an
+  // infinite G (one-hot rows), where G * 0 would be NaN.
+  SEQFUSE_HD acc_t log_q(acc_t L) const { return L == R ? -z : G * (L - R) - z; }
+};
+
+// gamma x, and 0 for x = 0 even where gamma is infinite (a D below the float range): the
+// limit along a step that makes the row one-hot, whose gradient is 0.
+template <typename acc_t>
+SEQFUSE_HD acc_t entropy_scale(acc_t gamma, acc_t x) {
+  return x == acc_t(0) ? acc_t(0) : gamma * x;
+}
 
 }  // namespace seqfuse

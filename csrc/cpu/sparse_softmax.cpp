@@ -386,40 +386,50 @@ void taylor_backward_kernel(const scalar_t* grad, const scalar_t* x, const scala
   });
 }
 
-// The scalars of every Newton step of one row, recomputed from L = log p (with -inf
-// off the support): log q_t = G[t] L - logZ[t].
+// The row sums of entropy normalisation run in double for float rows: a sequential
+// float sum over thousands of entries carries V ulp, and the Newton steps amplify it
+// (CUDA's block reductions sum in a tree).
+template <typename acc_t>
+using EntropySum = std::conditional_t<std::is_same_v<acc_t, float>, double, acc_t>;
+
+// Every Newton step of one row, from L = log p (-inf off the support): the iterates
+// it[t] (log q_t = it[t].log_q(L)) and the steps' scalars.
 template <typename acc_t>
 struct EntropyTrace {
-  std::vector<acc_t> G, logZ;
+  std::vector<EntropyIterate<acc_t>> it;
   std::vector<EntropyStep<acc_t>> steps;
+  acc_t L_min, L_max;  // over the support
 
   static bool on_support(acc_t L) { return L != -std::numeric_limits<acc_t>::infinity(); }
 
   void run(const acc_t* L, int64_t V, acc_t target, int64_t iters) {
-    G.assign(1, acc_t(1));
-    logZ.assign(1, acc_t(0));
+    L_min = std::numeric_limits<acc_t>::infinity();
+    L_max = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = 0; i < V; ++i) {
+      if (!on_support(L[i])) continue;
+      L_min = -nan_max(-L_min, -L[i]);
+      L_max = nan_max(L_max, L[i]);
+    }
+    it.assign(1, EntropyIterate<acc_t>::input());
     steps.clear();
     for (int64_t t = 0; t < iters; ++t) {
-      acc_t sum_qL = 0, sum_qL2 = 0;
+      EntropySum<acc_t> sum_qL = 0, sum_qL2 = 0;
       for (int64_t i = 0; i < V; ++i) {
         if (!on_support(L[i])) continue;
-        const acc_t Lt = G[t] * L[i] - logZ[t];
-        const acc_t q = std::exp(Lt);
-        sum_qL += q * Lt;
-        sum_qL2 += q * Lt * Lt;
+        const acc_t l = it[t].log_q(L[i]);
+        const acc_t q = std::exp(l);
+        if (q == acc_t(0)) continue;
+        sum_qL += q * l;
+        sum_qL2 += q * l * l;
       }
-      steps.push_back(EntropyStep<acc_t>::of(sum_qL, sum_qL2, target));
-      const acc_t g = G[t] * steps.back().gamma;
-      G.push_back(g);
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      steps.push_back(EntropyStep<acc_t>::of(acc_t(sum_qL), acc_t(sum_qL2), target));
+      EntropyIterate<acc_t> next = it[t].next(steps.back().gamma, L_min, L_max);
+      EntropySum<acc_t> s = 0;
       for (int64_t i = 0; i < V; ++i) {
-        if (on_support(L[i])) m = nan_max(m, g * L[i]);
+        if (on_support(L[i])) s += std::exp(next.log_q(L[i]));
       }
-      acc_t s = 0;
-      for (int64_t i = 0; i < V; ++i) {
-        if (on_support(L[i])) s += std::exp(g * L[i] - m);
-      }
-      logZ.push_back(m + std::log(s));
+      next.z = std::log(acc_t(s));
+      it.push_back(next);
     }
   }
 };
@@ -434,9 +444,9 @@ void entropy_kernel(const scalar_t* p, const typename Types<scalar_t>::acc* targ
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < V; ++i) L[i] = std::log(acc_t(p[r * V + i]));
       trace.run(L.data(), V, target[r], iters);
-      const acc_t G = trace.G.back(), logZ = trace.logZ.back();
+      const EntropyIterate<acc_t>& last = trace.it.back();
       for (int64_t i = 0; i < V; ++i) {
-        out[r * V + i] = scalar_t(trace.on_support(L[i]) ? std::exp(G * L[i] - logZ) : acc_t(0));
+        out[r * V + i] = scalar_t(trace.on_support(L[i]) ? std::exp(last.log_q(L[i])) : acc_t(0));
       }
     }
   });
@@ -448,50 +458,68 @@ void entropy_backward_kernel(const scalar_t* grad, const scalar_t* p,
                              int64_t iters, scalar_t* grad_p,
                              typename Types<scalar_t>::acc* grad_target) {
   using acc_t = typename Types<scalar_t>::acc;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   for_rows(R, V, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> L(V), adj(V);
     EntropyTrace<acc_t> trace;
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t i = 0; i < V; ++i) {
-        L[i] = std::log(acc_t(p[r * V + i]));
-        adj[i] = acc_t(grad[r * V + i]);
+      const scalar_t* pr = p + r * V;
+      for (int64_t i = 0; i < V; ++i) L[i] = std::log(acc_t(pr[i]));
+      if (iters == 0) {
+        // The identity: the gradient passes through everywhere, zeros of p included.
+        for (int64_t i = 0; i < V; ++i) grad_p[r * V + i] = grad[r * V + i];
+        grad_target[r] = 0;
+        continue;
       }
       trace.run(L.data(), V, target[r], iters);
+      // a = dJ/dl at the output: g q.
+      for (int64_t i = 0; i < V; ++i) {
+        const bool on = trace.on_support(L[i]);
+        adj[i] = on ? acc_t(grad[r * V + i]) * std::exp(trace.it[iters].log_q(L[i])) : acc_t(0);
+      }
       acc_t target_bar = 0;
       for (int64_t t = iters - 1; t >= 0; --t) {
         const EntropyStep<acc_t>& s = trace.steps[t];
-        auto log_q = [&](int64_t i) { return trace.G[t] * L[i] - trace.logZ[t]; };
-        auto log_q_next = [&](int64_t i) { return trace.G[t + 1] * L[i] - trace.logZ[t + 1]; };
-        acc_t c = 0, mean_L = 0, gL = 0;
+        const EntropyIterate<acc_t>&cur = trace.it[t], &nxt = trace.it[t + 1];
+        const acc_t c = t == 0 ? trace.L_max : -cur.z;  // the row's largest l
+        // l_i, or -inf where q_i is 0: zeros of p stay zero whatever p is after a step
+        // (and entries below the float range add nothing), so no gradient reaches them.
+        auto log_q = [&](int64_t i) { return trace.on_support(L[i]) ? cur.log_q(L[i]) : kNegInf; };
+        EntropySum<acc_t> S = 0;
         for (int64_t i = 0; i < V; ++i) {
-          if (!trace.on_support(L[i])) continue;
-          const acc_t qn = std::exp(log_q_next(i));
-          c += adj[i] * qn;
-          mean_L += qn * log_q(i);
-          gL += adj[i] * qn * log_q(i);
+          if (log_q(i) != kNegInf) S += adj[i];
         }
-        const acc_t gamma_bar = gL - c * mean_L;
+        // adj <- a'_i - q'_i S, which sums to 0 (exactly 0 entry by entry on a one-hot
+        // row), and gbar = sum of it times (l - c).
+        EntropySum<acc_t> gbar = 0;
+        for (int64_t i = 0; i < V; ++i) {
+          const acc_t l = log_q(i);
+          adj[i] = l == kNegInf ? acc_t(0) : adj[i] - std::exp(nxt.log_q(L[i])) * acc_t(S);
+          if (l != kNegInf) gbar += EntropySum<acc_t>(adj[i]) * (l - c);
+        }
+        const acc_t gamma_bar = acc_t(gbar);
         acc_t H_bar = 0, M_bar = 0;
-        if (s.D != acc_t(0)) {
+        if (s.D != acc_t(0) && gamma_bar != acc_t(0)) {
           H_bar = -gamma_bar * (acc_t(1) + acc_t(2) * s.H * s.u) / s.D;
           M_bar = gamma_bar * s.u / s.D;
           target_bar += gamma_bar / s.D;
         }
         for (int64_t i = 0; i < V; ++i) {
-          if (!trace.on_support(L[i])) {
-            adj[i] = 0;
-            continue;
+          const acc_t l = log_q(i);
+          if (l == kNegInf) continue;
+          const acc_t b = entropy_scale(s.gamma, adj[i]);
+          const acc_t via_H = -H_bar * (l + acc_t(1)) + M_bar * (l * l + acc_t(2) * l);
+          if (t == 0) {
+            // At the input dJ/dp = a / p, the 1/p taken before the sum (q = p is not
+            // multiplied in: a q of a tiny p would lose its precision).
+            adj[i] = b / acc_t(pr[i]) + via_H;
+          } else {
+            const acc_t q = std::exp(l);
+            adj[i] = q != acc_t(0) ? b + q * via_H : b;  // q l^2 -> 0 below the range
           }
-          const acc_t Lt = log_q(i);
-          adj[i] = -H_bar * (Lt + acc_t(1)) + M_bar * (Lt * Lt + acc_t(2) * Lt) +
-                   s.gamma * std::exp(log_q_next(i) - Lt) * (adj[i] - c);
         }
       }
-      for (int64_t i = 0; i < V; ++i) {
-        // Zeros of p stay zero whatever p is after a step: no gradient reaches them. With
-        // no step the op is the identity, and the gradient passes through everywhere.
-        grad_p[r * V + i] = scalar_t(trace.on_support(L[i]) || iters == 0 ? adj[i] : acc_t(0));
-      }
+      for (int64_t i = 0; i < V; ++i) grad_p[r * V + i] = scalar_t(adj[i]);
       grad_target[r] = target_bar;
     }
   });

@@ -664,25 +664,38 @@ __global__ void __launch_bounds__(kRowThreads)
 // Entropy normalisation. L_i = log p_i is recomputed from p; -inf marks a zero.
 __device__ __forceinline__ bool on_support(float L) { return L != -INFINITY; }
 
-// One row's Newton steps: log q_t = G[t] L - logZ[t]; steps[t] as in EntropyStep.
+// One row's iterate t (log q_t = it.log_q(L)) and step t's scalars (EntropyStep).
 struct TraceSlot {
-  float G, logZ, H, D, u, gamma;
+  EntropyIterate<float> it;
+  float H, D, u, gamma;
 };
 
-// Runs the iterations; writes the trace when `trace` is not null. Returns the last slot.
+// Runs the iterations; writes the trace when `trace` is not null and the largest L of
+// the support to L_max. Returns the last slot.
 template <typename scalar_t>
 __device__ TraceSlot entropy_trace(const scalar_t* p, int64_t V, float target, int iters,
-                                   float* red, TraceSlot* trace) {
-  TraceSlot s{1.f, 0.f, 0.f, 0.f, 0.f, 1.f};
+                                   float* red, TraceSlot* trace, float& L_max) {
+  L_max = -INFINITY;
+  float neg_L_min = -INFINITY;
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
+    const float L = logf(to_acc(p[i]));
+    if (!on_support(L)) continue;
+    L_max = NanMax{}(L_max, L);
+    neg_L_min = NanMax{}(neg_L_min, -L);
+  }
+  L_max = group_reduce<RowBlock>(L_max, NanMax{}, red);
+  const float L_min = -group_reduce<RowBlock>(neg_L_min, NanMax{}, red);
+  TraceSlot s{EntropyIterate<float>::input(), 0.f, 0.f, 0.f, 1.f};
   for (int t = 0; t < iters; ++t) {
     float qL = 0.f, qL2 = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
       const float L = logf(to_acc(p[i]));
       if (!on_support(L)) continue;
-      const float Lt = s.G * L - s.logZ;
-      const float q = expf(Lt);
-      qL += q * Lt;
-      qL2 += q * Lt * Lt;
+      const float l = s.it.log_q(L);
+      const float q = expf(l);
+      if (q == 0.f) continue;
+      qL += q * l;
+      qL2 += q * l * l;
     }
     qL = group_reduce<RowBlock>(qL, Sum{}, red);
     qL2 = group_reduce<RowBlock>(qL2, Sum{}, red);
@@ -692,20 +705,14 @@ __device__ TraceSlot entropy_trace(const scalar_t* p, int64_t V, float target, i
     s.u = step.u;
     s.gamma = step.gamma;
     if (trace && threadIdx.x == 0) trace[t] = s;
-    const float g = s.G * step.gamma;
-    float m = -INFINITY;
-    for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-      const float L = logf(to_acc(p[i]));
-      if (on_support(L)) m = NanMax{}(m, g * L);
-    }
-    m = group_reduce<RowBlock>(m, NanMax{}, red);
+    EntropyIterate<float> next = s.it.next(step.gamma, L_min, L_max);
     float sum = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
       const float L = logf(to_acc(p[i]));
-      if (on_support(L)) sum += expf(g * L - m);
+      if (on_support(L)) sum += expf(next.log_q(L));
     }
-    s.G = g;
-    s.logZ = m + logf(group_reduce<RowBlock>(sum, Sum{}, red));
+    next.z = logf(group_reduce<RowBlock>(sum, Sum{}, red));
+    s.it = next;
   }
   if (trace && threadIdx.x == 0) trace[iters] = s;
   return s;
@@ -716,13 +723,16 @@ __global__ void __launch_bounds__(kRowThreads)
     entropy_kernel(const scalar_t* p, const float* target, int64_t V, int iters, scalar_t* out) {
   SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t o = int64_t(blockIdx.x) * V;
-  const TraceSlot s = entropy_trace(p + o, V, target[blockIdx.x], iters, red, nullptr);
+  float L_max;
+  const TraceSlot s = entropy_trace(p + o, V, target[blockIdx.x], iters, red, nullptr, L_max);
   for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
     const float L = logf(to_acc(p[o + i]));
-    out[o + i] = from_acc<scalar_t>(on_support(L) ? expf(s.G * L - s.logZ) : 0.f);
+    out[o + i] = from_acc<scalar_t>(on_support(L) ? expf(s.it.log_q(L)) : 0.f);
   }
 }
 
+// The adjoint in log space (csrc/common/row_softmax.h): adj holds a = dJ/dl of the
+// iterate after the step being undone, and at the end dJ/dp.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     entropy_backward_kernel(const scalar_t* grad, const scalar_t* p, const float* target,
@@ -730,55 +740,68 @@ __global__ void __launch_bounds__(kRowThreads)
                             float* adjoint, TraceSlot* traces) {
   SEQFUSE_SHARED(float, red, [kRowThreads / kWarp]);
   const int64_t r = blockIdx.x, o = r * V;
+  if (iters == 0) {
+    // The identity: the gradient passes through everywhere, zeros of p included.
+    for (int64_t i = threadIdx.x; i < V; i += kRowThreads) grad_p[o + i] = grad[o + i];
+    if (threadIdx.x == 0) grad_target[r] = 0.f;
+    return;
+  }
   TraceSlot* trace = traces + r * (iters + 1);
   float* adj = adjoint + o;
-  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) adj[i] = to_acc(grad[o + i]);
-  entropy_trace(p + o, V, target[r], iters, red, trace);
+  float L_max;
+  entropy_trace(p + o, V, target[r], iters, red, trace, L_max);
   __syncthreads();  // the trace written by thread 0 is visible to the block
+  const EntropyIterate<float> last = trace[iters].it;
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
+    const float L = logf(to_acc(p[o + i]));
+    adj[i] = on_support(L) ? to_acc(grad[o + i]) * expf(last.log_q(L)) : 0.f;
+  }
   float target_bar = 0.f;
   for (int t = iters - 1; t >= 0; --t) {
-    // log q_t = Gc L - Zc and log q_{t+1} = Gn L - Zn; the step's scalars are read
-    // only once the sums are in, to keep the sweeps light on registers.
-    const float Gc = trace[t].G, Zc = trace[t].logZ, Gn = trace[t + 1].G, Zn = trace[t + 1].logZ;
-    float c = 0.f, mean_L = 0.f, gL = 0.f;
+    const EntropyIterate<float> cur = trace[t].it, nxt = trace[t + 1].it;
+    const float c = t == 0 ? L_max : -cur.z;  // the row's largest l
+    // l_i, or -inf where q_i is 0: zeros of p stay zero whatever p is after a step (and
+    // entries below the float range add nothing), so no gradient reaches them.
+    auto log_q = [&](float L) { return on_support(L) ? cur.log_q(L) : -INFINITY; };
+    float S = 0.f;
+    for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
+      if (log_q(logf(to_acc(p[o + i]))) != -INFINITY) S += adj[i];
+    }
+    S = group_reduce<RowBlock>(S, Sum{}, red);
+    // adj <- a'_i - q'_i S, which sums to 0 (exactly 0 entry by entry on a one-hot row),
+    // and gbar = sum of it times (l - c).
+    float gamma_bar = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
       const float L = logf(to_acc(p[o + i]));
-      if (!on_support(L)) continue;
-      const float Lt = Gc * L - Zc;
-      const float qn = expf(Gn * L - Zn);
-      c += adj[i] * qn;
-      mean_L += qn * Lt;
-      gL += adj[i] * qn * Lt;
+      const float l = log_q(L);
+      adj[i] = l == -INFINITY ? 0.f : adj[i] - expf(nxt.log_q(L)) * S;
+      if (l != -INFINITY) gamma_bar += adj[i] * (l - c);
     }
-    c = group_reduce<RowBlock>(c, Sum{}, red);
-    mean_L = group_reduce<RowBlock>(mean_L, Sum{}, red);
-    gL = group_reduce<RowBlock>(gL, Sum{}, red);
+    gamma_bar = group_reduce<RowBlock>(gamma_bar, Sum{}, red);
+    // The step's scalars are read only once the sums are in, to keep the sweeps light
+    // on registers.
     const TraceSlot step = trace[t];
-    const float gamma_bar = gL - c * mean_L;
     float H_bar = 0.f, M_bar = 0.f;
-    if (step.D != 0.f) {
+    if (step.D != 0.f && gamma_bar != 0.f) {
       H_bar = -gamma_bar * (1.f + 2.f * step.H * step.u) / step.D;
       M_bar = gamma_bar * step.u / step.D;
       target_bar += gamma_bar / step.D;
     }
-    const float gamma = step.gamma;
     for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-      const float L = logf(to_acc(p[o + i]));
-      if (!on_support(L)) {
-        adj[i] = 0.f;
-        continue;
+      const float p_i = to_acc(p[o + i]);
+      const float l = log_q(logf(p_i));
+      if (l == -INFINITY) continue;
+      const float b = entropy_scale(step.gamma, adj[i]);
+      const float via_H = -H_bar * (l + 1.f) + M_bar * (l * l + 2.f * l);
+      if (t == 0) {
+        adj[i] = b / p_i + via_H;  // dJ/dp = a / p, the 1/p taken before the sum
+      } else {
+        const float q = expf(l);
+        adj[i] = q != 0.f ? b + q * via_H : b;  // q l^2 -> 0 below the range
       }
-      const float Lt = Gc * L - Zc;
-      adj[i] = -H_bar * (Lt + 1.f) + M_bar * (Lt * Lt + 2.f * Lt) +
-               gamma * expf(Gn * L - Zn - Lt) * (adj[i] - c);
     }
   }
-  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) {
-    const float L = logf(to_acc(p[o + i]));
-    // Zeros of p stay zero whatever p is after a step: no gradient reaches them. With no
-    // step the op is the identity, and the gradient passes through everywhere.
-    grad_p[o + i] = from_acc<scalar_t>(on_support(L) || iters == 0 ? adj[i] : 0.f);
-  }
+  for (int64_t i = threadIdx.x; i < V; i += kRowThreads) grad_p[o + i] = from_acc<scalar_t>(adj[i]);
   if (threadIdx.x == 0) grad_target[r] = target_bar;
 }
 

@@ -99,24 +99,39 @@ def entropy_normalize(
         H = -sum p log p,  D = H^2 - sum p (log p)^2,  gamma = 1 + (H* - H) / D
 
     (gamma = 1 where D = 0: a uniform row cannot move). Zeros stay zero. The iterates
-    are carried as logs (``log q <- log_softmax(gamma log q)``): a large step can take
-    an entry of ``q`` below the smallest float, and ``0 * log 0`` would then make the
-    next step NaN where the maths is finite.
+    are carried as logs, ``log q <- log_softmax(gamma (log q - c))``, with c the log q
+    at which ``gamma log q`` is largest, so no logit overflows to +inf (a one-hot row
+    takes gammas past 1e150 and logs past -1e150). Entries whose q is 0 in the dtype
+    add nothing to H and D (the limit of ``q log q``), where ``0 * inf`` would be NaN;
+    one whose log falls below the dtype's range stays at 0.
     """
     q = _acc(p.movedim(dim, -1))
     target = torch.as_tensor(target_entropy, dtype=q.dtype, device=q.device)
     support = q != 0
     any_support = support.any(-1, keepdim=True)
+    big = torch.finfo(q.dtype).max
     log_q = torch.log(torch.where(support, q, 1.0))
-    for _ in range(iters):
+    for _ in range(iters if q.shape[-1] else 0):  # (an empty row has nothing to move)
         q = torch.where(support, torch.exp(log_q), 0.0)
-        log_q = torch.where(support, log_q, 0.0)
-        H = -(q * log_q).sum(-1)
-        D = H**2 - (q * log_q**2).sum(-1)
-        gamma = 1 + torch.where(D != 0, (target - H) / torch.where(D != 0, D, 1.0), 0.0)
+        live = q != 0
+        l = torch.where(live, log_q, 0.0)
+        H = -(q * l).sum(-1)
+        D = H**2 - (q * l**2).sum(-1)
+        moves = D != 0
+        with torch.no_grad():  # (T - H) / D past the dtype's range: a D near 0
+            wild = moves & torch.isinf((target - H) / torch.where(moves, D, 1.0))
+        # There gamma is held at +-max (a constant: the step's output is one-hot, its
+        # gradient 0, where autograd through an infinite gamma would take 0 * inf).
+        u = torch.where(wild, ((target - H) / torch.where(moves, D, 1.0)).detach().clamp(-big, big),
+                        (target - H) / torch.where(moves & ~wild, D, 1.0))
+        gamma = (1 + torch.where(moves, u, 0.0))[..., None]
+        alive = support & (log_q > -math.inf)
+        top = torch.where(alive, log_q, -math.inf).amax(-1, keepdim=True)
+        bottom = torch.where(alive, log_q, math.inf).amin(-1, keepdim=True)
+        c = torch.where(gamma >= 0, top, bottom).detach()  # log_softmax ignores a shift
         # A row with no support takes logits 0 (left out below): -inf throughout would
         # send NaN into the gradient.
-        logits = torch.where(support, gamma[..., None] * log_q,
+        logits = torch.where(alive, gamma * (torch.where(alive, log_q, c) - c),
                              torch.where(any_support, -math.inf, 0.0))
         log_q = torch.log_softmax(logits, dim=-1)
     out = torch.where(support, torch.exp(log_q), 0.0) if iters else q
