@@ -19,10 +19,11 @@
 // themselves as their indices do. s_t is read from the chunk that holds t. Stored for
 // the backward: p and the indices of Omega ([N, k] each) and the lse as (m, log s).
 //
-// Backward, k < V. The J = k + 1 non-zeros of each row of g, coef = dL [p | -1] at
-// [indices | t] (none for an ignored row), are gathered for dh and scattered for dW and
-// db in the order of a stable sort of the indices: deterministic, and no product with
-// V in it.
+// Backward, k < V. The J = k + 1 non-zeros of each row of g, coef = dL [p - [i = t] | -1]
+// at [indices | t], the last one none where t is among the indices (its -1 joins p there
+// in one coefficient: p h - h apart is NaN for an infinite h where p = 0) and none for an
+// ignored row, are gathered for dh and scattered for dW and db in the order of a stable
+// sort of the indices: deterministic, and no product with V in it.
 //
 // k = V keeps every logit: the forward takes an online logsumexp over the chunks (as
 // (m, log s), combined chunk by chunk) and the backward recomputes each chunk's logits for
@@ -231,9 +232,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_imp
   const at::Tensor dL = grad_loss.to(p.acc.dtype()).masked_fill(p.ignored, 0).unsqueeze(1);
   at::Tensor grad_hidden, grad_weight, grad_bias;
   if (kk) {
-    const at::Tensor coef =
-        at::cat({probs.to(p.acc.dtype()) * dL, -dL}, 1).masked_fill_(rows_out, 0);
-    const at::Tensor index = at::cat({indices, p.t.unsqueeze(1)}, 1).masked_fill_(rows_out, p.V);
+    const at::Tensor at_t = indices.eq(p.t.unsqueeze(1));  // [N, k]: where t is kept
+    const at::Tensor t_kept = at_t.any(1, /*keepdim=*/true);
+    const at::Tensor coef = at::cat({(probs.to(p.acc.dtype()) - at_t.to(p.acc.dtype())) * dL,
+                                     (-dL).masked_fill(t_kept, 0)},
+                                    1)
+                                .masked_fill_(rows_out, 0);
+    const at::Tensor index =
+        at::cat({indices, p.t.unsqueeze(1).masked_fill(t_kept, p.V)}, 1).masked_fill_(rows_out, p.V);
     grad_hidden = at::empty({p.N, p.D}, p.h.options());
     kernels.gather_weight_rows(coef, index, p.W, grad_hidden);
     const auto [sorted, order] = index.flatten().sort(/*stable=*/true, 0, /*descending=*/false);

@@ -415,6 +415,28 @@ def test_weight_rows_outside_the_top_k_get_no_gradient_from_a_nan_row():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [4, 5])  # the sparse path and the dense one (k = V)
+def test_infinite_hidden_state_with_the_target_kept(device, k):
+    # h = -inf: logits -inf, and +inf where the weight is negative; the target (kept: the
+    # +inf and then the -inf ties by index) has p = 0, so its weight row's gradient is
+    # (p - 1) h = +inf. The sparse backward and the reference took the target's -1 apart
+    # from its kept p: p h + (-1) h = 0 * -inf + inf = NaN (found by the thorough
+    # property profile).
+    dtype = _dtype(device)
+    hidden = torch.tensor([[-math.inf], [-0.25]], dtype=dtype, device=device)
+    weight = torch.tensor([[0.5], [0.25], [0.125], [0.75], [-0.5]], dtype=dtype, device=device)
+    target = torch.tensor([1, 2], device=device)
+    for fn in (OP, reference.linear_sparse_softmax_cross_entropy):
+        W = weight.clone().requires_grad_()
+        loss = fn(hidden, W, target, k, reduction="none")
+        (dW,) = torch.autograd.grad(loss[0], W)
+        assert loss[0].item() == math.inf, fn
+        assert dW[1].item() == math.inf, fn  # the target's row
+        assert torch.isnan(dW[[0, 2, 4]]).all(), fn  # 0 * -inf, and the +inf logit's NaN
+        assert torch.isnan(dW[3]).all() if k == 5 else dW[3].item() == 0, fn  # kept or not
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mean_of_losses_near_the_max(device):
     # Logits of 2.25e38 (1.5e19 * 1.5e19): three losses whose float32 sum overflows and
     # whose mean does not (float32 on every device: its range is the point).

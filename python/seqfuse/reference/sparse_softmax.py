@@ -164,12 +164,19 @@ def linear_sparse_softmax_cross_entropy(
     with torch.no_grad():
         ranked = _acc(torch.nn.functional.linear(h, weight, bias))
         _, top = _stable_topk(ranked, min(k, weight.shape[0]))
-    cols = torch.cat([top, t[:, None]], 1)                   # Omega, then the target
-    picked = (h[:, None, :] * weight[cols]).sum(-1)
-    if bias is not None:
-        picked = picked + bias[cols]
-    picked = _acc(picked)
-    values, target_logit = picked[:, :-1], picked[:, -1:]
+    def logits_at(rows, cols):
+        out = (h[rows, None, :] * weight[cols]).sum(-1)
+        return _acc(out if bias is None else out + bias[cols])
+
+    values = logits_at(slice(None), top)                   # Omega
+    # The target's logit is its kept entry where it is kept, so that its gradient meets
+    # the softmax's in one coefficient, p - 1, as in the maths (taken apart, p h + (-1) h
+    # is NaN for an infinite h, where p = 0); else a product of its own.
+    kept_at = top == t[:, None]
+    is_kept = kept_at.any(-1)
+    own = logits_at(~is_kept, t[~is_kept, None])[:, 0]
+    target_logit = values.gather(-1, kept_at.int().argmax(-1, keepdim=True))[:, 0]
+    target_logit = target_logit.masked_scatter(~is_kept, own)[:, None]
     m = values.detach().amax(-1, keepdim=True) if values.shape[-1] else target_logit.detach()
     m = torch.where(torch.isfinite(m), m, 0.0)
     kept = ((m - target_logit) + torch.logsumexp(values - m, dim=-1, keepdim=True))[:, 0]
