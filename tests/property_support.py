@@ -128,7 +128,8 @@ def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None, fl
     inf; within rtol of the overflow threshold either is accepted), the finite entries within the dtype's tolerance, atol relative to the largest
     finite entry of `expected` (so tiny magnitudes are checked as closely as large), never
     below `floor`. `bound` (a tensor of expected's shape) lets each entry also be off by
-    up to its own bound: the rounding a result that cancels large terms may carry."""
+    up to its own bound: the rounding a result that cancels large terms may carry (and
+    an entry whose bound reaches the overflow threshold may be inf or finite)."""
     actual = actual.detach().cpu()
     expected = expected.detach().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -151,12 +152,16 @@ def assert_matches(actual, expected, dtype, what="", *, rtol=None, atol=None, fl
     if not a.is_complex():
         inf_a, inf_r = torch.isinf(a) & ~nan_a, torch.isinf(r)
         differs = (inf_a != inf_r) | (inf_a & (a != r))
-        # A result within tolerance of the dtype's overflow threshold may round either way.
+        # A result within tolerance (or its own bound) of the dtype's overflow threshold
+        # may round either way: a finite result within that of the expected value, an
+        # infinite one where the expected value could reach the threshold on its side.
         info = torch.finfo(actual.dtype)
         threshold = info.max * (1 + info.eps / 2)
-        near = (e.abs() - threshold).abs() <= atol + rtol * e.abs()
-        same_sign = torch.sign(a) == torch.sign(e)
-        bad = (differs & ~(near & same_sign)).nonzero()
+        slack = 0.0 if bound is None else bound.detach().cpu().double()
+        within = atol + rtol * e.abs() + slack
+        could_round = torch.where(inf_a, torch.sign(a) * e + within >= threshold,
+                                  (a - e).abs() <= within)
+        bad = (differs & ~could_round).nonzero()
         assert not len(bad), f"{what}: inf pattern differs at {bad[:5].tolist()} (got {a[tuple(bad[0])]}, want {e[tuple(bad[0])]})"
         keep = torch.isfinite(a) & torch.isfinite(r)
     else:

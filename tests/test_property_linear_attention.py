@@ -195,9 +195,32 @@ def gradient_term_sizes(case, q, k, v, decay, state, o):
     return [torch.nan_to_num(x.detach(), nan=math.inf) for x in sizes_]
 
 
+def output_term_sizes(case, q, k, v, decay, state, o):
+    """For each entry of o the sum of the absolute values of the terms it adds up: the
+    same quadratic form on |phi(q)|, |phi(k)|, |v|, |S0|, |z0| (with the normaliser,
+    that over |den| plus |o| times the normaliser's own terms over |den|). The float16
+    and bfloat16 kernels on CUDA take the products phi(q_t) . phi(k_s) on tensor cores,
+    rounded to the dtype, so an output that cancels terms of 1e8 down to 5e4 is exact
+    only to a few ulp of 1e8 (it came out inf, float16's overflow, once)."""
+    B, T, H, Dk = q.shape
+    fq, fk = (reference_feature_map(x, case["feature_map"]) for x in (q, k))
+    S0, z0 = state if state is not None else (q.new_zeros(B, H, Dk, v.shape[-1]),
+                                              q.new_zeros(B, H, Dk))
+    kw = dict(feature_map="identity", normalize=False, decay=decay, scale=case["scale"])
+    form = reference.causal_linear_attention_quadratic
+    terms = form(fq.abs(), fk.abs(), v.abs(), initial_state=(S0.abs(), z0.abs()), **kw)
+    if case["normalize"]:
+        ones = q.new_ones(B, T, H, 1)
+        den_abs = form(fq.abs(), fk.abs(), ones, initial_state=(z0.abs()[..., None], z0.abs()),
+                       **kw)
+        den = (form(fq, fk, ones, initial_state=(z0[..., None], z0), **kw) + case["eps"]).abs()
+        terms = terms / den + o.detach().abs() * den_abs / den
+    return torch.nan_to_num(terms, nan=math.inf)
+
+
 def check_close(actual, expected, dtype, what, terms=None):
-    """assert_matches with the family's tolerance; a gradient's entry may also be off by
-    a few ulp of the terms it adds up (gradient_term_sizes)."""
+    """assert_matches with the family's tolerance; an entry may also be off by a few ulp
+    of the terms it adds up (output_term_sizes, gradient_term_sizes)."""
     bound = None if terms is None else 16 * torch.finfo(dtype).eps * terms
     assert_matches(actual, expected, dtype, what, bound=bound, **TOL.get(dtype, {}))
 
@@ -231,8 +254,9 @@ def test_linear_attention_matches_reference(device, specials):
                                   fn=reference.causal_linear_attention, grads=not specials)
         dtype = case["dtype"]
         assert outs[0].dtype == dtype
-        for name, a, e in zip(("o", "S_T", "z_T"), outs, outs_ref):
-            check_close(a, e, dtype, name)
+        o_terms = output_term_sizes(case, q, k, v, decay, state, outs_ref[0])
+        for name, a, e, t in zip(("o", "S_T", "z_T"), outs, outs_ref, (o_terms, None, None)):
+            check_close(a, e, dtype, name, terms=t)
         terms = gradient_term_sizes(case, q, k, v, decay, state, outs_ref[0]) if grads else []
         for name, a, e, t in zip(("dq", "dk", "dv", "dS0", "dz0"), grads, grads_ref, terms):
             if a.shape != e.shape:  # an expanded batch: the sum of its rows' gradients,
@@ -313,25 +337,26 @@ def test_linear_attention_streams_rows_and_cpu_agree(device):
         dtype, T = case["dtype"], case["T"]
         sd = torch.float64 if dtype == torch.float64 else torch.float32
         (o, S, z), _ = run(case, q, k, v, decay, state, device, grads=False)
+        terms = output_term_sizes(case, q, k, v, decay, state, o.double())
         cut = case["cut"] % (T + 1)
         (o1, S1, z1), _ = run(case, q[:, :cut], k[:, :cut], v[:, :cut], decay, state, device,
                               grads=False)
         mid = (S1.detach().to(sd).double(), z1.detach().to(sd).double())
         (o2, S2, z2), _ = run(case, q[:, cut:], k[:, cut:], v[:, cut:], decay, mid, device,
                               grads=False)
-        check_close(torch.cat([o1, o2], 1), o.double(), dtype, "streamed o")
+        check_close(torch.cat([o1, o2], 1), o.double(), dtype, "streamed o", terms)
         check_close(S2, S.double(), dtype, "streamed S_T")
         check_close(z2, z.double(), dtype, "streamed z_T")
         for i in range(q.shape[0]):
             row_state = None if state is None else tuple(s[i:i + 1] for s in state)
             (o_i, S_i, _), _ = run(case, q[i:i + 1], k[i:i + 1], v[i:i + 1], decay, row_state,
                                    device, grads=False)
-            check_close(o_i, o[i:i + 1].double(), dtype, f"row {i}: o")
+            check_close(o_i, o[i:i + 1].double(), dtype, f"row {i}: o", terms[i:i + 1])
             check_close(S_i, S[i:i + 1].double(), dtype, f"row {i}: S_T")
         if runs_cuda_kernels(device):
             with cpu_kernels():
                 (o_cpu, S_cpu, _), _ = run(case, q, k, v, decay, state, "cpu", grads=False)
-            check_close(o, o_cpu.double(), dtype, "emulated vs cpu: o")
+            check_close(o, o_cpu.double(), dtype, "emulated vs cpu: o", terms)
             check_close(S, S_cpu.double(), dtype, "emulated vs cpu: S_T")
 
     @st.composite
