@@ -165,6 +165,28 @@ def span_tolerance(case, scores=None):
     return tol
 
 
+def score_cotangent(case, inputs):
+    """The float64 reference scores of a scores or fused-loss case and dL/ds, the
+    cotangent its gradients push back through them: the generated one for the scores,
+    the loss's gradient under it for the fused loss. Also the leaves, for autograd."""
+    x = {n: t if n not in DIFFERENTIABLE or t is None else ref_leaf(t) for n, t in inputs.items()}
+    leaves = [x[n] for n in DIFFERENTIABLE if x[n] is not None]
+    kw = dict(mask=x["mask"], rope=case["rope"], tril=case["tril"], scale=case["scale"],
+              bias_start=x["bias_start"], bias_end=x["bias_end"])
+    if case["op"] == "fused_loss":
+        kw["mask_zero"] = case["mask_zero"]
+    s = reference.global_pointer_scores(x["q"], x["k"], **kw)
+    up = fill(s.shape if case["op"] == "scores" else span_call(case, reference, x, "cpu").shape,
+              torch.float64, case["seed"] + 9)
+    if case["op"] == "scores":
+        return s, up, leaves
+    s_ = s.detach().requires_grad_()
+    loss = reference.sparse_multilabel_categorical_crossentropy(
+        s_.flatten(-2), x["pos_index"], case["mask_zero"], case["reduction"])
+    (g,) = torch.autograd.grad(loss, s_, up)
+    return s, g, leaves
+
+
 def infinite_sums(case, inputs):
     """For each gradient of the scores or the fused loss, the entries that add infinite
     terms of both signs (or NaN ones), whose value is NaN or +-inf depending on the
@@ -172,30 +194,53 @@ def infinite_sums(case, inputs):
     sums inf - inf if the heads are added last, +-inf if the cotangents are. Found as
     the float64 gradients along the positive and the negative part of dL/ds; one mask
     per gradient span_run returns, None for rope."""
-    op = case["op"]
-    if op == "rope":
+    if case["op"] == "rope":
         return None
-    x = {n: t if n not in DIFFERENTIABLE or t is None else ref_leaf(t) for n, t in inputs.items()}
-    leaves = [x[n] for n in DIFFERENTIABLE if x[n] is not None]
-    kw = dict(mask=x["mask"], rope=case["rope"], tril=case["tril"], scale=case["scale"],
-              bias_start=x["bias_start"], bias_end=x["bias_end"])
-    if op == "fused_loss":
-        kw["mask_zero"] = case["mask_zero"]
-    s = reference.global_pointer_scores(x["q"], x["k"], **kw)
-    up = fill(s.shape if op == "scores" else span_call(case, reference, x, "cpu").shape,
-              torch.float64, case["seed"] + 9)
-    if op == "scores":
-        g = up
-    else:
-        s_ = s.detach().requires_grad_()
-        loss = reference.sparse_multilabel_categorical_crossentropy(
-            s_.flatten(-2), x["pos_index"], case["mask_zero"], case["reduction"])
-        (g,) = torch.autograd.grad(loss, s_, up)
+    s, g, leaves = score_cotangent(case, inputs)
     plus = torch.autograd.grad(s, leaves, g.clamp(min=0), retain_graph=True, allow_unused=True)
     minus = torch.autograd.grad(s, leaves, (-g).clamp(min=0), allow_unused=True)
     return [None if p is None else torch.isnan(p) | torch.isnan(m)
             | (torch.isinf(p) & torch.isinf(m) & (torch.sign(p) == torch.sign(m)))
             for p, m in zip(plus, minus)]
+
+
+def gradient_term_sizes(case, inputs):
+    """For each gradient of the scores or the fused loss, the sum of the absolute values
+    of the terms each entry adds up: dq_i sums G_ij c k_j over spans (and heads, for a
+    shared q), the biases' gradients G_ij over a row or a column. A gradient that cancels
+    is exact to a few ulp of these, not of itself (a shared float32 dq of 0.038 summing
+    three heads' terms from scores of 64 was 1e-5 off). For the fused loss each G_ij is
+    taken times max(1, 2 |s| + log(L^2 + 1)), |s| the largest score: e^(s - lse) carries
+    about eps |s - lse| of relative error. RoPE rotates each (even, odd) pair of q and k,
+    so a term's size is bounded by the pair's |x_even| + |x_odd| on both. Non-finite
+    values count as 0 (those entries are compared by their NaN / inf pattern). None for
+    rope."""
+    if case["op"] == "rope":
+        return None
+    size = lambda x: x.detach().abs().nan_to_num(0.0, 0.0, 0.0)  # noqa: E731
+    pairs = lambda x: (x[..., ::2] + x[..., 1::2]).repeat_interleave(2, -1)  # noqa: E731
+    _, g, _ = score_cotangent(case, inputs)
+    q, k = (size(inputs[n]) for n in "qk")
+    if case["rope"]:
+        q, k = pairs(q), pairs(k)
+    x = dict(q=q, k=k, **{n: None if inputs[n] is None else size(inputs[n])
+                          for n in ("bias_start", "bias_end")})
+    x = {n: None if t is None else ref_leaf(t) for n, t in x.items()}
+    scale = None if case["scale"] is None else abs(case["scale"])
+    sizes = reference.global_pointer_scores(
+        x["q"], x["k"], mask=inputs["mask"], rope=False, tril=case["tril"], scale=scale,
+        bias_start=x["bias_start"], bias_end=x["bias_end"],
+        mask_zero=case["op"] == "fused_loss" and case["mask_zero"])
+    g = size(g)
+    if case["op"] == "fused_loss":
+        L = case["L"]
+        g = g * max(1.0, 2 * largest_finite(sizes) + math.log(L * L + 1))
+    leaves = [x[n] for n in DIFFERENTIABLE if x[n] is not None]
+    terms = list(torch.autograd.grad(sizes, leaves, g, allow_unused=True))
+    terms = [torch.zeros_like(t) if a is None else size(a) for a, t in zip(terms, leaves)]
+    if case["rope"]:
+        terms[:2] = [pairs(t) for t in terms[:2]]
+    return terms
 
 
 def largest_finite(x):
@@ -227,12 +272,15 @@ def test_span_op_matches_reference(device, op, specials):
             floor = 4 * torch.finfo(dtype).eps * max(1.0, largest_finite(scores)) * rows
         assert_matches(out, want, dtype, op, floor=floor, **tol)
         either = (infinite_sums(case, inputs) if specials else None) or [None] * len(grads)
-        for name, a, e, amb in zip(DIFFERENTIABLE, grads, grads_ref, either):
+        terms = gradient_term_sizes(case, inputs) or [None] * len(grads)
+        eps = torch.finfo(dtype).eps
+        names = [n for n in DIFFERENTIABLE if inputs[n] is not None]
+        for name, a, e, amb, t in zip(names, grads, grads_ref, either, terms):
             if amb is not None:  # NaN or +-inf either way: the order of the sum decides
                 a_ = a.detach().cpu().double()
                 e = torch.where(amb & ~torch.isfinite(a_) & ~torch.isfinite(e), a_, e)
-            assert_matches(a, e, dtype, f"{op}: grad of {name}",
-                           floor=8 * torch.finfo(dtype).eps, **tol)
+            assert_matches(a, e, dtype, f"{op}: grad of {name}", floor=8 * eps,
+                           bound=None if t is None else 8 * eps * t, **tol)
 
     check(device, span_cases(device, op, specials), prop)
 
