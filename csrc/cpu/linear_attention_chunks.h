@@ -53,11 +53,13 @@ void with_feature_map(FeatureMap f, Fn&& fn) {
 
 constexpr int64_t padded_elements(int64_t n) { return (n + 15) / 16 * 16; }
 
-// Elements of the tiles one head's chunk uses (shared by the heads of an item).
+// Elements of the tiles one head's chunk uses (shared by the heads of an item): the
+// chunk's row tiles, two [chunk, chunk] score tiles, row vectors, and one state with its
+// z for the rows taken in the recurrence's order.
 constexpr int64_t chunk_tile_elements(int64_t chunk, int64_t Dk, int64_t Dv) {
   const int64_t d = Dk > Dv ? Dk : Dv;
   return 10 * padded_elements(chunk * d) + 2 * padded_elements(chunk * chunk) +
-         3 * padded_elements(chunk + 1) + padded_elements(d);
+         3 * padded_elements(chunk + 1) + 2 * padded_elements(d) + padded_elements(Dk * Dv);
 }
 
 // Elements of acc_t scratch an item of `heads` heads needs (a thread reuses it).

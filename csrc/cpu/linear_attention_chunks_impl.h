@@ -27,10 +27,23 @@
 // blocks. Inputs are read in place where they already are acc_t rows (float32 and
 // float64 q with the identity map, v, grad_o without normalize); otherwise phi and the
 // conversion are applied once per chunk while gathering.
+//
+// Where a chunk holds a NaN or an infinity, the rows it reaches are taken in the
+// recurrence's order instead (the maths as stated: S_r = gamma S_(r-1) + phi(k_r) v_r^T
+// formed, then read): the chunked form distributes each read over the sum, and an
+// infinity times a sum of finite terms of both signs is +-inf where the distributed
+// terms give inf - inf = NaN (q_r = inf against S = 0.7 x 1.2 - 0.3 x 0.4: inf, not
+// NaN). A non-finite phi(k_s) or v_s reaches o and dq of every row from s on and dk, dv
+// of row s; a non-finite phi(q_r), G_r or g_r reaches o_r, dq_r and dk, dv of every row
+// up to r. The other rows keep the chunked arithmetic bit for bit, so a non-finite value
+// changes nothing the maths does not send it to.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <type_traits>
 
 #include "../common/linear_attention.h"
@@ -63,7 +76,7 @@ class Chunks {
     kt_ = carve(C_ * d), vt_ = carve(C_ * d);
     p_tile_ = carve(C_ * C_), dp_ = carve(C_ * C_);
     gz_ = carve(C_ + 1), part_ = carve(C_ + 1), gpow_ = carve(C_ + 1);
-    row_ = carve(d);
+    row_ = carve(d), state_ = carve(Dk_ * Dv_), zrow_ = carve(d);
     gpow_[0] = acc_t(1);
     const acc_t gamma = p.decay ? p.decay[h_] : acc_t(1);
     for (int64_t i = 1; i <= C_; ++i) gpow_[i] = gpow_[i - 1] * gamma;
@@ -75,7 +88,7 @@ class Chunks {
     const Rows K = feature_rows(p_.k + g_.qk_offset(b_, t0, h_), Dk_, n, k_);
     transpose(K, n, Dk_, kt_, C_);
     const Rows V = value_rows(p_.v + g_.v_offset(b_, t0, h_), n, v_);
-    if (outputs) forward_outputs(t0, n, V, S, z);
+    if (outputs) forward_outputs(t0, n, K, V, S, z);
     // S <- gamma^n S + phi(K)^T diag(gamma^(n-1-s)) V, z likewise.
     const Rows Vd = decay() ? scaled_rows(V, n, Dv_, /*into_state=*/true, vd_) : V;
     if (decay()) {
@@ -101,6 +114,60 @@ class Chunks {
     const acc_t* p;
     int64_t ld;
   };
+  // A tile of rows with `cols` values each, for the finiteness checks.
+  struct Cols {
+    const acc_t* p;
+    int64_t ld, cols;
+  };
+
+  // Whether row r of every tile is free of NaN and infinity.
+  static bool finite_row(int64_t r, std::initializer_list<Cols> tiles) {
+    bool finite = true;
+    for (const Cols& t : tiles) {
+      for (int64_t c = 0; c < t.cols; ++c) {
+        finite &= std::abs(t.p[r * t.ld + c]) <= std::numeric_limits<acc_t>::max();
+      }
+    }
+    return finite;
+  }
+
+  // Whether n rows of every tile are free of NaN and infinity, as the quick test of a
+  // chunk: their vector sums are finite. (A sum that overflows says no too; the rows are
+  // then looked at one by one.)
+  static bool all_finite(int64_t n, std::initializer_list<Cols> tiles) {
+    acc_t sum = 0;
+    for (const Cols& t : tiles) {
+      if (t.ld == t.cols) {
+        sum += tile_sum(t.p, n * t.cols);
+      } else {
+        for (int64_t r = 0; r < n; ++r) sum += tile_sum(t.p + r * t.ld, t.cols);
+      }
+    }
+    return std::isfinite(sum);
+  }
+
+  // The first of rows [0, n) (last: the last one) that is not finite_row; n (last: -1)
+  // if none.
+  static int64_t non_finite_row(int64_t n, bool last, std::initializer_list<Cols> tiles) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = last ? n - 1 - i : i;
+      if (!finite_row(r, tiles)) return r;
+    }
+    return last ? -1 : n;
+  }
+
+  // S <- gamma S + phi(k) v^T and z <- gamma z + phi(k): one step of the recurrence on
+  // an [Dk, Dv] S (transposed: [Dv, Dk]).
+  void step_state(const acc_t* k, const acc_t* v, acc_t* S, acc_t* z, bool transposed) const {
+    const acc_t gamma = gpow_[1];
+    for (int64_t d = 0; d < Dk_; ++d) {
+      z[d] = gamma * z[d] + k[d];
+      for (int64_t c = 0; c < Dv_; ++c) {
+        acc_t& x = transposed ? S[c * Dk_ + d] : S[d * Dv_ + c];
+        x = gamma * x + k[d] * v[c];
+      }
+    }
+  }
 
   bool decay() const { return p_.decay != nullptr; }
 
@@ -183,7 +250,7 @@ class Chunks {
     }
   }
 
-  void forward_outputs(int64_t t0, int64_t n, Rows V, const acc_t* S, const acc_t* z) {
+  void forward_outputs(int64_t t0, int64_t n, Rows K, Rows V, const acc_t* S, const acc_t* z) {
     const Rows Q = feature_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n, q_);
     acc_t* O = acc1_;
     const int64_t ldo = Dv_;
@@ -200,6 +267,13 @@ class Chunks {
     mask(p_tile_, n, nullptr);
     for (int64_t r = 0; r < n; ++r) part_[r] += tile_sum(p_tile_ + r * C_, r + 1);
     tile_gemm(TileShape::LowerA, n, Dv_, n, acc_t(1), p_tile_, C_, 1, V.p, V.ld, acc_t(1), O, ldo);
+    // A non-finite phi(k_s) or v_s reaches every row from s on, a phi(q_r) row r alone.
+    if (!all_finite(n, {{Q.p, Q.ld, Dk_}, {K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}})) {
+      const int64_t f = non_finite_row(n, false, {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}});
+      if (f < n || non_finite_row(n, false, {{Q.p, Q.ld, Dk_}}) < n) {
+        recurrent_outputs(f, n, Q, K, V, S, z, O, ldo);
+      }
+    }
 
     const acc_t scale = p_.scale, eps = p_.eps;
     acc_t* den = p_.den + bh_ * g_.T + t0;
@@ -210,6 +284,28 @@ class Chunks {
       acc_t* num = O + r * ldo;
       for (int64_t c = 0; c < Dv_; ++c) num[c] *= f;
       store_row(p_.o + g_.v_offset(b_, t0 + r, h_), num, Dv_);
+    }
+  }
+
+  // Rows [f, n) and those with a non-finite phi(q_r) of O (gamma^(r+1) phi(q_r)^T S +
+  // (P V)_r) and of part_ (the same with z and row sums) in the recurrence's order: the
+  // state at each step formed, then read.
+  void recurrent_outputs(int64_t f, int64_t n, Rows Q, Rows K, Rows V, const acc_t* S,
+                         const acc_t* z, acc_t* O, int64_t ldo) {
+    std::copy(S, S + Dk_ * Dv_, state_);
+    std::copy(z, z + Dk_, zrow_);
+    for (int64_t r = 0; r < n; ++r) {
+      step_state(K.p + r * K.ld, V.p + r * V.ld, state_, zrow_, false);
+      if (r < f && finite_row(r, {{Q.p, Q.ld, Dk_}})) continue;
+      const acc_t* q = Q.p + r * Q.ld;
+      acc_t* o = O + r * ldo;
+      std::fill(o, o + Dv_, acc_t(0));
+      acc_t den = 0;
+      for (int64_t d = 0; d < Dk_; ++d) {
+        den += q[d] * zrow_[d];
+        for (int64_t c = 0; c < Dv_; ++c) o[c] += q[d] * state_[d * Dv_ + c];
+      }
+      part_[r] = den;
     }
   }
 
@@ -279,6 +375,26 @@ class Chunks {
     tile_gemm(TileShape::LowerC, n, n, Dv_, acc_t(1), G.p, G.ld, 1, vt_, C_, acc_t(0), dp_, C_);
     mask(dp_, n, p_.normalize ? gz_ : nullptr);
     tile_gemm(TileShape::LowerA, n, Dk_, n, acc_t(1), dp_, C_, 1, K.p, K.ld, acc_t(1), dQ, Dk_);
+    // In the recurrence's order, dphi(q_r) = S_r G_r + z_r g_r, the rows from a
+    // non-finite phi(k_s) or v_s on, and those with a non-finite G_r or g_r.
+    const Cols own[] = {{G.p, G.ld, Dv_}, {gz_, 1, 1}};
+    const Cols reach[] = {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}};
+    const bool finite = all_finite(n, {reach[0], reach[1], own[0], own[1]});
+    const int64_t f = finite ? n : non_finite_row(n, false, {reach[0], reach[1]});
+    if (!finite && (f < n || non_finite_row(n, false, {own[0], own[1]}) < n)) {
+      std::copy(xt_, xt_ + Dk_ * Dv_, state_);
+      std::copy(z, z + Dk_, zrow_);
+      for (int64_t r = 0; r < n; ++r) {
+        step_state(K.p + r * K.ld, V.p + r * V.ld, state_, zrow_, true);
+        if (r < f && finite_row(r, {own[0], own[1]})) continue;
+        acc_t* dq = dQ + r * Dk_;
+        for (int64_t d = 0; d < Dk_; ++d) dq[d] = p_.normalize ? zrow_[d] * gz_[r] : acc_t(0);
+        for (int64_t c = 0; c < Dv_; ++c) {
+          const acc_t g = G.p[r * G.ld + c];
+          for (int64_t d = 0; d < Dk_; ++d) dq[d] += state_[c * Dk_ + d] * g;
+        }
+      }
+    }
     const acc_t* phi_q = q_;
     if constexpr (F != FeatureMap::Identity) {
       phi_q = feature_rows(p_.q + g_.qk_offset(b_, t0, h_), Dk_, n, q_).p;
@@ -292,6 +408,43 @@ class Chunks {
       for (int64_t d = 0; d < Dk_; ++d) z[d] += Kd.p[s * Kd.ld + d];
     }
     tile_gemm(TileShape::Full, Dv_, Dk_, n, acc_t(1), vt_, C_, 1, Kd.p, Kd.ld, acc_t(1), xt_, Dk_);
+  }
+
+  // Rows [0, l] and those with a non-finite phi(k_s) or v_s of dphi(K) and dV in the
+  // recurrence's order, back
+  // from W, Wz (the gradients of the chunk's last state): W_r = gamma W_(r+1) + scale
+  // phi(q_r) G_r^T (Wz_r with g_r), dv_r = W_r^T phi(k_r), dphi(k_r) = W_r v_r + Wz_r.
+  void recurrent_key_value_grads(int64_t l, int64_t n, Rows Q, Rows K, Rows V, Rows G,
+                                 const acc_t* W, const acc_t* Wz, acc_t* dK, acc_t* dV) {
+    std::copy(W, W + Dk_ * Dv_, state_);
+    std::copy(Wz, Wz + Dk_, zrow_);
+    const acc_t gamma = gpow_[1], scale = p_.scale;
+    for (int64_t r = n - 1; r >= 0; --r) {
+      const acc_t* q = Q.p + r * Q.ld;
+      const acc_t* g = G.p + r * G.ld;
+      for (int64_t d = 0; d < Dk_; ++d) {
+        const acc_t sq = scale * q[d];
+        acc_t* w = state_ + d * Dv_;
+        if (r < n - 1) {
+          for (int64_t c = 0; c < Dv_; ++c) w[c] *= gamma;
+          zrow_[d] *= gamma;
+        }
+        for (int64_t c = 0; c < Dv_; ++c) w[c] += sq * g[c];
+        if (p_.normalize) zrow_[d] += sq * gz_[r];
+      }
+      if (r > l && finite_row(r, {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}})) continue;
+      const acc_t* k = K.p + r * K.ld;
+      const acc_t* v = V.p + r * V.ld;
+      acc_t* dv = dV + r * Dv_;
+      acc_t* dk = dK + r * Dk_;
+      std::fill(dv, dv + Dv_, acc_t(0));
+      for (int64_t d = 0; d < Dk_; ++d) {
+        const acc_t* w = state_ + d * Dv_;
+        acc_t x = 0;
+        for (int64_t c = 0; c < Dv_; ++c) dv[c] += w[c] * k[d], x += w[c] * v[c];
+        dk[d] = x + zrow_[d];
+      }
+    }
   }
 
   // The sweep back in time, for the chunk of n steps at t0: dk and dv (with grads),
@@ -316,7 +469,6 @@ class Chunks {
       tile_gemm(TileShape::Full, n, Dv_, Dk_, acc_t(1), kt_, 1, C_, W, Dv_, acc_t(0), dV, ldv);
       scale_rows(dV, ldv, n, Dv_, true);
       tile_gemm(TileShape::UpperA, n, Dv_, n, scale, p_tile_, 1, C_, G.p, G.ld, acc_t(1), dV, ldv);
-      for (int64_t s = 0; s < n; ++s) store_row(p_.dv + g_.v_offset(b_, t0 + s, h_), dV + s * Dv_, Dv_);
 
       // dphi(K) = diag(gamma^(n-1-s)) (V W^T + 1 Wz^T) + scale dP^T phi(Q).
       acc_t* dK = acc1_;
@@ -326,6 +478,17 @@ class Chunks {
       }
       scale_rows(dK, Dk_, n, Dk_, true);
       tile_gemm(TileShape::UpperA, n, Dk_, n, scale, dp_, 1, C_, Q.p, Q.ld, acc_t(1), dK, Dk_);
+      // A non-finite phi(q_r), G_r or g_r reaches every row up to r, a phi(k_s) or v_s
+      // row s alone.
+      const Cols reach[] = {{Q.p, Q.ld, Dk_}, {G.p, G.ld, Dv_}, {gz_, 1, 1}};
+      const Cols own[] = {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}};
+      if (!all_finite(n, {reach[0], reach[1], reach[2], own[0], own[1]})) {
+        const int64_t l = non_finite_row(n, true, {reach[0], reach[1], reach[2]});
+        if (l >= 0 || non_finite_row(n, false, {own[0], own[1]}) < n) {
+          recurrent_key_value_grads(l, n, Q, K, V, G, W, Wz, dK, dV);
+        }
+      }
+      for (int64_t s = 0; s < n; ++s) store_row(p_.dv + g_.v_offset(b_, t0 + s, h_), dV + s * Dv_, Dv_);
       store_feature_grads(dK, Dk_, n, K.p, acc_t(1), p_.dk + g_.qk_offset(b_, t0, h_));
     }
 
@@ -348,7 +511,7 @@ class Chunks {
   const int64_t Dk_, Dv_, C_, b_, h_, bh_;
   acc_t *q_, *k_, *kd_, *v_, *vd_, *g_rows_, *acc1_, *acc2_, *kt_, *vt_;
   acc_t* const xt_;
-  acc_t *p_tile_, *dp_, *gz_, *part_, *gpow_, *row_;
+  acc_t *p_tile_, *dp_, *gz_, *part_, *gpow_, *row_, *state_, *zrow_;
 };
 
 // Heads [h0, h0 + G) of batch row b, chunk by chunk, each chunk through every head of
