@@ -51,10 +51,12 @@ def la_cases(draw, device, specials=False):
         mags=[draw(magnitudes(dtype, cap=(1000 if dtype == torch.float64 else 120) // 3 - 8))
               for _ in range(3)],
     )
-    # ... and their products k v (the state), q k (the normaliser) and q k v within the
-    # accumulation type's normal range: a subnormal intermediate has lost the relative
-    # precision the tolerance asks for (the float64 reference has not). The smallest
-    # magnitude is raised until they are.
+    # ... and their products k v (the state), q k (the normaliser), q k v, v times a
+    # cotangent of about 1 (the backward's G V^T) and, normalised, o / den ~ v / (q k)
+    # (the backward's g) within the accumulation type's normal range: a subnormal
+    # intermediate has lost the relative precision the tolerance asks for (the float64
+    # reference has not; a float64 v of 1e-312 left dq 7e-12 off, a g of 3e-309 made a
+    # dq of 7e-308 the wrong sign). The smallest magnitude is raised until they are.
     mags = case["mags"]
     low = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).smallest_normal
     low *= 2.0 ** 30
@@ -63,7 +65,11 @@ def la_cases(draw, device, specials=False):
     # most 0.1, decays whatever it scales below every term an output keeps).
     if case["decay"] == "random":
         mags[:] = [max(m, min(1.0, low / 0.7 ** T)) for m in mags]
-    products = lambda: (mags[1] * mags[2], mags[0] * mags[1], math.prod(mags))  # noqa: E731
+
+    def products():
+        qk = mags[0] * mags[1]
+        g = [mags[2] / qk] if case["normalize"] and qk > 0 else []
+        return [mags[1] * mags[2], mags[0] * mags[1], math.prod(mags), mags[2], *g]
     while min(products()) < low:
         i = mags.index(min(mags))
         p = min(products())
