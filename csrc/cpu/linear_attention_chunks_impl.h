@@ -270,9 +270,7 @@ class Chunks {
     // A non-finite phi(k_s) or v_s reaches every row from s on, a phi(q_r) row r alone.
     if (!all_finite(n, {{Q.p, Q.ld, Dk_}, {K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}})) {
       const int64_t f = non_finite_row(n, false, {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}});
-      if (f < n || non_finite_row(n, false, {{Q.p, Q.ld, Dk_}}) < n) {
-        recurrent_outputs(f, n, Q, K, V, S, z, O, ldo);
-      }
+      recurrent_outputs(f, n, Q, K, V, S, z, O, ldo);
     }
 
     const acc_t scale = p_.scale, eps = p_.eps;
@@ -375,25 +373,10 @@ class Chunks {
     tile_gemm(TileShape::LowerC, n, n, Dv_, acc_t(1), G.p, G.ld, 1, vt_, C_, acc_t(0), dp_, C_);
     mask(dp_, n, p_.normalize ? gz_ : nullptr);
     tile_gemm(TileShape::LowerA, n, Dk_, n, acc_t(1), dp_, C_, 1, K.p, K.ld, acc_t(1), dQ, Dk_);
-    // In the recurrence's order, dphi(q_r) = S_r G_r + z_r g_r, the rows from a
-    // non-finite phi(k_s) or v_s on, and those with a non-finite G_r or g_r.
-    const Cols own[] = {{G.p, G.ld, Dv_}, {gz_, 1, 1}};
-    const Cols reach[] = {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}};
-    const bool finite = all_finite(n, {reach[0], reach[1], own[0], own[1]});
-    const int64_t f = finite ? n : non_finite_row(n, false, {reach[0], reach[1]});
-    if (!finite && (f < n || non_finite_row(n, false, {own[0], own[1]}) < n)) {
-      std::copy(xt_, xt_ + Dk_ * Dv_, state_);
-      std::copy(z, z + Dk_, zrow_);
-      for (int64_t r = 0; r < n; ++r) {
-        step_state(K.p + r * K.ld, V.p + r * V.ld, state_, zrow_, true);
-        if (r < f && finite_row(r, {own[0], own[1]})) continue;
-        acc_t* dq = dQ + r * Dk_;
-        for (int64_t d = 0; d < Dk_; ++d) dq[d] = p_.normalize ? zrow_[d] * gz_[r] : acc_t(0);
-        for (int64_t c = 0; c < Dv_; ++c) {
-          const acc_t g = G.p[r * G.ld + c];
-          for (int64_t d = 0; d < Dk_; ++d) dq[d] += state_[c * Dk_ + d] * g;
-        }
-      }
+    // A non-finite phi(k_s) or v_s reaches every row from s on, a G_r or g_r row r alone.
+    if (!all_finite(n, {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}, {G.p, G.ld, Dv_}, {gz_, 1, 1}})) {
+      const int64_t f = non_finite_row(n, false, {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}});
+      recurrent_query_grads(f, n, K, V, G, z, dQ);
     }
     const acc_t* phi_q = q_;
     if constexpr (F != FeatureMap::Identity) {
@@ -410,10 +393,29 @@ class Chunks {
     tile_gemm(TileShape::Full, Dv_, Dk_, n, acc_t(1), vt_, C_, 1, Kd.p, Kd.ld, acc_t(1), xt_, Dk_);
   }
 
+  // Rows [f, n) and those with a non-finite G_r or g_r of dphi(Q) in the recurrence's
+  // order, from S^T (this head's buffer) and z at the chunk's start: dphi(q_r) = S_r G_r
+  // + z_r g_r.
+  void recurrent_query_grads(int64_t f, int64_t n, Rows K, Rows V, Rows G, const acc_t* z,
+                             acc_t* dQ) {
+    std::copy(xt_, xt_ + Dk_ * Dv_, state_);
+    std::copy(z, z + Dk_, zrow_);
+    for (int64_t r = 0; r < n; ++r) {
+      step_state(K.p + r * K.ld, V.p + r * V.ld, state_, zrow_, true);
+      if (r < f && finite_row(r, {{G.p, G.ld, Dv_}, {gz_, 1, 1}})) continue;
+      acc_t* dq = dQ + r * Dk_;
+      for (int64_t d = 0; d < Dk_; ++d) dq[d] = p_.normalize ? zrow_[d] * gz_[r] : acc_t(0);
+      for (int64_t c = 0; c < Dv_; ++c) {
+        const acc_t g = G.p[r * G.ld + c];
+        for (int64_t d = 0; d < Dk_; ++d) dq[d] += state_[c * Dk_ + d] * g;
+      }
+    }
+  }
+
   // Rows [0, l] and those with a non-finite phi(k_s) or v_s of dphi(K) and dV in the
-  // recurrence's order, back
-  // from W, Wz (the gradients of the chunk's last state): W_r = gamma W_(r+1) + scale
-  // phi(q_r) G_r^T (Wz_r with g_r), dv_r = W_r^T phi(k_r), dphi(k_r) = W_r v_r + Wz_r.
+  // recurrence's order, back from W, Wz (the gradients of the chunk's last state):
+  // W_r = gamma W_(r+1) + scale phi(q_r) G_r^T (Wz_r with g_r), dv_r = W_r^T phi(k_r),
+  // dphi(k_r) = W_r v_r + Wz_r.
   void recurrent_key_value_grads(int64_t l, int64_t n, Rows Q, Rows K, Rows V, Rows G,
                                  const acc_t* W, const acc_t* Wz, acc_t* dK, acc_t* dV) {
     std::copy(W, W + Dk_ * Dv_, state_);
@@ -481,12 +483,9 @@ class Chunks {
       // A non-finite phi(q_r), G_r or g_r reaches every row up to r, a phi(k_s) or v_s
       // row s alone.
       const Cols reach[] = {{Q.p, Q.ld, Dk_}, {G.p, G.ld, Dv_}, {gz_, 1, 1}};
-      const Cols own[] = {{K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}};
-      if (!all_finite(n, {reach[0], reach[1], reach[2], own[0], own[1]})) {
+      if (!all_finite(n, {reach[0], reach[1], reach[2], {K.p, K.ld, Dk_}, {V.p, V.ld, Dv_}})) {
         const int64_t l = non_finite_row(n, true, {reach[0], reach[1], reach[2]});
-        if (l >= 0 || non_finite_row(n, false, {own[0], own[1]}) < n) {
-          recurrent_key_value_grads(l, n, Q, K, V, G, W, Wz, dK, dV);
-        }
+        recurrent_key_value_grads(l, n, Q, K, V, G, W, Wz, dK, dV);
       }
       for (int64_t s = 0; s < n; ++s) store_row(p_.dv + g_.v_offset(b_, t0 + s, h_), dV + s * Dv_, Dv_);
       store_feature_grads(dK, Dk_, n, K.p, acc_t(1), p_.dk + g_.qk_offset(b_, t0, h_));
